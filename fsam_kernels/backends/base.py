@@ -1,0 +1,79 @@
+"""The op interface every backend implements.
+
+The optimizer calls these methods and nothing else; it never touches elements itself. Each op is
+defined by its pure-torch reference in :mod:`fsam_kernels.reference` (the ``"torch"`` backend), and
+every other backend must reproduce it: masks and restored weights bit for bit, perturbed weights and
+norms within floating-point tolerance.
+
+``grads`` lists follow ``layout.params`` (``None`` where a parameter has no gradient); ``scores``
+lists follow ``layout.masked_index``. ``saved`` is backend-private: whatever ``perturb`` returns is
+handed back to ``restore`` unchanged. ``aux`` is backend-private data derived from a mask (e.g.
+per-block prefix counts); it is rebuilt with ``mask_aux`` whenever the mask changes or is loaded.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..layout import ParamLayout
+
+
+class Backend:
+    name: str = "abstract"
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend can run ops on tensors of ``device``."""
+        raise NotImplementedError
+
+    # --- Fisher
+    def fisher_accumulate(self, accum: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # --- mask
+    def select_mask(
+        self, layout: ParamLayout, scores: Sequence[torch.Tensor], k: int, square: bool
+    ) -> torch.Tensor:
+        """Packed uint8 mask (``layout.mask_bytes`` bytes) of the ``k`` largest Fisher scores."""
+        raise NotImplementedError
+
+    def mask_aux(self, layout: ParamLayout, bits: torch.Tensor) -> Any:
+        return None
+
+    # --- perturb / restore
+    def grad_norm(self, layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """0-dim fp32 device tensor; no host synchronisation."""
+        raise NotImplementedError
+
+    def perturb(
+        self,
+        layout: ParamLayout,
+        grads: Sequence[Optional[torch.Tensor]],
+        bits: Optional[torch.Tensor],
+        aux: Any,
+        norm: torch.Tensor,
+        eps: float,
+    ) -> Any:
+        """Perturb in place and return the saved originals; leave weights untouched if ``norm`` is
+        not finite (decided on the device)."""
+        raise NotImplementedError
+
+    def restore(self, layout: ParamLayout, bits: Optional[torch.Tensor], aux: Any, saved: Any) -> None:
+        raise NotImplementedError
+
+    def saved_nbytes(self, saved: Any) -> int:
+        """Bytes held by a ``saved`` object (for memory accounting and tests)."""
+        raise NotImplementedError
+
+
+def tensors_nbytes(obj: Any) -> int:
+    """Bytes of every tensor found in ``obj`` (nested lists, tuples, dicts)."""
+    if obj is None:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensors_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensors_nbytes(v) for v in obj)
+    return 0

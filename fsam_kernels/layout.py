@@ -1,0 +1,80 @@
+"""Where every perturbed element lives: the index space shared by all backends.
+
+The optimizer describes the tensors it perturbs once, as a :class:`ParamLayout`; every op of every
+backend reads the same description, so masks built by one backend are valid for another and can be
+saved in a checkpoint.
+
+Packed mask format (the one thing backends must agree on bit for bit):
+
+* The *masked* tensors (groups with ``fisher_mask=True``) are numbered in param_group order.
+* Tensor ``i`` owns the bits ``[bit_offset[i], bit_offset[i] + numel[i])`` of one ``uint8`` buffer;
+  element ``e`` of its row-major flattening is bit ``b = bit_offset[i] + e``, stored in byte ``b >> 3``
+  at bit position ``b & 7`` (least significant bit first).
+* ``bit_offset[i]`` is a multiple of :data:`MASK_ALIGN_BITS` (512 bits = 64 bytes), so a kernel block
+  of a multiple of 512 elements writes whole bytes of one tensor only; the padding bits are always 0.
+* The global order of masked elements (used to break ties) is the order of their bit indices:
+  tensors in param_group order, row-major inside a tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MASK_ALIGN_BITS = 512
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass
+class ParamLayout:
+    """The perturbed parameters of an optimizer, in param_group order.
+
+    ``params`` holds every parameter that can be perturbed (its group has ``perturb=True``).
+    ``masked[i]`` says whether parameter ``i`` takes part in the Fisher mask (``fisher_mask=True``)
+    or is perturbed densely. ``rho[i]`` and ``adaptive[i]`` come from its param group.
+    """
+
+    params: list[torch.Tensor]
+    masked: list[bool]
+    rho: list[float]
+    adaptive: list[bool]
+    # derived
+    numel: list[int] = field(init=False)
+    masked_index: list[int] = field(init=False)  # positions (in params) of the masked tensors
+    dense_index: list[int] = field(init=False)  # positions (in params) of the dense tensors
+    bit_offset: list[int] = field(init=False)  # per masked tensor, in masked order
+    n_masked: int = field(init=False)  # N: elements taking part in the mask
+    mask_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.params)
+        if not (len(self.masked) == len(self.rho) == len(self.adaptive) == n):
+            raise ValueError("ParamLayout: params, masked, rho and adaptive must have the same length")
+        self.numel = [p.numel() for p in self.params]
+        self.masked_index = [i for i in range(n) if self.masked[i]]
+        self.dense_index = [i for i in range(n) if not self.masked[i]]
+        offsets, bit = [], 0
+        for i in self.masked_index:
+            offsets.append(bit)
+            bit += _align(self.numel[i], MASK_ALIGN_BITS)
+        self.bit_offset = offsets
+        self.n_masked = sum(self.numel[i] for i in self.masked_index)
+        self.mask_bytes = bit // 8
+
+    @property
+    def masked_params(self) -> list[torch.Tensor]:
+        return [self.params[i] for i in self.masked_index]
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def k_for(self, sparsity: float) -> int:
+        """Number of masked elements kept: ``round((1 - sparsity) * N)`` with Python's ``round``."""
+        return int(round((1.0 - sparsity) * self.n_masked))
+
+    def empty_mask(self) -> torch.Tensor:
+        return torch.zeros(self.mask_bytes, dtype=torch.uint8, device=self.device)

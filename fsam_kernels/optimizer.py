@@ -1,0 +1,442 @@
+"""FSAM: sharpness-aware minimization with a Fisher mask, wrapping any torch optimizer."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from . import reference as ref
+from .backends import backend_names, get_backend
+from .backends.base import Backend, tensors_nbytes
+from .layout import ParamLayout
+
+FISHER_MODES = ("batch", "empirical")
+_STATE_VERSION = 1
+
+
+def _check_rho(rho: Any, where: str) -> float:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+        raise ValueError(f"Invalid rho{where}: {rho!r}; expected a finite number > 0")
+    return float(rho)
+
+
+class FSAM(torch.optim.Optimizer):
+    r"""Fisher-masked SAM (Zhong et al., EMNLP Findings 2022) around any ``torch.optim.Optimizer``.
+
+    Each step perturbs only the ``1 - sparsity`` fraction of weights with the largest Fisher
+    information (chosen globally over all masked parameters and refreshed every
+    ``mask_update_interval`` steps) by :math:`\epsilon = \rho\,(g \odot m) / (\lVert g\rVert_2 + eps)`,
+    takes the caller's second gradient there, restores the weights bit for bit and steps the base
+    optimizer with that gradient.
+
+    Args:
+        params: parameters or param groups. Group options: ``rho``, ``adaptive``,
+            ``fisher_mask`` (False: the group is perturbed densely) and ``perturb`` (False: never
+            perturbed, still stepped), plus any option of the base optimizer.
+        base_optimizer: a ``torch.optim.Optimizer`` subclass, built on the same param groups.
+        rho: neighbourhood size (> 0).
+        sparsity: fraction of masked weights *not* perturbed, in [0, 1]. 0 is dense SAM, 1 the base
+            optimizer.
+        mask_update_interval: rebuild the mask every this many steps (the first step included).
+        fisher: ``"batch"`` (Fisher = g*g of the step's first gradient) or ``"empirical"`` (an fp32
+            accumulator filled by :meth:`accumulate_fisher` or a Fisher given to :meth:`update_mask`).
+        adaptive: ASAM's scale-invariant perturbation.
+        eps: added to the gradient norm.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
+        **base_optimizer_kwargs: passed to ``base_optimizer``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        rho: float = 0.05,
+        *,
+        sparsity: float = 0.9,
+        mask_update_interval: int = 100,
+        fisher: str = "batch",
+        adaptive: bool = False,
+        eps: float = 1e-12,
+        backend: str = "auto",
+        **base_optimizer_kwargs: Any,
+    ) -> None:
+        _check_rho(rho, "")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"Invalid sparsity: {sparsity!r}; expected a number in [0, 1]")
+        if isinstance(mask_update_interval, bool) or not isinstance(mask_update_interval, int) or mask_update_interval < 1:
+            raise ValueError(f"Invalid mask_update_interval: {mask_update_interval!r}; expected an int >= 1")
+        if fisher not in FISHER_MODES:
+            raise ValueError(f"Invalid fisher: {fisher!r}; expected one of {FISHER_MODES}")
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"Invalid eps: {eps!r}; expected a finite number >= 0")
+        if not isinstance(backend, str) or backend not in ("auto", *backend_names()):
+            raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {backend_names()}")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                f"Invalid base_optimizer: {base_optimizer!r}; expected a torch.optim.Optimizer subclass "
+                "(the class, e.g. torch.optim.AdamW, not an instance)"
+            )
+        defaults = dict(rho=rho, adaptive=adaptive, fisher_mask=True, perturb=True, **base_optimizer_kwargs)
+        super().__init__(params, defaults)
+        for gi, group in enumerate(self.param_groups):
+            _check_rho(group["rho"], f" in param_groups[{gi}]")
+            for pi, p in enumerate(group["params"]):
+                if p.is_complex():
+                    raise TypeError(
+                        f"Invalid params: param_groups[{gi}]['params'][{pi}] is complex ({p.dtype}); "
+                        "FSAM supports real floating-point parameters only"
+                    )
+                if not p.is_floating_point():
+                    raise TypeError(
+                        f"Invalid params: param_groups[{gi}]['params'][{pi}] has dtype {p.dtype}; "
+                        "expected a floating-point parameter"
+                    )
+
+        self.base_optimizer = base_optimizer(self.param_groups, **base_optimizer_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+
+        self.sparsity = float(sparsity)
+        self.mask_update_interval = mask_update_interval
+        self.fisher = fisher
+        self.eps = float(eps)
+        self.backend_name = backend
+
+        self._step_count = 0  # completed (perturbed) first steps
+        self._layout: Optional[ParamLayout] = None
+        self._layout_key: Optional[tuple] = None
+        self._backend: Optional[Backend] = None
+        self._bits: Optional[torch.Tensor] = None  # packed mask
+        self._aux: Any = None  # backend data derived from the mask
+        self._fisher_accum: Optional[list[torch.Tensor]] = None
+        self._fisher_count = 0
+        self._saved: Any = None
+        self._phase = "idle"  # idle | perturbed | skipped
+        self._resolve_backend_early()
+
+    # ------------------------------------------------------------------ layout and backend
+    def _resolve_backend_early(self) -> None:
+        # An explicitly requested backend that cannot run raises here, not in the middle of training.
+        if self.backend_name != "auto":
+            try:
+                layout = self._current_layout()
+            except ValueError:
+                return
+            self._backend_for(layout)
+
+    def _current_layout(self) -> ParamLayout:
+        params, masked, rho, adaptive = [], [], [], []
+        for group in self.param_groups:
+            if not group.get("perturb", True):
+                continue
+            for p in group["params"]:
+                params.append(p)
+                masked.append(bool(group.get("fisher_mask", True)))
+                rho.append(float(group["rho"]))
+                adaptive.append(bool(group["adaptive"]))
+        key = (tuple(id(p) for p in params), tuple(masked), tuple(rho), tuple(adaptive),
+               tuple(p.numel() for p in params))
+        if self._layout is not None and key == self._layout_key:
+            return self._layout
+        if not params:
+            raise ValueError("FSAM: no parameter to perturb (every param group has perturb=False)")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"FSAM: all perturbed parameters must be on one device, got {sorted(map(str, devices))}")
+        for p in params:
+            if not p.is_contiguous():
+                raise ValueError(f"FSAM: parameters must be contiguous, got one of shape {tuple(p.shape)} that is not")
+        new_layout = ParamLayout(params, masked, rho, adaptive)
+        if self._layout is not None and (
+            [p.numel() for p in self._layout.masked_params] != [p.numel() for p in new_layout.masked_params]
+        ):
+            # The masked set changed (e.g. add_param_group): the old mask no longer applies.
+            self._bits, self._aux, self._fisher_accum, self._fisher_count = None, None, None, 0
+        self._layout, self._layout_key = new_layout, key
+        return new_layout
+
+    def _backend_for(self, layout: ParamLayout) -> Backend:
+        if self._backend is None or not self._backend.supports(layout.device):
+            self._backend = get_backend(self.backend_name, layout.device)
+            if self._bits is not None:
+                self._aux = self._backend.mask_aux(layout, self._bits)
+        return self._backend
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend in use (resolved on first use when ``backend="auto"``)."""
+        return self._backend_for(self._current_layout()).name
+
+    def add_param_group(self, param_group: dict) -> None:
+        for k, v in self.defaults.items():
+            param_group.setdefault(k, v)
+        if "rho" in param_group:
+            _check_rho(param_group["rho"], " in the new param group")
+        if hasattr(self, "base_optimizer"):
+            self.base_optimizer.add_param_group(param_group)
+        else:  # called by torch.optim.Optimizer.__init__
+            super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ gradients
+    def _grads(self, layout: ParamLayout) -> list[Optional[torch.Tensor]]:
+        grads = []
+        for p in layout.params:
+            g = p.grad
+            if g is not None and (g.is_sparse or g.layout != torch.strided):
+                raise ValueError(
+                    f"FSAM: sparse gradients are not supported (parameter of shape {tuple(p.shape)} has a "
+                    f"{g.layout} gradient); use dense gradients (e.g. nn.Embedding(sparse=False))"
+                )
+            grads.append(g)
+        return grads
+
+    def _mask_due(self) -> bool:
+        return self._bits is None or self._step_count % self.mask_update_interval == 0
+
+    # ------------------------------------------------------------------ mask
+    @torch.no_grad()
+    def _build_mask(self, layout: ParamLayout, scores: Sequence[torch.Tensor], square: bool) -> None:
+        backend = self._backend_for(layout)
+        k = layout.k_for(self.sparsity)
+        bits = backend.select_mask(layout, scores, k, square)
+        self._bits, self._aux = bits, backend.mask_aux(layout, bits)
+
+    @torch.no_grad()
+    def accumulate_fisher(self) -> None:
+        """Add the current gradients, squared, to the fp32 Fisher accumulator.
+
+        Call it after each backward pass on a Fisher sample or micro-batch; :meth:`update_mask` (or
+        the next mask-update step) builds the mask from the accumulated sum and clears it.
+        """
+        self._require_idle("accumulate_fisher")
+        layout = self._current_layout()
+        masked = layout.masked_params
+        pairs = [(j, p.grad) for j, p in enumerate(masked) if p.grad is not None]
+        if not pairs:
+            raise RuntimeError("accumulate_fisher: no masked parameter has a gradient; call backward() first")
+        self._grads(layout)  # validates gradient layouts
+        if self._fisher_accum is None:
+            self._fisher_accum = [torch.zeros_like(p, dtype=torch.float32) for p in masked]
+        self._backend_for(layout).fisher_accumulate([self._fisher_accum[j] for j, _ in pairs], [g for _, g in pairs])
+        self._fisher_count += 1
+
+    @torch.no_grad()
+    def update_mask(
+        self, fisher: Union[None, Sequence[torch.Tensor], Mapping[torch.Tensor, torch.Tensor]] = None
+    ) -> None:
+        """Rebuild the mask now.
+
+        ``fisher`` may give the Fisher scores directly (a list following the masked parameters in
+        param_group order, or a dict parameter -> tensor, e.g. from :func:`empirical_fisher`).
+        Without it the accumulator of :meth:`accumulate_fisher` is used and then freed; in
+        ``fisher="batch"`` mode with an empty accumulator the current gradients are used.
+        """
+        self._require_idle("update_mask")
+        layout = self._current_layout()
+        masked = layout.masked_params
+        if fisher is not None:
+            scores = self._fisher_from_argument(fisher, masked)
+            self._build_mask(layout, scores, square=False)
+        elif self._fisher_accum is not None:
+            self._build_mask(layout, self._fisher_accum, square=False)
+            self._fisher_accum, self._fisher_count = None, 0
+        elif self.fisher == "batch":
+            grads = self._grads(layout)
+            if all(g is None for g in grads):
+                raise RuntimeError("update_mask: no gradient and no accumulated Fisher to build the mask from")
+            self._build_mask(layout, [self._score_or_zero(layout, i, grads) for i in layout.masked_index], square=True)
+        else:
+            raise RuntimeError(
+                "update_mask: no Fisher information; call accumulate_fisher() after backward passes on "
+                "Fisher samples, or pass fisher=empirical_fisher(...)"
+            )
+
+    @staticmethod
+    def _fisher_from_argument(fisher, masked: list[torch.Tensor]) -> list[torch.Tensor]:
+        if isinstance(fisher, Mapping):
+            missing = [tuple(p.shape) for p in masked if p not in fisher]
+            if missing:
+                raise ValueError(f"update_mask: fisher has no entry for masked parameters of shapes {missing}")
+            values = [fisher[p] for p in masked]
+        else:
+            values = list(fisher)
+            if len(values) != len(masked):
+                raise ValueError(f"update_mask: expected {len(masked)} Fisher tensors (one per masked parameter), got {len(values)}")
+        out = []
+        for j, (f, p) in enumerate(zip(values, masked)):
+            if not isinstance(f, torch.Tensor) or f.shape != p.shape:
+                raise ValueError(f"update_mask: fisher[{j}] must be a tensor of shape {tuple(p.shape)}, got {getattr(f, 'shape', type(f))}")
+            if not f.is_floating_point() or bool((f < 0).any()) or not bool(torch.isfinite(f).all()):
+                raise ValueError(f"update_mask: fisher[{j}] must hold finite, non-negative floating-point values")
+            out.append(f.detach().to(device=p.device, dtype=torch.float32).contiguous())
+        return out
+
+    @staticmethod
+    def _score_or_zero(layout: ParamLayout, i: int, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        # A parameter without a gradient has zero Fisher information this step.
+        g = grads[i]
+        return g if g is not None else torch.zeros_like(layout.params[i])
+
+    # ------------------------------------------------------------------ the two steps
+    def _require_idle(self, what: str) -> None:
+        if self._phase == "perturbed":
+            raise RuntimeError(f"{what}: the weights are perturbed; call second_step() or restore() first")
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> torch.Tensor:
+        """Move the weights to ``w + e``. Returns the gradient norm (a 0-dim tensor).
+
+        If that norm is not finite nothing changes (no mask update, no perturbation), a warning is
+        issued, and the caller may skip the step or call :meth:`second_step`, which then steps the base
+        optimizer from the unperturbed weights.
+        """
+        if self._phase == "perturbed":
+            raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
+        layout = self._current_layout()
+        backend = self._backend_for(layout)
+        grads = self._grads(layout)
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                "first_step: no perturbed parameter has a gradient; call loss.backward() before first_step()"
+            )
+        if self.fisher == "empirical" and self._bits is None and self._fisher_accum is None and layout.masked_index:
+            raise RuntimeError(
+                "first_step with fisher='empirical': no mask yet; call accumulate_fisher() after backward "
+                "passes on Fisher samples, or update_mask(fisher=...), before the first step"
+            )
+        norm = backend.grad_norm(layout, grads)
+        if not bool(torch.isfinite(norm)):
+            warnings.warn(
+                f"FSAM.first_step: non-finite gradient norm ({float(norm)}); weights left unchanged and the "
+                "mask not updated",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._phase = "skipped"
+            return norm
+        if layout.masked_index and self._mask_due():
+            if self.fisher == "batch":
+                self._build_mask(layout, [self._score_or_zero(layout, i, grads) for i in layout.masked_index], square=True)
+            elif self._fisher_accum is not None:
+                self._build_mask(layout, self._fisher_accum, square=False)
+                self._fisher_accum, self._fisher_count = None, 0
+        self._saved = backend.perturb(layout, grads, self._bits, self._aux, norm, self.eps)
+        self._phase = "perturbed"
+        self._step_count += 1
+        if zero_grad:
+            self.zero_grad()
+        return norm
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo a pending perturbation, bit for bit. Idempotent; a no-op when nothing is perturbed."""
+        if self._phase == "perturbed":
+            layout = self._current_layout()
+            self._backend_for(layout).restore(layout, self._bits, self._aux, self._saved)
+        self._saved = None
+        self._phase = "idle"
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the weights and step the base optimizer with the current (perturbed-point) gradient."""
+        if self._phase == "idle":
+            raise RuntimeError("second_step called without a first_step")
+        self.restore()
+        self.base_optimizer.step()
+        self._opt_called = True  # tells an attached LR scheduler that the optimizer stepped
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One FSAM step, davda54/sam style: the first backward is already done by the caller;
+        ``closure`` does the second forward/backward (gradients zeroed before it) and its loss is
+        returned."""
+        if closure is None:
+            raise RuntimeError(
+                "FSAM.step needs a closure that recomputes the loss and calls backward(); or call "
+                "first_step() and second_step() yourself"
+            )
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.restore()  # never leave the model perturbed
+            raise
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ inspection
+    def masks(self) -> list[torch.Tensor]:
+        """Current masks as bool tensors shaped like the masked parameters (param_group order)."""
+        if self._bits is None:
+            return []
+        return ref.unpack_mask(self._current_layout(), self._bits)
+
+    @property
+    def step_count(self) -> int:
+        return self._step_count
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes FSAM itself holds (the base optimizer's state is not counted)."""
+        saved = 0
+        if self._saved is not None and self._backend is not None:
+            saved = self._backend.saved_nbytes(self._saved)
+        stats = {
+            "mask": tensors_nbytes(self._bits),
+            "mask_aux": tensors_nbytes(self._aux),
+            "fisher": tensors_nbytes(self._fisher_accum),
+            "saved": saved,
+        }
+        stats["persistent"] = stats["mask"] + stats["mask_aux"] + stats["fisher"]
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self._phase == "perturbed":
+            raise RuntimeError("state_dict: the weights are perturbed; call second_step() or restore() first")
+        sd = self.base_optimizer.state_dict()
+        layout = self._current_layout()
+        sd["fsam"] = {
+            "version": _STATE_VERSION,
+            "step_count": self._step_count,
+            "mask": None if self._bits is None else self._bits.clone(),
+            "fisher_accum": None if self._fisher_accum is None else [f.clone() for f in self._fisher_accum],
+            "fisher_count": self._fisher_count,
+            "masked_numel": [layout.numel[i] for i in layout.masked_index],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._require_idle("load_state_dict")
+        state_dict = dict(state_dict)
+        fsam = state_dict.pop("fsam", None)
+        if fsam is None:
+            raise ValueError("load_state_dict: not an FSAM state dict (no 'fsam' entry)")
+        if fsam.get("version") != _STATE_VERSION:
+            raise ValueError(f"load_state_dict: unsupported FSAM state version {fsam.get('version')!r}")
+        self.base_optimizer.load_state_dict(state_dict)
+        # torch's load_state_dict replaces the groups list: share it again.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        layout = self._current_layout()
+        numels = [layout.numel[i] for i in layout.masked_index]
+        if list(fsam["masked_numel"]) != numels:
+            raise ValueError("load_state_dict: the masked parameters' sizes differ from the checkpoint's")
+        # Masks and accumulators keep their own dtypes (uint8 / fp32), never the parameters'.
+        bits = fsam["mask"]
+        self._bits = None if bits is None else bits.to(device=layout.device, dtype=torch.uint8).clone()
+        acc = fsam["fisher_accum"]
+        self._fisher_accum = None if acc is None else [
+            a.to(device=p.device, dtype=torch.float32).clone() for a, p in zip(acc, layout.masked_params)
+        ]
+        self._fisher_count = int(fsam["fisher_count"])
+        self._step_count = int(fsam["step_count"])
+        self._aux = None if self._bits is None else self._backend_for(layout).mask_aux(layout, self._bits)
+        self._saved, self._phase = None, "idle"

@@ -1,0 +1,191 @@
+"""Pure-PyTorch reference of every FSAM op.
+
+These functions define the semantics. They are the CPU fallback (the ``"torch"`` backend), the oracle
+every kernel backend is tested against, and the baseline of the benchmarks. They favour clarity over
+speed; nothing here is allowed to be clever.
+
+Exact definitions (what "bit-for-bit" means for the other backends):
+
+* Fisher score of an element: ``F = fl32(g) * fl32(g)`` (one fp32 rounding) in ``fisher="batch"``
+  mode, the fp32 accumulator value in ``fisher="empirical"`` mode. Scores are non-negative, so they
+  order like their int32 bit patterns; that bit pattern is the selection key.
+* Fisher accumulation: ``F <- F + fl32(g * g)`` (two roundings, no fused multiply-add).
+* Mask: exactly ``k`` elements; every selected key >= every unselected key; among equal keys at the
+  threshold the lowest global bit index (see :mod:`fsam_kernels.layout`) wins.
+* Gradient norm: ``||(||a_i * g_i||_2 for each tensor i)||_2`` in fp32 (davda54/sam's order) with
+  ``a_i = |w_i|`` for adaptive groups, else 1. Backends may sum in another order (within tolerance).
+* Perturbation: ``scale_i = rho_i / (norm + eps)`` in fp32; ``e = fl32(g) * scale_i``, or
+  ``e = ((w*w) * g) * scale_i`` for adaptive groups (ASAM), all in fp32;
+  ``w <- dtype(fl32(w) + e)`` on the masked (or dense) elements.
+  Nothing is touched when the norm is not finite.
+* Restore: the saved original values are written back; bit-exact by construction.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .layout import ParamLayout
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------- mask packing
+def pack_bits(flat_bools: torch.Tensor) -> torch.Tensor:
+    """Pack a 1-D bool tensor (length a multiple of 8) into uint8, least significant bit first."""
+    w = _BIT_WEIGHTS.to(flat_bools.device)
+    return (flat_bools.view(-1, 8).to(torch.uint8) * w).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, start_bit: int, count: int) -> torch.Tensor:
+    """Bits ``[start_bit, start_bit + count)`` of a packed buffer as a 1-D bool tensor."""
+    first, last = start_bit // 8, (start_bit + count + 7) // 8
+    chunk = bits[first:last]
+    w = _BIT_WEIGHTS.to(bits.device)
+    flat = (chunk.unsqueeze(1) & w).ne(0).reshape(-1)
+    s = start_bit - first * 8
+    return flat[s : s + count]
+
+
+def mask_of(layout: ParamLayout, bits: torch.Tensor, j: int) -> torch.Tensor:
+    """Bool mask (flat) of the ``j``-th masked tensor."""
+    i = layout.masked_index[j]
+    return unpack_bits(bits, layout.bit_offset[j], layout.numel[i])
+
+
+def unpack_mask(layout: ParamLayout, bits: torch.Tensor) -> list[torch.Tensor]:
+    """Bool masks shaped like the masked parameters, in param_group order."""
+    return [
+        mask_of(layout, bits, j).view(layout.params[i].shape)
+        for j, i in enumerate(layout.masked_index)
+    ]
+
+
+def pack_mask(layout: ParamLayout, masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`unpack_mask`: bool masks (one per masked tensor) to the packed buffer."""
+    flat = torch.zeros(layout.mask_bytes * 8, dtype=torch.bool, device=layout.device)
+    for j, m in enumerate(masks):
+        o = layout.bit_offset[j]
+        flat[o : o + m.numel()] = m.reshape(-1).to(device=flat.device, dtype=torch.bool)
+    return pack_bits(flat)
+
+
+def mask_popcount(bits: torch.Tensor) -> int:
+    w = _BIT_WEIGHTS.to(bits.device)
+    return int((bits.unsqueeze(1) & w).ne(0).sum())
+
+
+# --------------------------------------------------------------------------- Fisher
+def fisher_accumulate_reference(accum: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """``accum[i] += fl32(g_i * g_i)`` with fp32 accumulators, whatever the gradient dtype."""
+    for a, g in zip(accum, grads):
+        g32 = g.float()
+        a.add_(g32 * g32)
+
+
+def fisher_key(score: torch.Tensor, square: bool) -> torch.Tensor:
+    """int32 selection key of each element: the bit pattern of its non-negative fp32 Fisher score."""
+    f = score.float()
+    if square:
+        f = f * f
+    return f.reshape(-1).view(torch.int32)
+
+
+# --------------------------------------------------------------------------- global top-k
+def select_mask_reference(
+    layout: ParamLayout, scores: Sequence[torch.Tensor], k: int, square: bool
+) -> torch.Tensor:
+    """Packed mask of the ``k`` largest Fisher scores over all masked tensors (tie: lowest index).
+
+    ``scores[j]`` belongs to the ``j``-th masked tensor: its gradient when ``square`` (batch Fisher,
+    the key is ``g*g``), else its fp32 Fisher accumulator.
+    """
+    n = layout.n_masked
+    if not 0 <= k <= n:
+        raise ValueError(f"select_mask: expected 0 <= k <= {n}, got k={k}")
+    keys = torch.cat([fisher_key(s, square) for s in scores]) if scores else torch.empty(0, dtype=torch.int32)
+    if k == 0:
+        chosen = torch.zeros(n, dtype=torch.bool, device=keys.device)
+    elif k == n:
+        chosen = torch.ones(n, dtype=torch.bool, device=keys.device)
+    else:
+        threshold = torch.topk(keys, k, sorted=False).values.min()
+        above = keys > threshold
+        need = k - int(above.sum())
+        ties = keys == threshold
+        chosen = above | (ties & (torch.cumsum(ties, 0) <= need))
+    masks, start = [], 0
+    for j, i in enumerate(layout.masked_index):
+        masks.append(chosen[start : start + layout.numel[i]])
+        start += layout.numel[i]
+    return pack_mask(layout, masks)
+
+
+# --------------------------------------------------------------------------- perturb / restore
+def grad_norm_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """Global L2 norm of the (ASAM-weighted) gradient of every perturbed parameter, fp32, 0-dim."""
+    norms = []
+    for p, g, adaptive in zip(layout.params, grads, layout.adaptive):
+        if g is None:
+            continue
+        v = g.float()
+        if adaptive:
+            v = p.detach().float().abs() * v
+        norms.append(torch.linalg.vector_norm(v))
+    if not norms:
+        return torch.zeros((), dtype=torch.float32, device=layout.device)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def perturb_reference(
+    layout: ParamLayout,
+    grads: Sequence[Optional[torch.Tensor]],
+    bits: Optional[torch.Tensor],
+    norm: torch.Tensor,
+    eps: float,
+) -> Optional[list[Optional[torch.Tensor]]]:
+    """Move the weights to ``w + e`` on masked (and dense) elements; return their original values.
+
+    Returns ``None`` (weights untouched) when ``norm`` is not finite, else one compact 1-D tensor of
+    saved originals per parameter (``None`` where the parameter had no gradient).
+    """
+    if not bool(torch.isfinite(norm)):
+        return None
+    saved: list[Optional[torch.Tensor]] = [None] * len(layout.params)
+    masked_pos = {i: j for j, i in enumerate(layout.masked_index)}
+    denom = norm.float() + eps
+    for i, (p, g) in enumerate(zip(layout.params, grads)):
+        if g is None:
+            continue
+        scale = torch.tensor(layout.rho[i], dtype=torch.float32, device=p.device) / denom
+        flat = p.detach().view(-1)
+        g32 = g.reshape(-1).float()
+        if layout.adaptive[i]:
+            w32 = flat.float()
+            e = ((w32 * w32) * g32) * scale
+        else:
+            e = g32 * scale
+        if i in masked_pos:
+            m = mask_of(layout, bits, masked_pos[i])
+            saved[i] = flat[m].clone()
+            flat[m] = (flat[m].float() + e[m]).to(p.dtype)
+        else:
+            saved[i] = flat.clone()
+            flat.copy_((flat.float() + e).to(p.dtype))
+    return saved
+
+
+def restore_reference(
+    layout: ParamLayout, bits: Optional[torch.Tensor], saved: Sequence[Optional[torch.Tensor]]
+) -> None:
+    """Write the saved originals back (exact)."""
+    masked_pos = {i: j for j, i in enumerate(layout.masked_index)}
+    for i, (p, s) in enumerate(zip(layout.params, saved)):
+        if s is None:
+            continue
+        flat = p.detach().view(-1)
+        if i in masked_pos:
+            flat[mask_of(layout, bits, masked_pos[i])] = s
+        else:
+            flat.copy_(s)
