@@ -81,7 +81,6 @@ class FSAM(torch.optim.Optimizer):
         defaults = dict(rho=rho, adaptive=adaptive, fisher_mask=True, perturb=True, **base_optimizer_kwargs)
         super().__init__(params, defaults)
         for gi, group in enumerate(self.param_groups):
-            _check_rho(group["rho"], f" in param_groups[{gi}]")
             for pi, p in enumerate(group["params"]):
                 if p.is_complex():
                     raise TypeError(
@@ -173,8 +172,7 @@ class FSAM(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
-        if "rho" in param_group:
-            _check_rho(param_group["rho"], " in the new param group")
+        _check_rho(param_group["rho"], f" in param_groups[{len(self.param_groups)}]")
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
         else:  # called by torch.optim.Optimizer.__init__
@@ -264,7 +262,7 @@ class FSAM(torch.optim.Optimizer):
         else:
             values = list(fisher)
             if len(values) != len(masked):
-                raise ValueError(f"update_mask: expected {len(masked)} Fisher tensors (one per masked parameter), got {len(values)}")
+                raise ValueError(f"update_mask: expected fisher to hold {len(masked)} tensors (one per masked parameter), got {len(values)}")
         out = []
         for j, (f, p) in enumerate(zip(values, masked)):
             if not isinstance(f, torch.Tensor) or f.shape != p.shape:

@@ -14,7 +14,7 @@ Exact definitions (what "bit-for-bit" means for the other backends):
   threshold the lowest global bit index (see :mod:`fsam_kernels.layout`) wins.
 * Gradient norm: ``||(||a_i * g_i||_2 for each tensor i)||_2`` in fp32 (davda54/sam's order) with
   ``a_i = |w_i|`` for adaptive groups, else 1. Backends may sum in another order (within tolerance).
-* Perturbation: ``scale_i = rho_i / (norm + eps)`` in fp32; ``e = fl32(g) * scale_i``, or
+* Perturbation: ``scale_i = fl32(1 / (norm + eps)) * fl32(rho_i)`` (davda54/sam's rounding); ``e = fl32(g) * scale_i``, or
   ``e = ((w*w) * g) * scale_i`` for adaptive groups (ASAM), all in fp32;
   ``w <- dtype(fl32(w) + e)`` on the masked (or dense) elements.
   Nothing is touched when the norm is not finite.
@@ -158,7 +158,7 @@ def perturb_reference(
     for i, (p, g) in enumerate(zip(layout.params, grads)):
         if g is None:
             continue
-        scale = torch.tensor(layout.rho[i], dtype=torch.float32, device=p.device) / denom
+        scale = denom.reciprocal() * torch.tensor(layout.rho[i], dtype=torch.float32, device=p.device)
         flat = p.detach().view(-1)
         g32 = g.reshape(-1).float()
         if layout.adaptive[i]:
