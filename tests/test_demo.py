@@ -13,7 +13,7 @@ def test_demo_tiny(capsys):
     spec = importlib.util.spec_from_file_location("fsam_demo", DEMO)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    summary = demo.main(["--epochs", "1", "--seeds", "2", "--hidden", "32"])
+    summary = demo.main(["--epochs", "2", "--seeds", "2", "--hidden", "64", "--lr", "1e-2"])
     out = capsys.readouterr().out
     assert set(summary) == {"adam", "sam", "fsam"}
     for name, row in summary.items():
