@@ -1,0 +1,257 @@
+"""FSAM on FSDP2-sharded parameters (``torch.distributed.fsdp.fully_shard``).
+
+Under FSDP2 every parameter (and its gradient) is a DTensor placed ``Shard(0)`` on a 1-D device
+mesh: rank ``r`` holds the ``r``-th ``torch.chunk`` of the rows (the last chunks may be smaller or
+empty). :class:`ShardedParams` lets the optimizer work on the local shards and adds the three global
+quantities FSAM needs, computed without gathering gradients or Fisher scores anywhere:
+
+* ``k`` from the global element count of the masked parameters;
+* the gradient norm: ``sqrt(all_reduce(local_norm ** 2))``;
+* the mask: a radix-histogram top-k (:mod:`fsam_kernels.distributed_select`), a few KiB per pass,
+  identical bit for bit to the mask the unsharded model would get for the same gradients.
+
+Perturb and restore are local; each rank holds the mask bits, saved originals and Fisher accumulators
+of its own shard only.
+
+Checkpoints with ``torch.distributed.checkpoint``: ``get_optimizer_state_dict`` calls
+``optimizer.step(closure=None)`` to initialise empty state and keeps only ``state`` and
+``param_groups``, so give it ``fsam.base_optimizer`` and save FSAM's own state next to it with
+:func:`fsam_state_dict` (DTensors shaped like the parameters, so the checkpoint can be resharded).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from . import reference as ref
+from .distributed_select import select_mask_by_histogram
+from .layout import ParamLayout
+
+__all__ = ["ShardedParams", "fsam_state_dict", "load_fsam_state_dict"]
+
+
+def _dtensor_type() -> Optional[type]:
+    # No DTensor can exist before its module is imported, and importing it costs seconds: look, don't load.
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+class ShardedParams:
+    """The parameters of an FSAM optimizer as FSDP2 shards: local views and global reductions."""
+
+    def __init__(self, mesh: Any) -> None:
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        self.rank = torch.distributed.get_rank(self.group)
+        self.world_size = torch.distributed.get_world_size(self.group)
+        self._views: dict[int, tuple[int, torch.Size, torch.Tensor]] = {}  # id(param) -> local view
+        self._owner: dict[int, torch.Tensor] = {}  # id(local view) -> DTensor parameter
+
+    @classmethod
+    def detect(cls, params: Iterable[torch.Tensor]) -> Optional["ShardedParams"]:
+        """``None`` for ordinary parameters; a ``ShardedParams`` when they are FSDP2 shards.
+
+        Raises ValueError for a mix of DTensor and ordinary parameters, or a placement other than
+        ``Shard(0)`` on one 1-D mesh (the layout FSDP2's ``fully_shard`` produces).
+        """
+        dtensor = _dtensor_type()
+        params = list(params)
+        if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+            return None
+        from torch.distributed.tensor import Shard
+
+        mesh = None
+        for i, p in enumerate(params):
+            if not isinstance(p, dtensor):
+                raise ValueError(
+                    f"FSAM: parameter {i} (shape {tuple(p.shape)}) is an ordinary tensor while others are "
+                    "DTensors; shard every parameter the optimizer holds with fully_shard, or none"
+                )
+            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                raise ValueError(
+                    f"FSAM: parameter {i} has placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; "
+                    "expected (Shard(dim=0),) on a 1-D mesh (FSDP2 fully_shard without HSDP)"
+                )
+            if mesh is None:
+                mesh = p.device_mesh
+            elif p.device_mesh != mesh:
+                raise ValueError(f"FSAM: parameter {i} lives on another device mesh than parameter 0")
+        return cls(mesh)
+
+    # ------------------------------------------------------------------ local views
+    @torch.no_grad()
+    def local_tensors(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The local shard of each parameter: a view sharing its storage, so in-place ops on it
+        change the parameter. The same view object is returned while the storage stays put, which
+        keeps the optimizer's cached layout valid."""
+        out = []
+        for p in params:
+            local = p.to_local()
+            cached = self._views.get(id(p))
+            if cached is not None and cached[0] == local.data_ptr() and cached[1] == local.shape:
+                local = cached[2]
+            else:
+                if cached is not None:  # the storage moved (e.g. FSDP2's lazy init): forget the old view
+                    self._owner.pop(id(cached[2]), None)
+                self._views[id(p)] = (local.data_ptr(), local.shape, local)
+                self._owner[id(local)] = p
+            out.append(local)
+        return out
+
+    def param_of(self, local: torch.Tensor) -> torch.Tensor:
+        """The DTensor parameter a local view belongs to."""
+        return self._owner[id(local)]
+
+    @torch.no_grad()
+    def local_grad(self, local: torch.Tensor) -> Optional[torch.Tensor]:
+        """The local shard of the gradient of the parameter whose local view is ``local``."""
+        g = self.param_of(local).grad
+        if g is None:
+            return None
+        g = g.to_local() if isinstance(g, _dtensor_type()) else g
+        if g.shape != local.shape:
+            raise ValueError(
+                f"FSAM: a gradient's local shard has shape {tuple(g.shape)}, its parameter's {tuple(local.shape)}"
+            )
+        return g
+
+    @torch.no_grad()
+    def local_fisher(
+        self, fisher: Union[Sequence[torch.Tensor], Mapping[torch.Tensor, torch.Tensor]]
+    ) -> Union[list[torch.Tensor], dict[torch.Tensor, torch.Tensor]]:
+        """Fisher scores given for the DTensor parameters (a list, or a dict keyed by parameter),
+        as local shards keyed like the optimizer's layout."""
+        dtensor = _dtensor_type()
+
+        def local(v: Any) -> Any:
+            return v.to_local() if isinstance(v, dtensor) else v
+
+        if isinstance(fisher, Mapping):
+            return {self._views[id(p)][2] if id(p) in self._views else p: local(v) for p, v in fisher.items()}
+        return [local(v) for v in fisher]
+
+    # ------------------------------------------------------------------ global quantities
+    def global_masked_numel(self, layout: ParamLayout) -> int:
+        return sum(self.param_of(layout.params[i]).numel() for i in layout.masked_index)
+
+    def k_for(self, layout: ParamLayout, sparsity: float) -> int:
+        """``round((1 - sparsity) * N)`` with ``N`` the global number of masked elements."""
+        return int(round((1.0 - sparsity) * self.global_masked_numel(layout)))
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """The norm over every rank's shard from each rank's local norm (non-finite anywhere ->
+        non-finite everywhere, so every rank skips the same steps)."""
+        sq = local_norm.float() * local_norm.float()
+        torch.distributed.all_reduce(sq, group=self.group)
+        return sq.sqrt()
+
+    def select_mask(
+        self, backend: Any, layout: ParamLayout, scores: Sequence[torch.Tensor], sparsity: float, square: bool
+    ) -> torch.Tensor:
+        """This rank's packed mask of the global top-k."""
+        return select_mask_by_histogram(
+            backend,
+            layout,
+            scores,
+            self.k_for(layout, sparsity),
+            square,
+            n_global=self.global_masked_numel(layout),
+            all_reduce_sum=self.all_reduce_sum,
+            all_gather=self.all_gather,
+            rank=self.rank,
+        )
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks of the mesh (a new tensor when ``t`` is not contiguous)."""
+        t = t.contiguous()
+        torch.distributed.all_reduce(t, group=self.group)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` of every rank of the mesh, stacked in rank order along a new dim 0."""
+        t = t.contiguous()
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch.distributed.all_gather(out, t, group=self.group)
+        return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- checkpoints
+_SCALARS = ("step_count", "fisher_count", "has_mask", "has_fisher")
+
+
+def fsam_state_dict(optimizer: Any) -> dict[str, torch.Tensor]:
+    """FSAM's own state (not the base optimizer's) for ``torch.distributed.checkpoint``.
+
+    Masks (one uint8 per element) and Fisher accumulators (fp32) are DTensors placed like their
+    parameters; counters are replicated 0-dim tensors. Absent masks/accumulators are saved as zeros
+    with a flag, so the same call on a fresh optimizer gives the template ``dcp.load`` fills in.
+    """
+    optimizer._require_idle("fsam_state_dict")
+    layout = optimizer._current_layout()
+    shards: Optional[ShardedParams] = getattr(optimizer, "_shards", None)
+    dev = layout.device
+    masks = ref.unpack_mask(layout, optimizer._bits) if optimizer._bits is not None else None
+    accum = optimizer._fisher_accum
+    sd: dict[str, torch.Tensor] = {
+        "step_count": torch.tensor(optimizer._step_count, dtype=torch.int64),
+        "fisher_count": torch.tensor(optimizer._fisher_count, dtype=torch.int64),
+        "has_mask": torch.tensor(int(masks is not None), dtype=torch.int64),
+        "has_fisher": torch.tensor(int(accum is not None), dtype=torch.int64),
+    }
+    for j, i in enumerate(layout.masked_index):
+        local = layout.params[i]
+        m = masks[j].to(torch.uint8) if masks is not None else torch.zeros(local.shape, dtype=torch.uint8, device=dev)
+        f = accum[j].clone() if accum is not None else torch.zeros(local.shape, dtype=torch.float32, device=dev)
+        sd[f"mask.{j}"] = _like_param(shards, local, m)
+        sd[f"fisher_accum.{j}"] = _like_param(shards, local, f)
+    return sd
+
+
+def load_fsam_state_dict(optimizer: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """Inverse of :func:`fsam_state_dict` (after ``dcp.load`` filled it in)."""
+    optimizer._require_idle("load_fsam_state_dict")
+    layout = optimizer._current_layout()
+    missing = [k for k in _SCALARS if k not in state]
+    missing += [f"{n}.{j}" for j in range(len(layout.masked_index)) for n in ("mask", "fisher_accum") if f"{n}.{j}" not in state]
+    if missing:
+        raise ValueError(f"load_fsam_state_dict: state has no entries {missing}; expected fsam_state_dict()'s keys")
+    dtensor = _dtensor_type()
+
+    def local(v: torch.Tensor, i: int, name: str) -> torch.Tensor:
+        v = v.to_local() if dtensor is not None and isinstance(v, dtensor) else v
+        if v.shape != layout.params[i].shape:
+            raise ValueError(
+                f"load_fsam_state_dict: {name} has local shape {tuple(v.shape)}, its parameter's shard "
+                f"{tuple(layout.params[i].shape)}"
+            )
+        return v.to(layout.device)
+
+    bits = None
+    if int(state["has_mask"]):
+        masks = [local(state[f"mask.{j}"], i, f"mask.{j}").ne(0) for j, i in enumerate(layout.masked_index)]
+        bits = ref.pack_mask(layout, masks)
+    accum = None
+    if int(state["has_fisher"]):
+        accum = [
+            local(state[f"fisher_accum.{j}"], i, f"fisher_accum.{j}").to(torch.float32).clone()
+            for j, i in enumerate(layout.masked_index)
+        ]
+    optimizer._bits = bits
+    optimizer._aux = None if bits is None else optimizer._backend_for(layout).mask_aux(layout, bits)
+    optimizer._fisher_accum = accum
+    optimizer._fisher_count = int(state["fisher_count"])
+    optimizer._step_count = int(state["step_count"])
+    optimizer._saved, optimizer._phase = None, "idle"
+
+
+def _like_param(shards: Optional[ShardedParams], local: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    if shards is None:
+        return value
+    from torch.distributed.tensor import DTensor
+
+    p = shards.param_of(local)
+    return DTensor.from_local(
+        value, device_mesh=p.device_mesh, placements=p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
