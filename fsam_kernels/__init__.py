@@ -2,7 +2,8 @@
 from .backends import BackendUnavailable, available_backends
 from .fisher import empirical_fisher
 from .optimizer import FSAM
+from .family import ESAM, GSAM, SAM
 
 __version__ = "0.1.0"
 
-__all__ = ["FSAM", "BackendUnavailable", "available_backends", "empirical_fisher", "__version__"]
+__all__ = ["FSAM", "SAM", "ESAM", "GSAM", "BackendUnavailable", "available_backends", "empirical_fisher", "__version__"]

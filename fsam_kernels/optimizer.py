@@ -8,8 +8,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from . import reference as ref
+from . import structured
 from .backends import backend_names, get_backend
 from .backends.base import Backend, tensors_nbytes
+from .fsdp import ShardedParams
 from .layout import ParamLayout
 
 FISHER_MODES = ("batch", "empirical")
@@ -42,6 +44,13 @@ class FSAM(torch.optim.Optimizer):
         mask_update_interval: rebuild the mask every this many steps (the first step included).
         fisher: ``"batch"`` (Fisher = g*g of the step's first gradient) or ``"empirical"`` (an fp32
             accumulator filled by :meth:`accumulate_fisher` or a Fisher given to :meth:`update_mask`).
+        structure: ``None`` (unstructured) or ``"N:M"`` (1 <= N < M <= 16, e.g. ``"2:4"``): keep the N
+            largest-Fisher elements of every M consecutive ones along the last dimension of each masked
+            weight with >= 2 dimensions and a last dimension divisible by M; other masked tensors fall
+            back to the unstructured top-k at ``sparsity`` among themselves (see
+            :mod:`fsam_kernels.structured`).
+        preserve_zeros: never perturb weights that are exactly zero (mask intersected with the weights'
+            support, read when the mask is built). Default: on with a ``structure``, else off.
         adaptive: ASAM's scale-invariant perturbation.
         eps: added to the gradient norm.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
@@ -57,6 +66,8 @@ class FSAM(torch.optim.Optimizer):
         sparsity: float = 0.9,
         mask_update_interval: int = 100,
         fisher: str = "batch",
+        structure: Optional[str] = None,
+        preserve_zeros: Optional[bool] = None,
         adaptive: bool = False,
         eps: float = 1e-12,
         backend: str = "auto",
@@ -69,6 +80,9 @@ class FSAM(torch.optim.Optimizer):
             raise ValueError(f"Invalid mask_update_interval: {mask_update_interval!r}; expected an int >= 1")
         if fisher not in FISHER_MODES:
             raise ValueError(f"Invalid fisher: {fisher!r}; expected one of {FISHER_MODES}")
+        nm = structured.parse_structure(structure)
+        if preserve_zeros is not None and not isinstance(preserve_zeros, bool):
+            raise TypeError(f"Invalid preserve_zeros: {preserve_zeros!r}; expected None, True or False")
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"Invalid eps: {eps!r}; expected a finite number >= 0")
         if not isinstance(backend, str) or backend not in ("auto", *backend_names()):
@@ -101,6 +115,8 @@ class FSAM(torch.optim.Optimizer):
         self.sparsity = float(sparsity)
         self.mask_update_interval = mask_update_interval
         self.fisher = fisher
+        self.structure = nm  # (N, M) or None
+        self.preserve_zeros = (nm is not None) if preserve_zeros is None else preserve_zeros
         self.eps = float(eps)
         self.backend_name = backend
 
@@ -113,7 +129,12 @@ class FSAM(torch.optim.Optimizer):
         self._fisher_accum: Optional[list[torch.Tensor]] = None
         self._fisher_count = 0
         self._saved: Any = None
+        self._pending: Any = None  # (layout, bits, aux) of the pending perturbation, for restore
         self._phase = "idle"  # idle | perturbed | skipped
+        # FSDP2 (DTensor) parameters: the layout holds their local shards; norm and mask are global.
+        self._shards = ShardedParams.detect(p for g in self.param_groups for p in g["params"])
+        if self._shards is not None and (self.structure is not None or self.preserve_zeros):
+            raise ValueError("FSAM: structure and preserve_zeros are not supported with FSDP2-sharded parameters")
         self._resolve_backend_early()
 
     # ------------------------------------------------------------------ layout and backend
@@ -136,6 +157,8 @@ class FSAM(torch.optim.Optimizer):
                 masked.append(bool(group.get("fisher_mask", True)))
                 rho.append(float(group["rho"]))
                 adaptive.append(bool(group["adaptive"]))
+        if self._shards is not None:
+            params = self._shards.local_tensors(params)
         key = (tuple(id(p) for p in params), tuple(masked), tuple(rho), tuple(adaptive),
                tuple(p.numel() for p in params))
         if self._layout is not None and key == self._layout_key:
@@ -182,7 +205,7 @@ class FSAM(torch.optim.Optimizer):
     def _grads(self, layout: ParamLayout) -> list[Optional[torch.Tensor]]:
         grads = []
         for p in layout.params:
-            g = p.grad
+            g = p.grad if self._shards is None else self._shards.local_grad(p)
             if g is not None and (g.is_sparse or g.layout != torch.strided):
                 raise ValueError(
                     f"FSAM: sparse gradients are not supported (parameter of shape {tuple(p.shape)} has a "
@@ -198,8 +221,14 @@ class FSAM(torch.optim.Optimizer):
     @torch.no_grad()
     def _build_mask(self, layout: ParamLayout, scores: Sequence[torch.Tensor], square: bool) -> None:
         backend = self._backend_for(layout)
-        k = layout.k_for(self.sparsity)
-        bits = backend.select_mask(layout, scores, k, square)
+        if self._shards is not None:
+            bits = self._shards.select_mask(backend, layout, scores, self.sparsity, square)
+        elif self.structure is not None or self.preserve_zeros:
+            bits = structured.build_mask(
+                backend, layout, scores, square, self.sparsity, self.structure, self.preserve_zeros
+            )
+        else:
+            bits = backend.select_mask(layout, scores, layout.k_for(self.sparsity), square)
         self._bits, self._aux = bits, backend.mask_aux(layout, bits)
 
     @torch.no_grad()
@@ -212,10 +241,10 @@ class FSAM(torch.optim.Optimizer):
         self._require_idle("accumulate_fisher")
         layout = self._current_layout()
         masked = layout.masked_params
-        pairs = [(j, p.grad) for j, p in enumerate(masked) if p.grad is not None]
+        grads = self._grads(layout)
+        pairs = [(j, grads[i]) for j, i in enumerate(layout.masked_index) if grads[i] is not None]
         if not pairs:
             raise RuntimeError("accumulate_fisher: no masked parameter has a gradient; call backward() first")
-        self._grads(layout)  # validates gradient layouts
         if self._fisher_accum is None:
             self._fisher_accum = [torch.zeros_like(p, dtype=torch.float32) for p in masked]
         self._backend_for(layout).fisher_accumulate([self._fisher_accum[j] for j, _ in pairs], [g for _, g in pairs])
@@ -236,6 +265,8 @@ class FSAM(torch.optim.Optimizer):
         layout = self._current_layout()
         masked = layout.masked_params
         if fisher is not None:
+            if self._shards is not None:
+                fisher = self._shards.local_fisher(fisher)
             scores = self._fisher_from_argument(fisher, masked)
             self._build_mask(layout, scores, square=False)
         elif self._fisher_accum is not None:
@@ -306,6 +337,8 @@ class FSAM(torch.optim.Optimizer):
                 "passes on Fisher samples, or update_mask(fisher=...), before the first step"
             )
         norm = backend.grad_norm(layout, grads)
+        if self._shards is not None:
+            norm = self._shards.global_norm(norm)
         if not bool(torch.isfinite(norm)):
             warnings.warn(
                 f"FSAM.first_step: non-finite gradient norm ({float(norm)}); weights left unchanged and the "
@@ -314,6 +347,8 @@ class FSAM(torch.optim.Optimizer):
                 stacklevel=2,
             )
             self._phase = "skipped"
+            if zero_grad:
+                self.zero_grad()
             return norm
         if layout.masked_index and self._mask_due():
             if self.fisher == "batch":
@@ -321,7 +356,9 @@ class FSAM(torch.optim.Optimizer):
             elif self._fisher_accum is not None:
                 self._build_mask(layout, self._fisher_accum, square=False)
                 self._fisher_accum, self._fisher_count = None, 0
-        self._saved = backend.perturb(layout, grads, self._bits, self._aux, norm, self.eps)
+        self._pending = self._perturbation_plan(layout, backend)
+        p_layout, p_bits, p_aux = self._pending
+        self._saved = backend.perturb(p_layout, grads, p_bits, p_aux, norm, self.eps)
         self._phase = "perturbed"
         self._step_count += 1
         if zero_grad:
@@ -332,10 +369,15 @@ class FSAM(torch.optim.Optimizer):
     def restore(self) -> None:
         """Undo a pending perturbation, bit for bit. Idempotent; a no-op when nothing is perturbed."""
         if self._phase == "perturbed":
-            layout = self._current_layout()
-            self._backend_for(layout).restore(layout, self._bits, self._aux, self._saved)
-        self._saved = None
+            p_layout, p_bits, p_aux = self._pending
+            self._backend_for(p_layout).restore(p_layout, p_bits, p_aux, self._saved)
+        self._saved, self._pending = None, None
         self._phase = "idle"
+
+    def _perturbation_plan(self, layout: ParamLayout, backend: Backend) -> tuple[ParamLayout, Any, Any]:
+        """The (layout, packed mask, aux) this step perturbs with. Subclasses (ESAM, GSAM) change the
+        mask or the per-tensor rho of one step here without touching the Fisher mask."""
+        return layout, self._bits, self._aux
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

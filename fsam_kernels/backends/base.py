@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .. import distributed_select, structured
 from ..layout import ParamLayout
 
 
@@ -39,6 +40,44 @@ class Backend:
 
     def mask_aux(self, layout: ParamLayout, bits: torch.Tensor) -> Any:
         return None
+
+    # --- mask by radix histograms (sharded parameters; see fsam_kernels.distributed_select)
+    def key_histogram(
+        self,
+        layout: ParamLayout,
+        scores: Sequence[torch.Tensor],
+        square: bool,
+        prefix: int,
+        shift: int,
+        radix_bits: int,
+    ) -> torch.Tensor:
+        """int64 ``(n_masked_tensors, 2**radix_bits)`` digit counts of the keys under ``prefix``."""
+        return distributed_select.key_histogram_reference(layout, scores, square, prefix, shift, radix_bits)
+
+    def mask_from_threshold(
+        self,
+        layout: ParamLayout,
+        scores: Sequence[torch.Tensor],
+        square: bool,
+        threshold: int,
+        quotas: Sequence[int],
+    ) -> torch.Tensor:
+        """Packed mask of the keys above ``threshold`` plus the first ``quotas[j]`` equal to it."""
+        return distributed_select.mask_from_threshold_reference(layout, scores, square, threshold, quotas)
+
+    # --- N:M structured mask (see fsam_kernels.structured)
+    def select_nm_mask(
+        self,
+        layout: ParamLayout,
+        scores: Sequence[torch.Tensor],
+        n: int,
+        m: int,
+        square: bool,
+        support: Optional[Sequence[torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Packed mask keeping the ``n`` largest keys of every ``m`` consecutive elements along the last
+        dimension of each eligible masked tensor (0 bits elsewhere); ``support`` zeros are never kept."""
+        return structured.select_nm_mask_reference(layout, scores, n, m, square, support)
 
     # --- perturb / restore
     def grad_norm(self, layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:

@@ -1,0 +1,369 @@
+"""The SAM family on FSAM's machinery: SAM/ASAM, ESAM and GSAM, each optionally Fisher-masked.
+
+All three are :class:`~fsam_kernels.FSAM` subclasses: the same backends and kernels, the same packed
+mask and compact saved originals, the same two-step protocol (``first_step`` / ``second_step``, or
+``step(closure)``), ``state_dict`` and argument checks. ``sparsity > 0`` on ESAM or GSAM gives the
+Fisher-masked F-ESAM / F-GSAM of the FSAM paper (its Table 6); ``structure="N:M"`` works too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from . import reference as ref
+from .backends.base import Backend, tensors_nbytes
+from .layout import ParamLayout
+from .optimizer import FSAM
+
+__all__ = ["SAM", "ESAM", "GSAM"]
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"Invalid {name}: {value!r}; expected a number in (0, 1]")
+    return float(value)
+
+
+def _with_rho(layout: ParamLayout, rho: list[float]) -> ParamLayout:
+    """The same tensors and bit offsets with other per-tensor rho values."""
+    return ParamLayout(layout.params, layout.masked, rho, layout.adaptive)
+
+
+def _full_mask(layout: ParamLayout) -> torch.Tensor:
+    """The packed mask with every masked element set (padding bits stay 0)."""
+    bits = layout.empty_mask()
+    for j, i in enumerate(layout.masked_index):
+        start, numel = layout.bit_offset[j] // 8, layout.numel[i]
+        bits[start : start + numel // 8] = 0xFF
+        if numel % 8:
+            bits[start + numel // 8] = (1 << (numel % 8)) - 1
+    return bits
+
+
+class SAM(FSAM):
+    """Sharpness-aware minimization (Foret et al., 2021) with davda54/sam's semantics; ASAM with
+    ``adaptive=True``. FSAM without a mask: every perturbed group is dense, no Fisher is computed and no
+    mask is stored. In fp32 the trajectory is bit-identical to davda54/sam's loop.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        rho: float = 0.05,
+        *,
+        adaptive: bool = False,
+        eps: float = 1e-12,
+        backend: str = "auto",
+        **base_optimizer_kwargs: Any,
+    ) -> None:
+        mask_options = sorted(set(base_optimizer_kwargs) & {"structure", "preserve_zeros", "fisher", "mask_update_interval"})
+        if mask_options:
+            raise TypeError(f"SAM has no Fisher mask, so it takes no {', '.join(mask_options)}; use FSAM for that")
+        super().__init__(
+            params, base_optimizer, rho, sparsity=0.0, adaptive=adaptive, eps=eps, backend=backend,
+            **base_optimizer_kwargs,
+        )
+        self.defaults["fisher_mask"] = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("fisher_mask", False):
+            raise ValueError("Invalid param group: SAM has no Fisher mask (fisher_mask=True); use FSAM for that")
+        param_group["fisher_mask"] = False
+        super().add_param_group(param_group)
+
+
+class _MaskedFamily(FSAM):
+    """What ESAM and GSAM share: at ``sparsity=0`` (the vanilla methods) the Fisher mask keeps every
+    element, so it is built without a selection."""
+
+    def _build_mask(self, layout: ParamLayout, scores, square: bool) -> None:
+        if self.sparsity == 0.0 and self.structure is None and not self.preserve_zeros and self._shards is None:
+            backend = self._backend_for(layout)
+            bits = _full_mask(layout)
+            self._bits, self._aux = bits, backend.mask_aux(layout, bits)
+            return
+        super()._build_mask(layout, scores, square)
+
+
+class ESAM(_MaskedFamily):
+    r"""Efficient SAM (Du et al., ICLR 2022), Fisher-masked when ``sparsity > 0`` (F-ESAM).
+
+    * **Stochastic weight perturbation** (``beta``): each step perturbs each masked element with
+      probability ``beta``, scaled by ``1 / beta`` so the expected perturbation is SAM's
+      (:math:`\mathbb{E}[m_i / \beta] = 1`; the paper's :math:`1 - \beta` is a typo its authors
+      confirmed). The random bits are drawn per masked tensor in param_group order as
+      ``torch.rand(numel, generator=generator, device=...) < beta``, packed like the Fisher mask and
+      ANDed with it byte by byte, so the same perturb kernels run. Groups with ``fisher_mask=False``
+      are perturbed densely, without SWP. ``beta=1`` turns SWP off.
+    * **Sharpness-sensitive data selection** (``gamma``): the second backward uses only the
+      ``max(1, round(gamma * B))`` samples of the batch whose loss rose most under the perturbation
+      (ties: lowest index). ``gamma=1`` turns it off.
+
+    The closure of :meth:`step` takes one argument ``indices`` and returns **per-sample losses without
+    calling backward()**: ``indices=None`` means the whole batch (a 1-D tensor of ``B`` losses),
+    otherwise a 1-D ``LongTensor`` of sample positions whose losses it must return, in that order.
+    ESAM itself takes the mean and calls ``backward()``. With ``gamma < 1``, pass the first forward's
+    per-sample losses as ``step(closure, losses=...)``::
+
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        opt.step(lambda idx: F.cross_entropy(model(x if idx is None else x[idx]),
+                                             y if idx is None else y[idx], reduction="none"),
+                 losses=losses)
+
+    The step then runs one no-grad forward of the whole batch at ``w + e`` (to measure the loss rise)
+    and one forward/backward of the selected samples. By hand: ``first_step()``, then
+    :meth:`select_samples`, your backward on those samples, ``second_step()``.
+
+    Args: those of :class:`FSAM` (default ``sparsity=0``: vanilla ESAM), plus ``beta`` and ``gamma``
+    in (0, 1] (defaults 0.6 and 0.5, the authors' CIFAR settings) and ``generator``, an optional
+    ``torch.Generator`` on the parameters' device for the SWP bits.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        rho: float = 0.05,
+        *,
+        beta: float = 0.6,
+        gamma: float = 0.5,
+        sparsity: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        **kwargs: Any,
+    ) -> None:
+        self.beta = _check_fraction("beta", beta)
+        self.gamma = _check_fraction("gamma", gamma)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Invalid generator: {generator!r}; expected None or a torch.Generator")
+        self.generator = generator
+        self._scaled: Optional[tuple[ParamLayout, ParamLayout]] = None  # (layout, its rho / beta copy)
+        super().__init__(params, base_optimizer, rho, sparsity=sparsity, **kwargs)
+
+    # ------------------------------------------------------------------ stochastic weight perturbation
+    def _random_bits(self, layout: ParamLayout) -> torch.Tensor:
+        # Packed tensor by tensor: the transient memory is that of the largest tensor, not of all of them.
+        bits = layout.empty_mask()
+        for j, i in enumerate(layout.masked_index):
+            keep = torch.rand(layout.numel[i], generator=self.generator, device=layout.device) < self.beta
+            if keep.numel() % 8:
+                keep = torch.cat([keep, keep.new_zeros(8 - keep.numel() % 8)])
+            start = layout.bit_offset[j] // 8
+            bits[start : start + keep.numel() // 8] = ref.pack_bits(keep)
+        return bits
+
+    def _scaled_layout(self, layout: ParamLayout) -> ParamLayout:
+        if self._scaled is None or self._scaled[0] is not layout:
+            rho = [r / self.beta if masked else r for r, masked in zip(layout.rho, layout.masked)]
+            self._scaled = (layout, _with_rho(layout, rho))
+        return self._scaled[1]
+
+    def _perturbation_plan(self, layout: ParamLayout, backend: Backend) -> tuple[ParamLayout, Any, Any]:
+        layout, bits, aux = super()._perturbation_plan(layout, backend)
+        if self.beta == 1.0 or bits is None:
+            return layout, bits, aux
+        bits = torch.bitwise_and(bits, self._random_bits(layout))
+        return self._scaled_layout(layout), bits, backend.mask_aux(layout, bits)
+
+    # ------------------------------------------------------------------ sharpness-sensitive data selection
+    @staticmethod
+    def _check_losses(what: str, losses: Any, size: Optional[int]) -> torch.Tensor:
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.is_floating_point():
+            raise ValueError(
+                f"ESAM: expected {what} to be a 1-D floating-point tensor of per-sample losses, got "
+                f"{type(losses).__name__}{'' if not isinstance(losses, torch.Tensor) else ' of shape ' + str(tuple(losses.shape))}"
+            )
+        if size is not None and losses.numel() != size:
+            raise ValueError(f"ESAM: expected {what} to hold {size} per-sample losses, got {losses.numel()}")
+        if losses.numel() == 0:
+            raise ValueError(f"ESAM: {what} is empty")
+        return losses
+
+    def select_samples(self, losses_before: torch.Tensor, losses_after: torch.Tensor) -> torch.Tensor:
+        """Ascending positions of the ``max(1, round(gamma * B))`` samples whose loss rose most from
+        ``losses_before`` (at ``w``) to ``losses_after`` (at ``w + e``); ties: lowest position."""
+        before = self._check_losses("losses_before", losses_before, None)
+        after = self._check_losses("losses_after", losses_after, before.numel())
+        b = before.numel()
+        keep = min(b, max(1, int(round(self.gamma * b))))
+        rise = after.detach().float() - before.detach().float().to(after.device)
+        top = torch.sort(rise, descending=True, stable=True).indices[:keep]
+        return torch.sort(top).values
+
+    def step(self, closure: Optional[Callable[[Optional[torch.Tensor]], torch.Tensor]] = None,
+             losses: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One ESAM step; returns the mean loss of the samples used by the second backward (at ``w + e``)."""
+        if closure is None:
+            raise RuntimeError(
+                "ESAM.step needs a closure(indices) that returns per-sample losses (see the ESAM docstring)"
+            )
+        before = None
+        if self.gamma < 1.0:
+            if losses is None:
+                raise ValueError(
+                    "ESAM.step: data selection (gamma < 1) needs losses=, the per-sample losses of the first "
+                    "forward pass; or set gamma=1"
+                )
+            before = self._check_losses("losses", losses, None).detach()
+        self.first_step(zero_grad=True)
+        self.zero_grad()  # also after a skipped (non-finite) first step
+        try:
+            indices = None
+            if before is not None:
+                with torch.no_grad():
+                    after = self._check_losses("closure(None)", closure(None), before.numel())
+                indices = self.select_samples(before, after)
+            with torch.enable_grad():
+                chosen = closure(indices)
+                if any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                    raise RuntimeError("ESAM.step: the closure must return per-sample losses without calling backward()")
+                if not (isinstance(chosen, torch.Tensor) and chosen.dim() == 0 and indices is None):
+                    self._check_losses("closure(indices)", chosen, None if indices is None else indices.numel())
+                loss = chosen.mean()
+                loss.backward()
+        except BaseException:
+            self.restore()  # never leave the model perturbed
+            raise
+        self.second_step()
+        return loss.detach()
+
+
+class GSAM(_MaskedFamily):
+    r"""Surrogate-gap guided SAM (Zhuang et al., ICLR 2022), Fisher-masked when ``sparsity > 0`` (F-GSAM).
+
+    * :math:`\rho_t` follows each group's learning rate, read at every ``first_step``:
+      :math:`\rho_t = \rho_{min} + (\rho - \rho_{min})\,\mathrm{clip}((lr - lr_{min}) / (lr_{max} - lr_{min}), 0, 1)`,
+      so any LR scheduler attached to this optimizer schedules :math:`\rho` too (``rho`` is
+      :math:`\rho_{max}`). :meth:`current_rho` tells the values the next step uses.
+    * Surrogate-gap step: with :math:`g` the first gradient (at ``w``) and :math:`g_p` the second (at
+      ``w + e``), the base optimizer is stepped with :math:`g_p - \alpha\,g_\perp`, where
+      :math:`g_\perp = g - \frac{\langle g, g_p\rangle}{\lVert g_p\rVert^2} g_p` is the component of
+      ``g`` orthogonal to ``g_p`` (computed in fp32 over every parameter with both gradients, as the
+      authors' code does). This keeps a copy of the first gradient between the two steps.
+
+    Args: those of :class:`FSAM` (default ``sparsity=0``: vanilla GSAM), plus ``alpha`` (>= 0),
+    ``rho_min`` (in [0, rho]; default ``rho``: constant), ``lr_max`` (default: each group's learning
+    rate at construction) and ``lr_min`` (default 0). ``rho_min``, ``lr_max`` and ``lr_min`` are also
+    param-group options.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        rho: float = 0.05,
+        *,
+        alpha: float = 0.4,
+        rho_min: Optional[float] = None,
+        lr_max: Optional[float] = None,
+        lr_min: float = 0.0,
+        sparsity: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"Invalid alpha: {alpha!r}; expected a finite number >= 0")
+        self.alpha = float(alpha)
+        self._schedule_defaults = dict(rho_min=rho_min, lr_max=lr_max, lr_min=lr_min)
+        self._first_grads: Optional[list[Optional[torch.Tensor]]] = None
+        self._rho_layout: Optional[tuple[ParamLayout, tuple[float, ...], ParamLayout]] = None
+        super().__init__(params, base_optimizer, rho, sparsity=sparsity, **kwargs)
+        for gi, group in enumerate(self.param_groups):
+            self._finish_schedule(group, gi)
+
+    # ------------------------------------------------------------------ rho schedule
+    def add_param_group(self, param_group: dict) -> None:
+        for key, value in self._schedule_defaults.items():
+            if param_group.get(key) is None:
+                param_group[key] = value
+        super().add_param_group(param_group)
+        if hasattr(self, "base_optimizer"):  # else __init__ finishes every group once the base optimizer set lr
+            self._finish_schedule(self.param_groups[-1], len(self.param_groups) - 1)
+
+    def _finish_schedule(self, group: dict, gi: int) -> None:
+        where = f" in param_groups[{gi}]"
+        if group["rho_min"] is None:
+            group["rho_min"] = group["rho"]
+        rho_min = group["rho_min"]
+        if isinstance(rho_min, bool) or not isinstance(rho_min, (int, float)) or not 0.0 <= rho_min <= group["rho"]:
+            raise ValueError(f"Invalid rho_min{where}: {rho_min!r}; expected a number in [0, rho={group['rho']}]")
+        if group["lr_max"] is None:
+            group["lr_max"] = float(group["lr"])
+        for name in ("lr_max", "lr_min"):
+            v = group[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"Invalid {name}{where}: {v!r}; expected a finite number")
+        if group["lr_max"] < group["lr_min"]:
+            raise ValueError(f"Invalid lr_max{where}: {group['lr_max']}; expected lr_max >= lr_min={group['lr_min']}")
+        group.update(rho_min=float(rho_min), lr_max=float(group["lr_max"]), lr_min=float(group["lr_min"]))
+
+    @staticmethod
+    def _group_rho(group: dict) -> float:
+        lr, lo, hi = float(group["lr"]), group["lr_min"], group["lr_max"]
+        frac = 1.0 if hi == lo else min(1.0, max(0.0, (lr - lo) / (hi - lo)))
+        return group["rho_min"] + (group["rho"] - group["rho_min"]) * frac
+
+    def current_rho(self) -> list[float]:
+        """:math:`\\rho_t` of every param group at the current learning rates."""
+        return [self._group_rho(g) for g in self.param_groups]
+
+    def _perturbation_plan(self, layout: ParamLayout, backend: Backend) -> tuple[ParamLayout, Any, Any]:
+        layout, bits, aux = super()._perturbation_plan(layout, backend)
+        rho = tuple(self._group_rho(g) for g in self.param_groups if g.get("perturb", True) for _ in g["params"])
+        if self._rho_layout is None or self._rho_layout[0] is not layout or self._rho_layout[1] != rho:
+            self._rho_layout = (layout, rho, _with_rho(layout, list(rho)))
+        return self._rho_layout[2], bits, aux
+
+    # ------------------------------------------------------------------ surrogate gap
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> torch.Tensor:
+        first = [None if p.grad is None else p.grad.detach().clone() for p in self._all_params()]
+        norm = super().first_step(zero_grad)
+        self._first_grads = first if self._phase == "perturbed" else None
+        return norm
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        super().restore()
+        self._first_grads = None
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        if self._phase == "perturbed" and self._first_grads is not None and self.alpha != 0.0:
+            self._subtract_orthogonal(self._first_grads)
+        super().second_step(zero_grad)
+
+    def _subtract_orthogonal(self, first: list[Optional[torch.Tensor]]) -> None:
+        pairs = [(p, g) for p, g in zip(self._all_params(), first) if g is not None and p.grad is not None]
+        if not pairs:
+            return
+        # FSDP2: DTensor gradients are worked on as local shards, the three sums all-reduced.
+        local = (lambda t: t) if self._shards is None else (lambda t: t.to_local())
+        old = [local(g).float() for _, g in pairs]
+        new = [local(p.grad).float() for p, _ in pairs]  # the gradient itself when it is fp32
+        inner = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(old, new)]).sum()
+        if self._shards is None:
+            new_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(new)))
+            old_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)))
+        else:
+            sq = lambda ts: torch.stack([t.reshape(-1).dot(t.reshape(-1)) for t in ts]).sum()
+            sums = self._shards.all_reduce_sum(torch.stack([inner, sq(new), sq(old)]))
+            inner, new_norm, old_norm = sums[0], sums[1].sqrt(), sums[2].sqrt()
+        cosine = inner / (new_norm * old_norm + self.eps)
+        coef = cosine * old_norm / (new_norm + self.eps)
+        vertical = torch._foreach_sub(old, torch._foreach_mul(new, coef))
+        torch._foreach_add_(new, vertical, alpha=-self.alpha)
+        for (p, _), g in zip(pairs, new):
+            target = local(p.grad)
+            if g is not target:
+                target.copy_(g)
+
+    def memory_stats(self) -> dict[str, int]:
+        stats = super().memory_stats()
+        stats["first_grad"] = tensors_nbytes(self._first_grads)
+        return stats

@@ -1,0 +1,390 @@
+"""N:M structured Fisher masks (e.g. 2:4, the pattern of NVIDIA's sparse tensor cores).
+
+``FSAM(..., structure="N:M")`` builds the mask in two parts, both written into the packed layout of
+:mod:`fsam_kernels.layout`:
+
+* **Structured tensors** - every masked parameter with at least two dimensions whose last dimension is
+  divisible by ``M`` (a Linear weight's input dimension, the layout cuSPARSELt and
+  ``to_sparse_semi_structured`` use). In each group of ``M`` consecutive elements along the last
+  dimension the ``N`` elements with the largest Fisher key are kept; ties go to the lowest index.
+  ``sparsity`` does not apply to them: their density is always ``N / M``.
+* **Fallback tensors** - 1-D parameters (biases, norms) and shapes whose last dimension is not
+  divisible by ``M``: the global unstructured top-k at ``sparsity``, computed among the fallback
+  tensors only (``k = round((1 - sparsity) * their numel)``, same tie rule as FSAM).
+
+**Already-sparse models** (``preserve_zeros``, on by default with a structure): the mask is intersected
+with the weights' support, so the perturbed weights ``w + e`` stay exactly zero wherever ``w`` is
+zero. Inside a structured group zeros rank below every non-zero weight (their key is -1), so a 2:4
+pruned weight perturbs exactly its two surviving elements; fallback tensors select among scores
+zeroed off the support and drop the zeros afterwards. The support is read when the mask is built
+(every ``mask_update_interval`` steps); call :meth:`FSAM.update_mask` after re-pruning. FSAM only
+perturbs: keeping pruned weights at zero through the *base optimizer's* update is the pruning
+method's job (e.g. masking the gradients).
+
+Also here: compact storage of a tensor's N:M-selected values with per-group index metadata
+(:class:`NMSaved`), and the export of an N:M sparse tensor to PyTorch's semi-structured layout with
+our own fallback (:func:`to_semi_structured`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+
+from . import reference as ref
+from .layout import ParamLayout
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+MAX_M = 16  # an in-group index fits in 4 bits; the kernels unroll over M
+
+__all__ = [
+    "parse_structure",
+    "nm_eligible",
+    "select_nm_mask_reference",
+    "select_nm_mask_native",
+    "select_nm_mask_fake",
+    "build_mask",
+    "NMSaved",
+    "nm_compress",
+    "nm_restore_",
+    "NMSparse",
+    "semi_structured_unsupported_reason",
+    "to_semi_structured",
+]
+
+
+# --------------------------------------------------------------------------- arguments
+def parse_structure(structure: Any) -> Optional[tuple[int, int]]:
+    """``"N:M"`` -> ``(N, M)``; ``None`` -> ``None``. Raises for anything else."""
+    if structure is None:
+        return None
+    if not isinstance(structure, str):
+        raise TypeError(f"Invalid structure: {structure!r}; expected None or a string 'N:M' such as '2:4'")
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", structure)
+    if match is None:
+        raise ValueError(f"Invalid structure: {structure!r}; expected 'N:M' such as '2:4'")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m <= MAX_M:
+        raise ValueError(f"Invalid structure: {structure!r}; expected 'N:M' with 1 <= N < M <= {MAX_M}")
+    return n, m
+
+
+def nm_eligible(shape: Sequence[int], m: int) -> bool:
+    """Whether a tensor of ``shape`` gets the N:M pattern (else it falls back to unstructured top-k)."""
+    return len(shape) >= 2 and shape[-1] % m == 0
+
+
+def _check_nm_op(
+    op: str,
+    layout: ParamLayout,
+    scores: Sequence[torch.Tensor],
+    n: int,
+    m: int,
+    support: Optional[Sequence[torch.Tensor]],
+) -> None:
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
+        raise TypeError(f"{op}: expected int n and m, got {n!r} and {m!r}")
+    if not 1 <= n < m <= MAX_M:
+        raise ValueError(f"{op}: expected 1 <= n < m <= {MAX_M}, got n={n}, m={m}")
+    n_masked = len(layout.masked_index)
+    if len(scores) != n_masked:
+        raise ValueError(f"{op}: expected {n_masked} scores (one per masked tensor), got {len(scores)}")
+    if support is not None and len(support) != n_masked:
+        raise ValueError(f"{op}: expected {n_masked} support tensors (one per masked tensor), got {len(support)}")
+    for j, i in enumerate(layout.masked_index):
+        numel = layout.numel[i]
+        if scores[j].numel() != numel:
+            raise ValueError(f"{op}: expected scores[{j}] with {numel} elements, got {scores[j].numel()}")
+        if support is not None and support[j].numel() != numel:
+            raise ValueError(f"{op}: expected support[{j}] with {numel} elements, got {support[j].numel()}")
+
+
+# --------------------------------------------------------------------------- the reference op
+def select_nm_mask_reference(
+    layout: ParamLayout,
+    scores: Sequence[torch.Tensor],
+    n: int,
+    m: int,
+    square: bool,
+    support: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Packed mask keeping, in every group of ``m`` consecutive elements along the last dimension of each
+    eligible masked tensor, the ``n`` largest Fisher keys (tie: lowest index). Bits of ineligible
+    tensors are 0.
+
+    ``scores`` follow ``layout.masked_index`` (gradients when ``square``, fp32 Fisher otherwise).
+    ``support`` (optional, same order, e.g. the weights): elements where it is zero get key -1, so they
+    rank below every other element, and are never selected.
+    """
+    _check_nm_op("select_nm_mask", layout, scores, n, m, support)
+    masks = []
+    for j, i in enumerate(layout.masked_index):
+        shape = layout.params[i].shape
+        if not nm_eligible(shape, m):
+            masks.append(torch.zeros(layout.numel[i], dtype=torch.bool, device=layout.device))
+            continue
+        keys = ref.fisher_key(scores[j], square).view(-1, m)
+        alive = None
+        if support is not None:
+            alive = support[j].reshape(-1, m) != 0
+            keys = torch.where(alive, keys, torch.full_like(keys, -1))
+        # A stable descending sort keeps equal keys in index order: the lowest index wins ties.
+        top = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :n]
+        chosen = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, top, True)
+        if alive is not None:
+            chosen &= alive
+        masks.append(chosen.reshape(-1))
+    return ref.pack_mask(layout, masks)
+
+
+def select_nm_mask_native(
+    layout: ParamLayout,
+    scores: Sequence[torch.Tensor],
+    n: int,
+    m: int,
+    square: bool,
+    support: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """:func:`select_nm_mask_reference` through the compiled op ``torch.ops.fsam_kernels.select_nm_mask``
+    (csrc/nm_mask.cpp, csrc/nm_mask_cuda.cu), which takes the eligible tensors only."""
+    _check_nm_op("select_nm_mask", layout, scores, n, m, support)
+    chosen = [
+        j for j, i in enumerate(layout.masked_index) if layout.numel[i] > 0 and nm_eligible(layout.params[i].shape, m)
+    ]
+    if not chosen:
+        return layout.empty_mask()
+    return torch.ops.fsam_kernels.select_nm_mask(
+        [scores[j].detach().contiguous() for j in chosen],
+        [] if support is None else [support[j].detach().contiguous() for j in chosen],
+        [layout.bit_offset[j] for j in chosen],
+        layout.mask_bytes,
+        n,
+        m,
+        bool(square),
+    )
+
+
+def select_nm_mask_fake(scores, support, bit_offsets, mask_bytes, n, m, square):
+    """Fake (meta) implementation of ``torch.ops.fsam_kernels.select_nm_mask``: the checks that need no
+    data, with the C++ op's messages, and the output's description."""
+    op = "fsam_kernels::select_nm_mask"
+    if not 1 <= n < m <= MAX_M:
+        raise ValueError(f"{op}: expected 1 <= n < m <= {MAX_M}, got n={n}, m={m}")
+    if not scores:
+        raise ValueError(f"{op}: expected at least one score tensor")
+    if len(bit_offsets) != len(scores):
+        raise ValueError(f"{op}: expected one bit offset per tensor ({len(scores)}), got {len(bit_offsets)}")
+    if support and len(support) != len(scores):
+        raise ValueError(
+            f"{op}: expected support to be empty or hold one tensor per score ({len(scores)}), got {len(support)}"
+        )
+    for name, tensors in (("scores", scores), ("support", support)):
+        for i, t in enumerate(tensors):
+            if t.device != scores[0].device:
+                raise ValueError(f"{op}: expected {name}[{i}] on {scores[0].device}, got {t.device}")
+            if not t.is_floating_point():
+                raise TypeError(f"{op}: expected {name}[{i}] of a floating-point dtype, got {t.dtype}")
+            if t.numel() != scores[i].numel() or t.numel() % m:
+                raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements; expected scores[{i}]'s, a multiple of m={m}")
+    return scores[0].new_empty((mask_bytes,), dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------- the optimizer's mask
+def _sub_layout(layout: ParamLayout, positions: Sequence[int]) -> ParamLayout:
+    """A layout of some masked tensors only (``positions`` index ``layout.masked_index``)."""
+    idx = [layout.masked_index[j] for j in positions]
+    return ParamLayout(
+        [layout.params[i] for i in idx],
+        [True] * len(idx),
+        [layout.rho[i] for i in idx],
+        [layout.adaptive[i] for i in idx],
+    )
+
+
+def _byte_map(layout: ParamLayout, sub: ParamLayout, positions: Sequence[int]) -> torch.Tensor:
+    """Byte index in ``layout``'s mask of every byte of ``sub``'s mask. Offsets are 64-byte aligned in
+    both, so each tensor's bytes (padding included) move as one contiguous run."""
+    dst = torch.empty(sub.mask_bytes, dtype=torch.long)
+    for s, j in enumerate(positions):
+        start = sub.bit_offset[s] // 8
+        end = sub.bit_offset[s + 1] // 8 if s + 1 < len(positions) else sub.mask_bytes
+        dst[start:end] = torch.arange(end - start) + layout.bit_offset[j] // 8
+    return dst.to(layout.device)
+
+
+def _support_bits(layout: ParamLayout) -> torch.Tensor:
+    return ref.pack_mask(layout, [p.detach().reshape(-1) != 0 for p in layout.masked_params])
+
+
+def build_mask(
+    backend: "Backend",
+    layout: ParamLayout,
+    scores: Sequence[torch.Tensor],
+    square: bool,
+    sparsity: float,
+    structure: Optional[tuple[int, int]],
+    preserve_zeros: bool,
+) -> torch.Tensor:
+    """The packed mask FSAM uses with ``structure`` and/or ``preserve_zeros`` (see the module doc)."""
+    masked = layout.masked_params
+    if structure is None:
+        structured, fallback = [], list(range(len(masked)))
+    else:
+        n, m = structure
+        structured = [j for j, p in enumerate(masked) if nm_eligible(p.shape, m)]
+        fallback = [j for j, p in enumerate(masked) if not nm_eligible(p.shape, m)]
+    if structured:
+        support = masked if preserve_zeros else None
+        bits = backend.select_nm_mask(layout, scores, n, m, square, support)
+    else:
+        bits = layout.empty_mask()
+    if not fallback:
+        return bits
+    sub = _sub_layout(layout, fallback)
+    sub_scores = [scores[j] for j in fallback]
+    if preserve_zeros:
+        sub_scores = [torch.where(masked[j] != 0, s, torch.zeros_like(s)) for j, s in zip(fallback, sub_scores)]
+    sub_bits = backend.select_mask(sub, sub_scores, sub.k_for(sparsity), square)
+    if preserve_zeros:
+        sub_bits = sub_bits & _support_bits(sub)
+    bits.index_copy_(0, _byte_map(layout, sub, fallback), sub_bits)
+    return bits
+
+
+# --------------------------------------------------------------------------- compact N:M values
+def _groups(t: torch.Tensor, m: int) -> torch.Tensor:
+    return t.reshape(-1, m)
+
+
+def _check_nm_tensor(op: str, t: torch.Tensor, n: int, m: int) -> None:
+    if not 1 <= n < m <= MAX_M:
+        raise ValueError(f"{op}: expected 1 <= n < m <= {MAX_M}, got n={n}, m={m}")
+    if not nm_eligible(t.shape, m):
+        raise ValueError(
+            f"{op}: expected a tensor with >= 2 dimensions and a last dimension divisible by {m}, got shape {tuple(t.shape)}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: expected a contiguous tensor")
+
+
+@dataclass
+class NMSaved:
+    """Values of an N:M-selected tensor plus per-group index metadata.
+
+    ``values[g, s]`` is the element at position ``indices[g, s]`` (in ``[0, m)``, ascending within a
+    group) of group ``g``; every group holds exactly ``n`` entries, so no prefix counts are needed to
+    find a group's values. A group with fewer than ``n`` selected elements (a pruned weight under
+    ``preserve_zeros``) is padded with its lowest unselected positions; restoring those writes back the
+    value they still hold.
+    """
+
+    values: torch.Tensor  # (groups, n), the tensor's dtype
+    indices: torch.Tensor  # (groups, n), uint8
+    shape: torch.Size
+    n: int
+    m: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.indices.numel()
+
+
+def _nm_indices(selected: torch.Tensor, n: int) -> torch.Tensor:
+    """Per group, the positions of its selected elements, then its lowest unselected ones; n of them."""
+    if bool((selected.sum(dim=1) > n).any()):
+        raise ValueError(f"expected at most {n} selected elements in every group")
+    # Stable sort of "not selected" puts the selected positions first, each part in index order.
+    order = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+    return torch.sort(order, dim=1).values
+
+
+def nm_compress(t: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> NMSaved:
+    """Save the values of ``t`` at the N:M ``mask`` (bool, shaped like ``t``) as :class:`NMSaved`."""
+    _check_nm_tensor("nm_compress", t, n, m)
+    if mask.shape != t.shape or mask.dtype != torch.bool:
+        raise ValueError(f"nm_compress: expected a bool mask of shape {tuple(t.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    try:
+        idx = _nm_indices(_groups(mask, m), n)
+    except ValueError as exc:
+        raise ValueError(f"nm_compress: mask is not {n}:{m}; {exc}") from None
+    values = torch.gather(_groups(t.detach(), m), 1, idx)
+    return NMSaved(values.clone(), idx.to(torch.uint8), t.shape, n, m)
+
+
+def nm_restore_(t: torch.Tensor, saved: NMSaved) -> None:
+    """Write the saved values back into ``t`` (bit-exact)."""
+    if t.shape != saved.shape or t.dtype != saved.values.dtype:
+        raise ValueError(
+            f"nm_restore_: expected a {saved.values.dtype} tensor of shape {tuple(saved.shape)}, got {t.dtype} {tuple(t.shape)}"
+        )
+    with torch.no_grad():
+        _groups(t, saved.m).scatter_(1, saved.indices.long(), saved.values)
+
+
+# --------------------------------------------------------------------------- semi-structured export
+@dataclass
+class NMSparse:
+    """Our own compressed N:M tensor (values + per-group indices), used where PyTorch's semi-structured
+    layout is unavailable (CPU, pre-sm80 GPUs, old torch, N:M other than 2:4)."""
+
+    saved: NMSaved
+    reason: str  # why PyTorch's layout was not used
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.saved.shape
+
+    def to_dense(self) -> torch.Tensor:
+        s = self.saved
+        out = torch.zeros(s.shape, dtype=s.values.dtype, device=s.values.device)
+        _groups(out, s.m).scatter_(1, s.indices.long(), s.values)
+        return out
+
+
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def semi_structured_unsupported_reason(t: torch.Tensor, n: int, m: int) -> Optional[str]:
+    """``None`` when ``torch.sparse.to_sparse_semi_structured`` can take ``t`` (as far as we can tell
+    without calling it), else why not. The API is a prototype, so everything is checked."""
+    if (n, m) != (2, 4):
+        return f"PyTorch's semi-structured layout is 2:4 only, not {n}:{m}"
+    if getattr(torch.sparse, "to_sparse_semi_structured", None) is None:
+        return f"torch {torch.__version__} has no torch.sparse.to_sparse_semi_structured"
+    if t.device.type != "cuda":
+        return f"semi-structured sparsity needs a CUDA tensor, got one on {t.device}"
+    if torch.cuda.get_device_capability(t.device) < (8, 0):
+        return "semi-structured sparsity needs a GPU of compute capability 8.0 or newer"
+    if t.dim() != 2:
+        return f"semi-structured sparsity takes 2-D tensors, got shape {tuple(t.shape)}"
+    if t.dtype not in _SEMI_STRUCTURED_DTYPES:
+        return f"semi-structured 2:4 sparsity takes float16/bfloat16, got {t.dtype}"
+    return None
+
+
+def to_semi_structured(t: torch.Tensor, structure: str = "2:4") -> Any:
+    """Export an N:M sparse tensor (e.g. a perturbation ``e`` under a 2:4 mask) compressed.
+
+    Returns ``torch.sparse.to_sparse_semi_structured(t)`` when PyTorch supports it for ``t`` (2:4,
+    CUDA sm80+, fp16/bf16, shapes its kernels accept), else our :class:`NMSparse`. Both have
+    ``to_dense()``. Raises ``ValueError`` if ``t`` has more than N non-zeros in some group.
+    """
+    nm = parse_structure(structure)
+    if nm is None:
+        raise ValueError("to_semi_structured: expected a structure 'N:M', got None")
+    n, m = nm
+    _check_nm_tensor("to_semi_structured", t, n, m)
+    nonzero = t.detach() != 0
+    if bool((_groups(nonzero, m).sum(dim=1) > n).any()):
+        raise ValueError(f"to_semi_structured: tensor is not {n}:{m} sparse (a group of {m} holds more than {n} non-zeros)")
+    reason = semi_structured_unsupported_reason(t, n, m)
+    if reason is None:
+        try:
+            return torch.sparse.to_sparse_semi_structured(t.detach())
+        except (RuntimeError, ValueError, NotImplementedError) as exc:  # shape limits of the prototype kernels
+            reason = f"to_sparse_semi_structured failed: {exc}"
+    return NMSparse(nm_compress(t.detach(), nonzero, n, m), reason)
