@@ -1,0 +1,147 @@
+"""End to end: one training step of a RoBERTa-shaped sequence classifier (random init, bf16 autocast).
+
+Methods: the base AdamW step, dense SAM (davda54-style loop and ``_foreach``), naive FSAM, and
+:class:`fsam_kernels.FSAM` on each backend. ``e2e_step`` is a step without a mask update (the mask is
+rebuilt every ``mask_update_interval=100`` steps); ``e2e_mask_step`` is a step that rebuilds it, and
+``e2e_step_amortized`` = ``e2e_step + (e2e_mask_step - e2e_step) / 100``, per percentile.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from fsam_kernels import FSAM
+
+from .baselines import ForeachSAM, LoopSAM, NaiveFSAM
+from .harness import Row, run_rounds, timed_row
+from .ops import EPS, RHO, SPARSITY
+
+MASK_UPDATE_INTERVAL = 100
+LR = 1e-5
+
+# Hugging Face RoBERTa configurations; the tiny ones keep the layer structure at toy width for CPUs.
+MODEL_CONFIGS: dict[str, dict[str, int]] = {
+    "roberta-large": dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                          intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1),
+    "roberta-base": dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1),
+    "tiny-roberta-L4-H128": dict(vocab_size=2000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                 intermediate_size=512, max_position_embeddings=514, type_vocab_size=1),
+    "tiny-roberta-L2-H64": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=256, max_position_embeddings=514, type_vocab_size=1),
+}
+
+
+def build_model(name: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"Invalid model: {name!r}; expected one of {list(MODEL_CONFIGS)}")
+    torch.manual_seed(seed)
+    config = RobertaConfig(**MODEL_CONFIGS[name], num_labels=2)
+    with torch.device(device):  # initialise on the device: much faster than init on the CPU + copy
+        model = RobertaForSequenceClassification(config)
+    return model.train()
+
+
+def make_batch(model: torch.nn.Module, batch: int, seq: int, device: torch.device, seed: int = 0) -> dict:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    labels = torch.randint(0, 2, (batch,), generator=gen)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+
+
+class Trainer:
+    """One training step of ``method`` on ``model`` (the first and second forward/backward included)."""
+
+    def __init__(self, model: torch.nn.Module, batch: dict, method: str, mask_update_interval: int) -> None:
+        self.model, self.batch, self.method = model, batch, method
+        self.device = next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        adamw_kwargs: dict[str, Any] = dict(lr=LR, fused=True) if self.device.type == "cuda" else dict(lr=LR)
+        self.fsam: Optional[FSAM] = None
+        self.two_step: Any = None
+        self.base: Optional[torch.optim.Optimizer] = None
+        self.interval = mask_update_interval
+        self.steps = 0
+        if method == "adamw":
+            self.base = torch.optim.AdamW(params, **adamw_kwargs)
+        elif method.startswith("fsam["):
+            self.fsam = FSAM(params, torch.optim.AdamW, rho=RHO, sparsity=SPARSITY, eps=EPS,
+                             mask_update_interval=mask_update_interval, backend=method[5:-1], **adamw_kwargs)
+        else:
+            base = torch.optim.AdamW(params, **adamw_kwargs)
+            if method == "sam_loop":
+                self.two_step = LoopSAM(params, rho=RHO, eps=EPS, base_optimizer=base)
+            elif method == "sam_foreach":
+                self.two_step = ForeachSAM(params, rho=RHO, eps=EPS, base_optimizer=base)
+            elif method == "fsam_naive":
+                self.two_step = NaiveFSAM(params, rho=RHO, sparsity=SPARSITY, eps=EPS, base_optimizer=base)
+            else:
+                raise ValueError(f"Invalid method: {method!r}")
+
+    def _loss_backward(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            loss = self.model(**self.batch).loss
+        loss.backward()
+
+    def step(self) -> None:
+        self._loss_backward()
+        if self.base is not None:
+            self.base.step()
+            self.base.zero_grad(set_to_none=True)
+        elif self.fsam is not None:
+            self.fsam.first_step(zero_grad=True)
+            self._loss_backward()
+            self.fsam.second_step(zero_grad=True)
+        else:
+            if isinstance(self.two_step, NaiveFSAM) and self.steps % self.interval == 0:
+                self.two_step.update_mask()
+            self.two_step.first_step()
+            self.two_step.zero_grad()
+            self._loss_backward()
+            self.two_step.second_step()
+            self.two_step.zero_grad()
+        self.steps += 1
+
+
+def e2e_methods(backends: list[str]) -> list[str]:
+    return ["adamw", "sam_loop", "sam_foreach", "fsam_naive"] + [f"fsam[{b}]" for b in backends]
+
+
+def measure_e2e(model: torch.nn.Module, batch: dict, model_name: str, method: str, *, rounds: int, warmup: int,
+                mode: str, pedantic_for: Optional[Callable[[str], Callable[..., Any]]] = None) -> list[Row]:
+    """Rows ``e2e_step`` (and for the masked methods ``e2e_mask_step`` and ``e2e_step_amortized``).
+
+    ``pedantic_for(op)`` may hand out a pytest-benchmark ``pedantic`` per timed op.
+    """
+    device = next(model.parameters()).device
+    size = sum(p.numel() for p in model.parameters())
+    n_tensors = len(list(model.parameters()))
+    seq = batch["input_ids"].shape
+    shapes = f"{model_name} b{seq[0]} s{seq[1]}"
+    masked = method == "fsam_naive" or method.startswith("fsam[")
+    plans = [("e2e_step", MASK_UPDATE_INTERVAL)] + ([("e2e_mask_step", 1)] if masked else [])
+    rows: dict[str, Row] = {}
+    for op, interval in plans:
+        trainer = Trainer(model, batch, method, interval)
+        if interval > 1:
+            trainer.step()  # the first step builds the mask; the timed ones must not
+        pedantic = pedantic_for(op) if pedantic_for is not None else None
+        times = run_rounds(trainer.step, device, rounds=rounds, warmup=warmup, pedantic=pedantic)
+        row = Row(op=op, method=method, backend=method[5:-1] if method.startswith("fsam[") else "", shapes=shapes,
+                  size=size, n_tensors=n_tensors, dtype="bf16-autocast").with_conditions(device, mode)
+        rows[op] = timed_row(row, times, 0)
+        del trainer
+        model.zero_grad(set_to_none=True)
+    if masked:
+        steady, update = rows["e2e_step"], rows["e2e_mask_step"]
+        am = Row(op="e2e_step_amortized", method=method, backend=steady.backend, shapes=shapes, size=size,
+                 n_tensors=n_tensors, dtype=steady.dtype, rounds=steady.rounds).with_conditions(device, mode)
+        for col in ("p20_ms", "p50_ms", "p80_ms"):
+            s, u = getattr(steady, col), getattr(update, col)
+            setattr(am, col, s + (u - s) / MASK_UPDATE_INTERVAL)
+        rows[am.op] = am
+    return list(rows.values())
