@@ -1,0 +1,409 @@
+"""The ``"triton"`` backend: every FSAM op as a few multi-tensor Triton launches.
+
+Launches per op, whatever the number of parameter tensors (one launch per (weight dtype, gradient
+dtype) group; a model usually has one group):
+
+* ``fisher_accumulate``: 1 per gradient dtype.
+* ``grad_norm``: 1 per group + 1 final reduction.
+* ``select_mask``: 7 (see :mod:`fsam_kernels.triton_kernels.select`), one host synchronisation; it
+  also yields the mask's per-chunk prefix counts, so the following ``mask_aux`` costs nothing.
+* ``perturb`` and ``restore``: 1 per group each.
+
+Tensors the kernels do not handle (float64 weights or gradients) go through the pure-torch reference
+for those tensors only. Device tables (pointers, sizes, chunk lists) are cached by the tensors'
+addresses; a step whose gradients moved only uploads a new table of gradient pointers.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .. import reference as ref
+from ..layout import ParamLayout
+from ..triton_kernels import CHUNK, N_GROUPS, interpret_env, interpreted, mode_conflict
+from ..triton_kernels.tables import DTYPE_CODES, TableCache, chunk_table, pointer_table, triton_dtype
+from .base import Backend, tensors_nbytes
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _kernels():
+    """The kernel modules, imported (with Triton) on first use: importing Triton fixes whether
+    kernels run compiled or in the interpreter, and loading the backend (e.g. to list the
+    backends) must not."""
+    from ..triton_kernels import fisher, norm, perturb, select
+
+    return fisher, norm, perturb, select
+
+
+_OTHER_GROUP = 3  # saved-buffer group of weights the kernels do not handle (reference path)
+
+
+@dataclass
+class _Group:
+    """Perturbed tensors sharing a weight dtype and a gradient dtype: one launch per op."""
+
+    w_dtype: torch.dtype
+    g_dtype: torch.dtype
+    params: list[int]
+    w_ptrs: torch.Tensor
+    g_ptrs: Optional[torch.Tensor]  # bound per call by _groups_for
+    numels: torch.Tensor
+    bit_offsets: torch.Tensor  # -1 for dense tensors
+    rhos: torch.Tensor
+    adaptive: torch.Tensor
+    chunk_slot: torch.Tensor
+    chunk_start: torch.Tensor
+    chunk_ref: torch.Tensor  # masked: index among all masked chunks; dense: offset in the saved buffer
+    n_chunks: int
+
+
+class _LayoutPlan:
+    """Everything derived from a layout alone, built once per layout."""
+
+    def __init__(self, layout: ParamLayout) -> None:
+        self.group_of_param = [DTYPE_CODES.get(p.dtype, _OTHER_GROUP) for p in layout.params]
+        self.masked_pos = {i: j for j, i in enumerate(layout.masked_index)}
+        # Dense tensors come first in their group's saved buffer, at offsets fixed by the layout.
+        self.dense_offset: dict[int, int] = {}
+        totals = [0] * N_GROUPS
+        for i in layout.dense_index:
+            code = self.group_of_param[i]
+            self.dense_offset[i] = totals[code]
+            totals[code] += layout.numel[i]
+        self.dense_total = tuple(totals)
+        self.masked = _kernels()[3].MaskedPlan(layout, self.group_of_param) if layout.masked_index else None
+        self.groups = TableCache()  # perturbation groups, by the weights' addresses and the grads' dtypes
+        self.grad_ptrs = TableCache(16)  # gradient-pointer tables, by the gradients' addresses
+
+
+@dataclass
+class _Saved:
+    groups: list[_Group]
+    buffers: dict[int, torch.Tensor]  # weight-dtype code -> compact originals
+    applied: torch.Tensor  # int32 flag written by the perturb kernel: 0 if the norm was not finite
+    bits: torch.Tensor
+    prefix: torch.Tensor
+    dense_total: tuple[int, ...]
+    fallback: Optional[list]  # reference ``saved`` list of the tensors done by the reference
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    # Threshold search: keys sampled for the bracket, and the candidate buffer (int32 keys; 16 MiB).
+    sample_size = 1 << 18
+    candidate_capacity = 1 << 22
+
+    def __init__(self) -> None:
+        self._plans: dict[int, tuple[ParamLayout, _LayoutPlan]] = {}
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._last_mask: Optional[tuple] = None  # (weakref to bits, version, layout id, aux)
+        self.select_fallbacks = 0  # masks the sampled bracket missed (built by the reference instead)
+        self._triton_installed: Optional[bool] = None  # looked up once, without importing Triton
+
+    # ------------------------------------------------------------------ device support
+    def supports(self, device: torch.device) -> bool:
+        return self.unsupported_reason(device) is None
+
+    def unsupported_reason(self, device) -> Optional[str]:
+        """Why this backend cannot run on ``device`` (``None`` if it can)."""
+        dev = torch.device(device)
+        if self._triton_installed is None:
+            self._triton_installed = importlib.util.find_spec("triton") is not None
+        if not self._triton_installed:
+            return "Triton is not installed (pip install triton)"
+        mode = interpreted()
+        if dev.type == "cuda":
+            if mode:
+                return ("the Triton kernels were loaded with TRITON_INTERPRET=1 and run on CPU tensors only; "
+                        "unset it to run them on CUDA")
+            if not torch.cuda.is_available():
+                return "no CUDA device is available"
+            return mode_conflict()
+        if dev.type == "cpu":
+            if not mode:
+                if interpret_env():
+                    return ("TRITON_INTERPRET=1 was set after fsam_kernels' Triton kernels were imported; set it "
+                            "before importing them")
+                return ("Triton runs on CUDA tensors; set TRITON_INTERPRET=1 to run its kernels on the CPU "
+                        "(slow, for tests)")
+            return mode_conflict()
+        return f"Triton kernels run on CUDA tensors, not on {dev.type}"
+
+    # ------------------------------------------------------------------ caches
+    def _plan(self, layout: ParamLayout) -> _LayoutPlan:
+        entry = self._plans.get(id(layout))
+        if entry is not None and entry[0] is layout:
+            return entry[1]
+        if len(self._plans) >= 4:
+            self._plans.clear()
+        plan = _LayoutPlan(layout)
+        self._plans[id(layout)] = (layout, plan)
+        return plan
+
+    def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a dummy mask, dummy prefix counts, a one-element fp32 zero), allocated once per device: the
+        arguments of launches that touch no masked tensor."""
+        if device not in self._constants:
+            self._constants[device] = (
+                torch.zeros(64, dtype=torch.uint8, device=device),
+                torch.zeros(1, dtype=torch.int64, device=device),
+                torch.zeros(1, dtype=torch.float32, device=device),
+            )
+        return self._constants[device]
+
+    def _groups_for(self, layout: ParamLayout, plan: _LayoutPlan, grads: Sequence[Optional[torch.Tensor]]):
+        """The perturbation groups for these gradients, with their gradient-pointer tables. The chunk
+        tables depend only on which parameters have a gradient (and its dtype); the gradients' own
+        addresses, which may change every backward pass, only select a small pointer table."""
+        shape_key = (
+            tuple(p.data_ptr() for p in layout.params),
+            tuple(None if g is None else g.dtype for g in grads),
+        )
+        groups, fallback = plan.groups.get(shape_key, lambda: self._build_groups(layout, plan, grads))
+        bound = []
+        for gi, group in enumerate(groups):
+            members = [grads[i] for i in group.params]
+            ptrs = plan.grad_ptrs.get(
+                (shape_key, gi, tuple(g.data_ptr() for g in members)),
+                lambda: pointer_table(members, layout.device),
+            )
+            bound.append(dataclasses.replace(group, g_ptrs=ptrs))
+        return bound, fallback
+
+    def _build_groups(self, layout: ParamLayout, plan: _LayoutPlan, grads) -> tuple[list[_Group], list[int]]:
+        members: dict[tuple, list[int]] = {}
+        fallback = []
+        for i, (p, g) in enumerate(zip(layout.params, grads)):
+            if g is None:
+                continue
+            if p.dtype in DTYPE_CODES and g.dtype in DTYPE_CODES:
+                members.setdefault((p.dtype, g.dtype), []).append(i)
+            else:
+                fallback.append(i)
+        device = layout.device
+        first_chunk = plan.masked.first_chunk if plan.masked is not None else []
+        groups = []
+        for (w_dtype, g_dtype), idx in members.items():
+            numels = [layout.numel[i] for i in idx]
+            masked = torch.tensor([i in plan.masked_pos for i in idx])
+            bit_offsets = [layout.bit_offset[plan.masked_pos[i]] if i in plan.masked_pos else -1 for i in idx]
+            masked_first = torch.tensor([first_chunk[plan.masked_pos[i]] if i in plan.masked_pos else 0 for i in idx],
+                                        dtype=torch.int64)
+            dense_off = torch.tensor([plan.dense_offset.get(i, 0) for i in idx], dtype=torch.int64)
+            slot, start, local = chunk_table(numels)
+            s = slot.long()
+            chunk_ref = torch.where(masked[s], masked_first[s] + local, dense_off[s] + start)
+            groups.append(_Group(
+                w_dtype=w_dtype,
+                g_dtype=g_dtype,
+                params=idx,
+                w_ptrs=pointer_table([layout.params[i] for i in idx], device),
+                g_ptrs=None,
+                numels=torch.tensor(numels, dtype=torch.int64).to(device),
+                bit_offsets=torch.tensor(bit_offsets, dtype=torch.int64).to(device),
+                rhos=torch.tensor([layout.rho[i] for i in idx], dtype=torch.float32).to(device),
+                adaptive=torch.tensor([int(layout.adaptive[i]) for i in idx], dtype=torch.int32).to(device),
+                chunk_slot=slot.to(device),
+                chunk_start=start.to(device),
+                chunk_ref=chunk_ref.to(device),
+                n_chunks=slot.numel(),
+            ))
+        return groups, fallback
+
+    # ------------------------------------------------------------------ input checks
+    @staticmethod
+    def _check_grads(layout: ParamLayout, grads, op: str) -> list[Optional[torch.Tensor]]:
+        if len(grads) != len(layout.params):
+            raise ValueError(
+                f"{op}: expected {len(layout.params)} grads (one per perturbed parameter), got {len(grads)}")
+        out = []
+        for i, (p, g) in enumerate(zip(layout.params, grads)):
+            if g is not None:
+                if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+                    raise TypeError(f"{op}: expected grads[{i}] to be a floating-point tensor, got {type(g).__name__}"
+                                    f"{'' if not isinstance(g, torch.Tensor) else ' of dtype ' + str(g.dtype)}")
+                if g.numel() != p.numel():
+                    raise ValueError(f"{op}: expected grads[{i}] with {p.numel()} elements, got {g.numel()}")
+                if g.device != p.device:
+                    raise ValueError(f"{op}: expected grads[{i}] on {p.device}, got {g.device}")
+                if not g.is_contiguous():
+                    g = g.contiguous()  # the kernels address elements in row-major order
+            out.append(g)
+        return out
+
+    @staticmethod
+    def _check_bits(layout: ParamLayout, bits, op: str) -> None:
+        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.numel() != layout.mask_bytes:
+            raise ValueError(f"{op}: expected a packed uint8 mask of {layout.mask_bytes} bytes, got "
+                             f"{bits.dtype if isinstance(bits, torch.Tensor) else type(bits).__name__}"
+                             f"{' of ' + str(bits.numel()) + ' bytes' if isinstance(bits, torch.Tensor) else ''}")
+        if bits.device != layout.device:
+            raise ValueError(f"{op}: expected the mask on {layout.device}, got {bits.device}")
+
+    # ------------------------------------------------------------------ Fisher
+    def fisher_accumulate(self, accum: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        if len(accum) != len(grads):
+            raise ValueError(
+                f"fisher_accumulate: expected as many grads as accumulators, got {len(grads)} and {len(accum)}")
+        gs = []
+        for i, (a, g) in enumerate(zip(accum, grads)):
+            if not isinstance(a, torch.Tensor) or a.dtype != torch.float32 or not a.is_contiguous():
+                raise ValueError(f"fisher_accumulate: expected accum[{i}] to be a contiguous float32 tensor")
+            if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+                raise TypeError(f"fisher_accumulate: expected grads[{i}] to be a floating-point tensor")
+            if g.numel() != a.numel() or g.device != a.device:
+                raise ValueError(f"fisher_accumulate: grads[{i}] ({g.numel()} elements on {g.device}) does not match "
+                                 f"accum[{i}] ({a.numel()} elements on {a.device})")
+            gs.append(g if g.is_contiguous() else g.contiguous())
+        if not accum:
+            return
+        with _device_guard(accum[0].device):
+            rest = _kernels()[0].fisher_accumulate(list(accum), gs)
+        if rest:
+            ref.fisher_accumulate_reference([accum[i] for i in rest], [gs[i] for i in rest])
+
+    # ------------------------------------------------------------------ mask
+    def select_mask(self, layout: ParamLayout, scores: Sequence[torch.Tensor], k: int, square: bool) -> torch.Tensor:
+        n = layout.n_masked
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+            raise ValueError(f"select_mask: expected 0 <= k <= {n}, got k={k!r}")
+        if len(scores) != len(layout.masked_index):
+            raise ValueError(f"select_mask: expected {len(layout.masked_index)} score tensors (one per masked "
+                             f"parameter), got {len(scores)}")
+        for j, (s, i) in enumerate(zip(scores, layout.masked_index)):
+            if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+                raise TypeError(f"select_mask: expected scores[{j}] to be a floating-point tensor")
+            if s.numel() != layout.numel[i] or s.device != layout.device:
+                raise ValueError(f"select_mask: expected scores[{j}] with {layout.numel[i]} elements on "
+                                 f"{layout.device}, got {s.numel()} on {s.device}")
+        plan = self._plan(layout)
+        if k == 0 or plan.masked is None:
+            bits = layout.empty_mask()
+            return bits
+        dtypes = {s.dtype for s in scores}
+        if len(dtypes) == 1 and next(iter(dtypes)) in DTYPE_CODES:
+            scores = [s if s.is_contiguous() else s.contiguous() for s in scores]
+        else:
+            # One kernel dtype per launch; fl32(score) is what the key is made of anyway, so the cast is exact.
+            scores = [s.float().contiguous() for s in scores]
+        with _device_guard(layout.device):
+            result = _kernels()[3].select_mask(
+                plan.masked, scores, k, square, layout.mask_bytes, self.sample_size, self.candidate_capacity
+            )
+        if result is None:  # the sampled bracket missed the k-th key: exact but slow path
+            self.select_fallbacks += 1
+            return ref.select_mask_reference(layout, scores, k, square)
+        bits, prefix, totals = result
+        self._last_mask = (weakref.ref(bits), bits._version, id(layout), {"prefix": prefix, "totals": totals})
+        return bits
+
+    def select_nm_mask(self, layout: ParamLayout, scores, n: int, m: int, square: bool, support=None) -> torch.Tensor:
+        from ..triton_kernels import nm_mask
+
+        with _device_guard(layout.device):
+            return nm_mask.select_nm_mask(
+                layout, [s.contiguous() for s in scores], n, m, square,
+                None if support is None else [w.detach() for w in support],
+            )
+
+    def mask_aux(self, layout: ParamLayout, bits: torch.Tensor) -> Any:
+        """Per-chunk prefix counts of the mask (where each chunk's saved originals start)."""
+        plan = self._plan(layout)
+        if plan.masked is None or bits is None:
+            return None
+        self._check_bits(layout, bits, "mask_aux")
+        last = self._last_mask
+        if last is not None and last[0]() is bits and last[1] == bits._version and last[2] == id(layout):
+            return last[3]
+        with _device_guard(layout.device):
+            prefix, totals = _kernels()[3].mask_prefix_counts(plan.masked, bits)
+        aux = {"prefix": prefix, "totals": totals}
+        self._last_mask = (weakref.ref(bits), bits._version, id(layout), aux)
+        return aux
+
+    # ------------------------------------------------------------------ perturb / restore
+    def grad_norm(self, layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        grads = self._check_grads(layout, grads, "grad_norm")
+        plan = self._plan(layout)
+        groups, fallback = self._groups_for(layout, plan, grads)
+        _, _, zero = self._device_constants(layout.device)
+        extra = zero
+        if fallback:
+            other = ref.grad_norm_reference(layout, [g if i in fallback else None for i, g in enumerate(grads)])
+            extra = (other * other).reshape(1)
+        with _device_guard(layout.device):
+            return _kernels()[1].grad_norm(groups, layout.device, extra)
+
+    def perturb(self, layout, grads, bits, aux, norm, eps) -> Any:
+        grads = self._check_grads(layout, grads, "perturb")
+        if not isinstance(norm, torch.Tensor) or norm.numel() != 1 or norm.device != layout.device:
+            raise ValueError(f"perturb: expected norm to be a one-element tensor on {layout.device}")
+        plan = self._plan(layout)
+        groups, fallback = self._groups_for(layout, plan, grads)
+        needs_mask = any(grads[i] is not None for i in layout.masked_index)
+        dummy_mask, dummy_prefix, _ = self._device_constants(layout.device)
+        if needs_mask:
+            if bits is None:
+                raise ValueError("perturb: expected a packed mask for the masked parameters, got None")
+            self._check_bits(layout, bits, "perturb")
+            if not (isinstance(aux, dict) and aux.get("prefix") is not None
+                    and aux["prefix"].numel() == plan.masked.n_chunks):
+                aux = self.mask_aux(layout, bits)
+            prefix, totals = aux["prefix"], aux["totals"]
+        else:
+            bits, prefix, totals = dummy_mask, dummy_prefix, (0,) * N_GROUPS
+        norm32 = norm.reshape(()).float()
+        if not norm32.is_contiguous():
+            norm32 = norm32.contiguous()
+        applied = torch.empty(1, dtype=torch.int32, device=layout.device)
+        buffers: dict[int, torch.Tensor] = {}
+        for g in groups:
+            code = DTYPE_CODES[g.w_dtype]
+            if code not in buffers:
+                size = plan.dense_total[code] + totals[code]
+                buffers[code] = torch.empty(max(size, 1), dtype=g.w_dtype, device=layout.device)
+            if g.n_chunks:
+                with _device_guard(layout.device):
+                    _kernels()[2]._perturb_kernel[(g.n_chunks,)](
+                        g.w_ptrs, g.g_ptrs, g.numels, g.bit_offsets, g.rhos, g.adaptive, g.chunk_slot,
+                        g.chunk_start, g.chunk_ref, bits, prefix, plan.dense_total[code], buffers[code], norm32,
+                        applied, float(eps), W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype),
+                        BLOCK=CHUNK, num_warps=8, enable_fp_fusion=False,
+                    )
+        fallback_saved = None
+        if fallback:
+            fallback_saved = ref.perturb_reference(
+                layout, [g if i in fallback else None for i, g in enumerate(grads)], bits, norm, eps)
+        return _Saved(groups, buffers, applied, bits, prefix, plan.dense_total, fallback_saved)
+
+    def restore(self, layout: ParamLayout, bits: Optional[torch.Tensor], aux: Any, saved: Any) -> None:
+        if saved is None:
+            return
+        if not isinstance(saved, _Saved):
+            raise TypeError(f"restore: expected what TritonBackend.perturb returned, got {type(saved).__name__}")
+        for g in saved.groups:
+            code = DTYPE_CODES[g.w_dtype]
+            if g.n_chunks:
+                with _device_guard(layout.device):
+                    _kernels()[2]._restore_kernel[(g.n_chunks,)](
+                        g.w_ptrs, g.numels, g.bit_offsets, g.chunk_slot, g.chunk_start, g.chunk_ref, saved.bits,
+                        saved.prefix, saved.dense_total[code], saved.buffers[code], saved.applied,
+                        W_DTYPE=triton_dtype(g.w_dtype), BLOCK=CHUNK, num_warps=8,
+                    )
+        if saved.fallback is not None:
+            ref.restore_reference(layout, saved.bits, saved.fallback)
+
+    def saved_nbytes(self, saved: Any) -> int:
+        if saved is None:
+            return 0
+        return tensors_nbytes(list(saved.buffers.values())) + tensors_nbytes(saved.fallback)

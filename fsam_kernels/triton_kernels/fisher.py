@@ -1,0 +1,71 @@
+"""Fisher accumulation ``F += fl32(g * g)`` over many tensors in one launch per gradient dtype."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import CHUNK, interpret_env
+from .tables import DTYPE_CODES, TableCache, chunk_table, pointer_table, triton_dtype
+
+INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
+
+
+@triton.jit
+def _fisher_accumulate_kernel(
+    acc_ptrs, grad_ptrs, numels, chunk_slot, chunk_start, GRAD_DTYPE: tl.constexpr, BLOCK: tl.constexpr
+):
+    c = tl.program_id(0)
+    slot = tl.load(chunk_slot + c)
+    start = tl.load(chunk_start + c)
+    n = tl.load(numels + slot)
+    acc = tl.load(acc_ptrs + slot).to(tl.pointer_type(tl.float32))
+    grad = tl.load(grad_ptrs + slot).to(tl.pointer_type(GRAD_DTYPE))
+    offs = start + tl.arange(0, BLOCK)
+    inside = offs < n
+    g = tl.load(grad + offs, mask=inside, other=0.0).to(tl.float32)
+    sq = g * g  # rounded on its own: the launch disables FMA contraction
+    a = tl.load(acc + offs, mask=inside, other=0.0)
+    tl.store(acc + offs, a + sq, mask=inside)
+
+
+_tables = TableCache()
+
+
+def _build(accum: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]):
+    device = accum[0].device
+    numels = [a.numel() for a in accum]
+    slot, start, _ = chunk_table(numels)
+    return (
+        pointer_table(accum, device),
+        pointer_table(grads, device),
+        torch.tensor(numels, dtype=torch.int64).to(device),
+        slot.to(device),
+        start.to(device),
+    )
+
+
+def fisher_accumulate(accum: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> list[int]:
+    """Accumulate the pairs whose gradient dtype the kernel handles; return the positions of the
+    others (the caller runs the reference on them). Inputs must be validated and contiguous."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    rest = []
+    for i, g in enumerate(grads):
+        if g.dtype in DTYPE_CODES:
+            by_dtype.setdefault(g.dtype, []).append(i)
+        else:
+            rest.append(i)
+    for dtype, idx in by_dtype.items():
+        acc = [accum[i] for i in idx]
+        grd = [grads[i] for i in idx]
+        key = tuple((a.data_ptr(), g.data_ptr(), a.numel()) for a, g in zip(acc, grd))
+        acc_ptrs, grad_ptrs, numels, slot, start = _tables.get(key, lambda: _build(acc, grd))
+        n_chunks = slot.numel()
+        if n_chunks:
+            _fisher_accumulate_kernel[(n_chunks,)](
+                acc_ptrs, grad_ptrs, numels, slot, start,
+                GRAD_DTYPE=triton_dtype(dtype), BLOCK=CHUNK, num_warps=8, enable_fp_fusion=False,
+            )
+    return rest

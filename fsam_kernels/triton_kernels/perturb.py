@@ -1,0 +1,97 @@
+"""Masked perturbation ``w <- dtype(fl32(w) + e)`` with compact saved originals, and the exact restore.
+
+Chunk ``c`` of a masked tensor keeps the originals of its selected elements at
+``saved[dense_total + prefix[c] + rank]`` (``prefix`` from the mask's per-chunk counts, ``rank`` the
+element's rank among the chunk's selected ones); a dense tensor's chunk stores all its elements at a
+fixed offset. One saved buffer per weight dtype, sized by the mask's popcount: no dense copy of the
+weights. The scale ``rho / (norm + eps)`` is computed on the device from the norm tensor; when the
+norm is not finite nothing is written, and the restore kernel (which reads the ``applied`` flag the
+perturb kernel left) writes nothing back either.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import interpret_env
+from .reductions import _cumsum
+
+INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE, rounding to nearest even. Spelled out for bfloat16 because the Triton
+    interpreter truncates there, and the tests compare its results with torch's bit for bit."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x == x, rounded, x.to(tl.bfloat16))  # NaN stays NaN
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _selection(mask, bit_offsets, chunk_ref, aux_prefix, dense_total, slot, c, offs, inside):
+    """Which elements of the chunk are perturbed, and where the chunk's saved values start."""
+    bit_base = tl.load(bit_offsets + slot)
+    ref = tl.load(chunk_ref + c)
+    if bit_base >= 0:  # masked tensor: ref is the chunk's index among all masked chunks
+        b = bit_base + offs
+        byte = tl.load(mask + (b >> 3), mask=inside, other=0).to(tl.int32)
+        sel = inside & (((byte >> (b & 7).to(tl.int32)) & 1) != 0)
+        base = dense_total + tl.load(aux_prefix + ref)
+    else:  # dense tensor: ref is the chunk's offset in the saved buffer
+        sel = inside
+        base = ref
+    return sel, base
+
+
+@triton.jit
+def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_slot, chunk_start, chunk_ref,
+                    mask, aux_prefix, dense_total, saved, norm_ptr, applied, eps,
+                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    norm = tl.load(norm_ptr)
+    finite = (norm - norm) == 0  # false for inf and nan
+    if c == 0:
+        tl.store(applied, finite.to(tl.int32))
+    if finite:
+        slot = tl.load(chunk_slot + c)
+        start = tl.load(chunk_start + c)
+        n = tl.load(numels + slot)
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < n
+        sel, base = _selection(mask, bit_offsets, chunk_ref, aux_prefix, dense_total, slot, c, offs, inside)
+        sel_i = sel.to(tl.int32)
+        rank = _cumsum(sel_i, 0) - sel_i
+        wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
+        gp = tl.load(g_ptrs + slot).to(tl.pointer_type(G_DTYPE))
+        w_raw = tl.load(wp + offs, mask=sel, other=0.0)
+        g = tl.load(gp + offs, mask=sel, other=0.0).to(tl.float32)
+        w = w_raw.to(tl.float32)
+        scale = tl.div_rn(tl.load(rhos + slot), norm + eps)
+        # every product rounds on its own: the launch disables FMA contraction
+        if tl.load(adaptive + slot) != 0:
+            e = ((w * w) * g) * scale
+        else:
+            e = g * scale
+        tl.store(saved + base + rank, w_raw, mask=sel)
+        tl.store(wp + offs, _round_to(w + e, W_DTYPE), mask=sel)
+
+
+@triton.jit
+def _restore_kernel(w_ptrs, numels, bit_offsets, chunk_slot, chunk_start, chunk_ref, mask, aux_prefix,
+                    dense_total, saved, applied, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    if tl.load(applied) != 0:
+        slot = tl.load(chunk_slot + c)
+        start = tl.load(chunk_start + c)
+        n = tl.load(numels + slot)
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < n
+        sel, base = _selection(mask, bit_offsets, chunk_ref, aux_prefix, dense_total, slot, c, offs, inside)
+        sel_i = sel.to(tl.int32)
+        rank = _cumsum(sel_i, 0) - sel_i
+        wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
+        tl.store(wp + offs, tl.load(saved + base + rank, mask=sel), mask=sel)

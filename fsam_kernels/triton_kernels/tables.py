@@ -1,0 +1,54 @@
+"""Device tables describing many tensors at once, cached by the tensors' addresses and sizes."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+
+from . import CHUNK
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+"""Element types the kernels handle; anything else (e.g. float64) goes to the reference."""
+
+
+def triton_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
+
+
+def chunk_table(numels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot, start, local) per chunk, on the CPU: chunk ``c`` covers elements
+    ``[start[c], start[c] + CHUNK)`` of tensor ``slot[c]`` and is that tensor's chunk number ``local[c]``."""
+    n = torch.tensor(list(numels), dtype=torch.int64)
+    counts = (n + CHUNK - 1) // CHUNK
+    slot = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    local = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
+    return slot.to(torch.int32), local * CHUNK, local
+
+
+class TableCache:
+    """A small LRU cache: tables are rebuilt only when the tensors' addresses or sizes change."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._entries: "OrderedDict[Hashable, Any]" = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        value = build()
+        self._entries[key] = value
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,373 @@
+"""The Triton backend's kernels under the Triton interpreter (CPU tensors), against the reference.
+
+TRITON_INTERPRET=1 must be set before the kernel modules are imported; the backend imports them on
+first use, so setting it here (at collection) is enough. Shapes stay tiny: the interpreter runs
+every program in numpy. It handles fp32, fp16 and bf16 tensors (bf16 through its own emulation).
+"""
+import copy
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fsam_kernels import FSAM  # noqa: E402
+from fsam_kernels import reference as ref  # noqa: E402
+from fsam_kernels.backends import BackendUnavailable, get_backend  # noqa: E402
+from fsam_kernels.layout import ParamLayout  # noqa: E402
+
+from conftest import TinyNet, first_mismatch, make_batches  # noqa: E402
+
+SIZES = [1, 7, 123, 4097]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    try:
+        return get_backend("triton", "cpu")
+    except BackendUnavailable as exc:  # e.g. Triton was imported before this module set TRITON_INTERPRET
+        pytest.skip(str(exc))
+
+
+def make_layout(sizes, dtype=torch.float32, masked=None, adaptive=None, rho=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    n = len(sizes)
+    return ParamLayout(
+        params,
+        masked if masked is not None else [True] * n,
+        rho if rho is not None else [0.05] * n,
+        adaptive if adaptive is not None else [False] * n,
+    )
+
+
+def rand_like_list(tensors, dtype=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.numel(), generator=g).to(dtype or t.dtype) for t in tensors]
+
+
+def assert_same_mask(layout, got, want):
+    assert got.dtype == torch.uint8 and got.shape == want.shape
+    if not torch.equal(got, want):
+        a, b = ref.unpack_mask(layout, got), ref.unpack_mask(layout, want)
+        for j, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), f"masked tensor {j}: {first_mismatch(x, y)}"
+        raise AssertionError(f"padding bits differ: {first_mismatch(got, want)}")
+
+
+# ----------------------------------------------------------------------------- device support
+def test_supports_cpu_only_in_interpreter_mode(backend):
+    assert backend.supports(torch.device("cpu"))
+    assert not backend.supports(torch.device("meta"))
+    assert "CUDA" in backend.unsupported_reason(torch.device("meta"))
+    # interpreted kernels dereference host pointers: CUDA tensors are refused, with the reason
+    assert "TRITON_INTERPRET" in backend.unsupported_reason(torch.device("cuda"))
+
+
+def test_launch_counting_needs_cuda():
+    from fsam_kernels.profiling import count_kernel_launches
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the message on machines without CUDA")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        count_kernel_launches(lambda: None)
+
+
+# ----------------------------------------------------------------------------- Fisher
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fisher_accumulate_bit_exact(backend, dtype):
+    sizes = SIZES + list(range(1, 40, 3))
+    g = torch.Generator().manual_seed(0)
+    accum = [torch.rand(n, generator=g) for n in sizes]
+    grads = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    want = [a.clone() for a in accum]
+    ref.fisher_accumulate_reference(want, grads)
+    backend.fisher_accumulate(accum, grads)
+    backend.fisher_accumulate(accum, grads)  # twice: the cached tables are reused
+    ref.fisher_accumulate_reference(want, grads)
+    for i, (a, w) in enumerate(zip(accum, want)):
+        assert torch.equal(a, w), f"tensor {i}: {first_mismatch(a, w)}"
+
+
+def test_fisher_accumulate_float64_grads_use_the_reference(backend):
+    accum = [torch.zeros(5), torch.zeros(6)]
+    grads = [torch.randn(5, dtype=torch.float64), torch.randn(6)]
+    backend.fisher_accumulate(accum, grads)
+    assert torch.equal(accum[0], grads[0].float() * grads[0].float())
+    assert torch.equal(accum[1], grads[1] * grads[1])
+
+
+def test_fisher_accumulate_rejects_bad_input(backend):
+    with pytest.raises(ValueError, match="accum\\[0\\]"):
+        backend.fisher_accumulate([torch.zeros(3, dtype=torch.float64)], [torch.zeros(3)])
+    with pytest.raises(ValueError, match="grads\\[0\\]"):
+        backend.fisher_accumulate([torch.zeros(3)], [torch.zeros(4)])
+
+
+# ----------------------------------------------------------------------------- mask
+def _ties(layout, seed=0):
+    # few distinct values (and many zeros): ties at the threshold in every case
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 3, (layout.numel[i],), generator=g).float() for i in layout.masked_index]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["grad-fp32", "grad-fp16", "grad-bf16", "fisher-ties", "all-zero", "50-tensors"],
+)
+def test_select_mask_matches_reference(backend, case):
+    if case == "50-tensors":
+        layout = make_layout(list(range(1, 51)))
+    else:
+        layout = make_layout(SIZES + [600], masked=[True, True, False, True, True])
+    n = layout.n_masked
+    if case.startswith("grad"):
+        dtype = {"grad-fp32": torch.float32, "grad-fp16": torch.float16, "grad-bf16": torch.bfloat16}[case]
+        scores, square = rand_like_list(layout.masked_params, dtype), True
+    elif case == "fisher-ties":
+        scores, square = _ties(layout), False
+    elif case == "all-zero":
+        scores, square = [torch.zeros(layout.numel[i]) for i in layout.masked_index], False
+    else:
+        scores, square = rand_like_list(layout.masked_params), True
+    before = backend.select_fallbacks
+    ks = {0, 1, n // 3, n} if case == "50-tensors" else {0, 1, 2, n // 3, n - 1, n}
+    for k in sorted(ks):
+        got = backend.select_mask(layout, scores, k, square)
+        assert_same_mask(layout, got, ref.select_mask_reference(layout, scores, k, square))
+        assert ref.mask_popcount(got) == k
+    assert backend.select_fallbacks == before
+
+
+def test_select_mask_sampled_bracket(backend, monkeypatch):
+    # A candidate buffer smaller than N forces the sampled bracket (the path large models take).
+    monkeypatch.setattr(backend, "candidate_capacity", 3000)
+    monkeypatch.setattr(backend, "sample_size", 2048)
+    layout = make_layout([4097, 123, 4097, 7], masked=[True, True, True, True])
+    before = backend.select_fallbacks
+    for scores, square in [(rand_like_list(layout.masked_params), True), (_ties(layout, seed=3), False)]:
+        for k in (1, 900, layout.n_masked // 2, layout.n_masked - 5):
+            got = backend.select_mask(layout, scores, k, square)
+            assert_same_mask(layout, got, ref.select_mask_reference(layout, scores, k, square))
+    assert backend.select_fallbacks == before
+
+
+def test_select_mask_falls_back_when_candidates_overflow(backend, monkeypatch):
+    monkeypatch.setattr(backend, "candidate_capacity", 4)
+    monkeypatch.setattr(backend, "sample_size", 64)
+    layout = make_layout([4097, 300])
+    scores = rand_like_list(layout.masked_params)
+    before = backend.select_fallbacks
+    got = backend.select_mask(layout, scores, 2000, True)
+    assert backend.select_fallbacks == before + 1
+    assert_same_mask(layout, got, ref.select_mask_reference(layout, scores, 2000, True))
+
+
+def test_select_mask_rejects_bad_input(backend):
+    layout = make_layout([7, 9])
+    scores = rand_like_list(layout.masked_params)
+    with pytest.raises(ValueError, match="k="):
+        backend.select_mask(layout, scores, 17, True)
+    with pytest.raises(ValueError, match="2 score tensors"):
+        backend.select_mask(layout, scores[:1], 3, True)
+    with pytest.raises(ValueError, match="scores\\[1\\]"):
+        backend.select_mask(layout, [scores[0], torch.zeros(3)], 3, True)
+
+
+def test_mask_aux_of_a_loaded_mask_equals_the_one_select_built(backend):
+    layout = make_layout([4097, 123, 50, 4097], masked=[True, False, True, True])
+    scores = rand_like_list(layout.masked_params)
+    bits = backend.select_mask(layout, scores, 3000, True)
+    built = backend.mask_aux(layout, bits)
+    loaded = backend.mask_aux(layout, bits.clone())  # not the cached mask: recomputed from the bits
+    assert torch.equal(built["prefix"], loaded["prefix"]) and built["totals"] == loaded["totals"]
+    assert loaded["totals"][0] == 3000
+
+
+# ----------------------------------------------------------------------------- perturb / restore
+def _perturb_both(backend, layout, grads, bits, norm, eps=1e-12):
+    twin = ParamLayout([p.clone() for p in layout.params], layout.masked, layout.rho, layout.adaptive)
+    originals = [p.clone() for p in layout.params]
+    aux = backend.mask_aux(layout, bits) if bits is not None else None
+    saved = backend.perturb(layout, grads, bits, aux, norm, eps)
+    saved_ref = ref.perturb_reference(twin, grads, bits, norm, eps)
+    return twin, originals, aux, saved, saved_ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_perturb_and_restore(backend, dtype):
+    sizes = SIZES + [600, 33]
+    layout = make_layout(
+        sizes, dtype, masked=[True, True, False, True, True, False],
+        adaptive=[False, True, False, False, True, True], rho=[0.05, 0.05, 0.1, 0.05, 0.2, 0.1],
+    )
+    grads = rand_like_list(layout.params)
+    grads[1] = None  # a parameter without a gradient is neither perturbed nor saved
+    _check_perturb_and_restore(backend, layout, grads)
+
+
+def test_perturb_and_restore_50_tensors(backend):
+    n = 50
+    layout = make_layout(list(range(1, n + 1)), masked=[i % 7 != 3 for i in range(n)],
+                         adaptive=[i % 5 == 0 for i in range(n)])
+    _check_perturb_and_restore(backend, layout, rand_like_list(layout.params))
+
+
+def _check_perturb_and_restore(backend, layout, grads):
+    scores = [g if g is not None else torch.zeros(layout.numel[i]) for i, g in
+              ((i, grads[i]) for i in layout.masked_index)]
+    bits = backend.select_mask(layout, scores, layout.n_masked // 10, True)
+    norm = backend.grad_norm(layout, grads)
+    torch.testing.assert_close(norm, ref.grad_norm_reference(layout, grads), rtol=1e-6, atol=0)
+    twin, originals, aux, saved, saved_ref = _perturb_both(backend, layout, grads, bits, norm)
+    # Same norm, same operation order, no FMA contraction: the perturbed weights are bit-identical.
+    for i, (p, q) in enumerate(zip(layout.params, twin.params)):
+        assert torch.equal(p, q), f"param {i}: {first_mismatch(p, q)}"
+    assert backend.saved_nbytes(saved) == sum(s.numel() * s.element_size() for s in saved_ref if s is not None)
+    if all(g is not None for g in grads):
+        # compact: the dense tensors' originals, then the masked elements' in global bit order
+        order = layout.dense_index + layout.masked_index
+        (buffer,) = saved.buffers.values()
+        assert torch.equal(buffer, torch.cat([saved_ref[i] for i in order]))
+    backend.restore(layout, bits, aux, saved)
+    for i, (p, o) in enumerate(zip(layout.params, originals)):
+        assert torch.equal(p, o), f"param {i} not restored: {first_mismatch(p, o)}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy computing inf - inf
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_non_finite_norm_leaves_weights_untouched(backend, bad):
+    layout = make_layout([123, 4097, 7], masked=[True, False, True])
+    grads = rand_like_list(layout.params)
+    bits = backend.select_mask(layout, [grads[0], grads[2]], 20, True)
+    originals = [p.clone() for p in layout.params]
+    saved = backend.perturb(layout, grads, bits, backend.mask_aux(layout, bits), torch.tensor(bad), 1e-12)
+    backend.restore(layout, bits, None, saved)  # must not write the (never filled) saved buffer back
+    for p, o in zip(layout.params, originals):
+        assert torch.equal(p, o)
+
+
+def test_float64_params_use_the_reference(backend):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(50, generator=g, dtype=torch.float64), torch.randn(70, generator=g)]
+    layout = ParamLayout(params, [True, True], [0.05, 0.05], [False, False])
+    grads = [torch.randn(50, generator=g, dtype=torch.float64), torch.randn(70, generator=g)]
+    bits = backend.select_mask(layout, grads, 30, True)
+    assert_same_mask(layout, bits, ref.select_mask_reference(layout, grads, 30, True))
+    norm = backend.grad_norm(layout, grads)
+    torch.testing.assert_close(norm, ref.grad_norm_reference(layout, grads), rtol=1e-6, atol=0)
+    twin, originals, aux, saved, _ = _perturb_both(backend, layout, grads, bits, norm)
+    for p, q in zip(layout.params, twin.params):
+        assert torch.equal(p, q)
+    backend.restore(layout, bits, aux, saved)
+    for p, o in zip(layout.params, originals):
+        assert torch.equal(p, o)
+
+
+def test_perturb_rejects_bad_input(backend):
+    layout = make_layout([7, 9])
+    grads = rand_like_list(layout.params)
+    norm = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="packed mask"):
+        backend.perturb(layout, grads, None, None, norm, 1e-12)
+    with pytest.raises(ValueError, match="uint8 mask of 128 bytes"):
+        backend.perturb(layout, grads, torch.zeros(3, dtype=torch.uint8), None, norm, 1e-12)
+    with pytest.raises(ValueError, match="grads\\[1\\]"):
+        backend.perturb(layout, [grads[0], torch.zeros(4)], None, None, norm, 1e-12)
+
+
+# ----------------------------------------------------------------------------- the optimizer
+def _run(backend_name, net, batches, steps, **kw):
+    opt = FSAM(
+        [
+            {"params": [net.emb.weight, net.fc1.weight], "adaptive": True},
+            {"params": [net.fc1.bias, net.fc2.weight, net.fc2.bias]},
+            {"params": list(net.norm.parameters()), "fisher_mask": False},
+        ],
+        torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, sparsity=0.8, mask_update_interval=2,
+        backend=backend_name, **kw,
+    )
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(x, y):
+        loss_fn(net(x), y).backward()
+        opt.step(lambda: loss_fn(net(x), y).backward())
+        opt.zero_grad()
+
+    for x, y in batches[:steps]:
+        step(x, y)
+    return opt, step
+
+
+def test_optimizer_trajectory_and_checkpoint_match_the_reference(backend):
+    batches = make_batches(n_batches=4)
+    torch.manual_seed(0)
+    net_t, net_r = TinyNet(), TinyNet()
+    net_r.load_state_dict(net_t.state_dict())
+    opt_t, step_t = _run("triton", net_t, batches, 2)
+    opt_r, step_r = _run("torch", net_r, batches, 2)
+    assert opt_t.backend == "triton"
+    for a, b in zip(opt_t.masks(), opt_r.masks()):
+        assert torch.equal(a, b), first_mismatch(a, b)
+    # save mid-run, load into a fresh optimizer on a copy of the model, and continue both
+    net_c = TinyNet()
+    net_c.load_state_dict(net_t.state_dict())
+    opt_c, step_c = _run("triton", net_c, batches, 0)
+    opt_c.load_state_dict(copy.deepcopy(opt_t.state_dict()))  # as if through torch.save/torch.load
+    for x, y in batches[2:]:  # the first of these rebuilds the mask (mask_update_interval=2)
+        step_t(x, y)
+        step_r(x, y)
+        step_c(x, y)
+    for (name, p), q, c in zip(net_t.named_parameters(), net_r.parameters(), net_c.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        assert torch.equal(p, c), f"{name} after reload: {first_mismatch(p, c)}"
+
+
+def test_optimizer_empirical_fisher_and_perturb_false_group(backend):
+    torch.manual_seed(1)
+    nets = [TinyNet(), TinyNet()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = []
+    for name, net in zip(("triton", "torch"), nets):
+        opts.append(FSAM(
+            [{"params": [net.emb.weight, net.fc1.weight, net.fc1.bias]},
+             {"params": [net.fc2.weight, net.fc2.bias], "perturb": False},
+             {"params": list(net.norm.parameters()), "fisher_mask": False}],
+            torch.optim.SGD, lr=0.1, fisher="empirical", sparsity=0.5, backend=name,
+        ))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for net, opt in zip(nets, opts):
+        for x, y in make_batches(n_batches=2, seed=5):
+            loss_fn(net(x), y).backward()
+            opt.accumulate_fisher()
+            opt.zero_grad()
+        x, y = make_batches(n_batches=1, seed=6)[0]
+        loss_fn(net(x), y).backward()
+        opt.step(lambda: loss_fn(net(x), y).backward())
+    for a, b in zip(opts[0].masks(), opts[1].masks()):
+        assert torch.equal(a, b), first_mismatch(a, b)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_optimizer_structured_mask_uses_triton_kernel(backend):
+    """FSAM(structure="2:4", backend="triton") builds the same N:M mask as the reference."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    masks = []
+    for name in ("torch", "triton"):
+        model = copy.deepcopy(net)
+        opt = FSAM(model.parameters(), torch.optim.SGD, structure="2:4", sparsity=0.5, lr=0.1, backend=name)
+        model(x).square().mean().backward()
+        opt.first_step(zero_grad=True)
+        model(x).square().mean().backward()
+        opt.second_step()
+        masks.append(opt.masks())
+    for a, b in zip(*masks):
+        assert torch.equal(a, b), first_mismatch(a, b)
+    assert int(masks[1][0].sum()) == 16 * 8 // 2  # 2 of every 4 along the input dimension
