@@ -59,7 +59,7 @@ class SAM(FSAM):
         backend: str = "auto",
         **base_optimizer_kwargs: Any,
     ) -> None:
-        mask_options = sorted(set(base_optimizer_kwargs) & {"structure", "preserve_zeros", "fisher", "mask_update_interval"})
+        mask_options = sorted(set(base_optimizer_kwargs) & {"sparsity", "structure", "preserve_zeros", "fisher", "mask_update_interval"})
         if mask_options:
             raise TypeError(f"SAM has no Fisher mask, so it takes no {', '.join(mask_options)}; use FSAM for that")
         super().__init__(
@@ -278,9 +278,12 @@ class GSAM(_MaskedFamily):
         for key, value in self._schedule_defaults.items():
             if param_group.get(key) is None:
                 param_group[key] = value
-        super().add_param_group(param_group)
         if hasattr(self, "base_optimizer"):  # else __init__ finishes every group once the base optimizer set lr
-            self._finish_schedule(self.param_groups[-1], len(self.param_groups) - 1)
+            for key in ("rho", "lr"):
+                if key in self.defaults:
+                    param_group.setdefault(key, self.defaults[key])
+            self._finish_schedule(param_group, len(self.param_groups))  # validated before it is added
+        super().add_param_group(param_group)
 
     def _finish_schedule(self, group: dict, gi: int) -> None:
         where = f" in param_groups[{gi}]"

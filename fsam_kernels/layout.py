@@ -24,7 +24,7 @@ import torch
 MASK_ALIGN_BITS = 512
 
 
-def _align(n: int, a: int) -> int:
+def align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
@@ -59,7 +59,7 @@ class ParamLayout:
         offsets, bit = [], 0
         for i in self.masked_index:
             offsets.append(bit)
-            bit += _align(self.numel[i], MASK_ALIGN_BITS)
+            bit += align_up(self.numel[i], MASK_ALIGN_BITS)
         self.bit_offset = offsets
         self.n_masked = sum(self.numel[i] for i in self.masked_index)
         self.mask_bytes = bit // 8

@@ -12,7 +12,7 @@ from . import structured
 from .backends import backend_names, get_backend
 from .backends.base import Backend, tensors_nbytes
 from .fsdp import ShardedParams
-from .layout import ParamLayout
+from .layout import MASK_ALIGN_BITS, ParamLayout, align_up
 
 FISHER_MODES = ("batch", "empirical")
 _STATE_VERSION = 1
@@ -83,8 +83,8 @@ class FSAM(torch.optim.Optimizer):
         nm = structured.parse_structure(structure)
         if preserve_zeros is not None and not isinstance(preserve_zeros, bool):
             raise TypeError(f"Invalid preserve_zeros: {preserve_zeros!r}; expected None, True or False")
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"Invalid eps: {eps!r}; expected a finite number >= 0")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"Invalid eps: {eps!r}; expected a finite number > 0 (a zero gradient would give 0/0)")
         if not isinstance(backend, str) or backend not in ("auto", *backend_names()):
             raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {backend_names()}")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -93,19 +93,9 @@ class FSAM(torch.optim.Optimizer):
                 "(the class, e.g. torch.optim.AdamW, not an instance)"
             )
         defaults = dict(rho=rho, adaptive=adaptive, fisher_mask=True, perturb=True, **base_optimizer_kwargs)
-        super().__init__(params, defaults)
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.is_complex():
-                    raise TypeError(
-                        f"Invalid params: param_groups[{gi}]['params'][{pi}] is complex ({p.dtype}); "
-                        "FSAM supports real floating-point parameters only"
-                    )
-                if not p.is_floating_point():
-                    raise TypeError(
-                        f"Invalid params: param_groups[{gi}]['params'][{pi}] has dtype {p.dtype}; "
-                        "expected a floating-point parameter"
-                    )
+        super().__init__(params, defaults)  # validates each group in add_param_group
+        if not any(g["perturb"] and g["params"] for g in self.param_groups):
+            raise ValueError("FSAM: no parameter to perturb (every param group has perturb=False)")
 
         self.base_optimizer = base_optimizer(self.param_groups, **base_optimizer_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -154,13 +144,14 @@ class FSAM(torch.optim.Optimizer):
                 continue
             for p in group["params"]:
                 params.append(p)
-                masked.append(bool(group.get("fisher_mask", True)))
+                masked.append(group.get("fisher_mask", True))
                 rho.append(float(group["rho"]))
-                adaptive.append(bool(group["adaptive"]))
+                adaptive.append(group["adaptive"])
         if self._shards is not None:
             params = self._shards.local_tensors(params)
+        # dtype, device and strides are part of the key: model.to(...) keeps the Parameter objects.
         key = (tuple(id(p) for p in params), tuple(masked), tuple(rho), tuple(adaptive),
-               tuple(p.numel() for p in params))
+               tuple((p.numel(), p.dtype, p.device, p.stride()) for p in params))
         if self._layout is not None and key == self._layout_key:
             return self._layout
         if not params:
@@ -170,14 +161,27 @@ class FSAM(torch.optim.Optimizer):
             raise ValueError(f"FSAM: all perturbed parameters must be on one device, got {sorted(map(str, devices))}")
         for p in params:
             if not p.is_contiguous():
-                raise ValueError(f"FSAM: parameters must be contiguous, got one of shape {tuple(p.shape)} that is not")
+                raise ValueError(
+                    f"FSAM: parameters must be contiguous, got one of shape {tuple(p.shape)} with strides "
+                    f"{p.stride()} (e.g. channels_last); keep parameters in the default memory format"
+                )
         new_layout = ParamLayout(params, masked, rho, adaptive)
-        if self._layout is not None and (
-            [p.numel() for p in self._layout.masked_params] != [p.numel() for p in new_layout.masked_params]
-        ):
+        old = self._layout
+        if old is not None and [p.numel() for p in old.masked_params] != [p.numel() for p in new_layout.masked_params]:
             # The masked set changed (e.g. add_param_group): the old mask no longer applies.
             self._bits, self._aux, self._fisher_accum, self._fisher_count = None, None, None, 0
+        elif old is not None and old.device != new_layout.device:
+            # The model moved (model.to(device)): FSAM's own state follows it.
+            if self._bits is not None:
+                self._bits = self._bits.to(new_layout.device)
+            if self._fisher_accum is not None:
+                self._fisher_accum = [f.to(new_layout.device) for f in self._fisher_accum]
+            if self.backend_name == "auto":
+                self._backend = None
         self._layout, self._layout_key = new_layout, key
+        if self._bits is not None and self._backend is not None:
+            # Backend data derived from the mask depends on the layout (dtypes, offsets).
+            self._aux = self._backend_for(new_layout).mask_aux(new_layout, self._bits)
         return new_layout
 
     def _backend_for(self, layout: ParamLayout) -> Backend:
@@ -195,7 +199,24 @@ class FSAM(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
-        _check_rho(param_group["rho"], f" in param_groups[{len(self.param_groups)}]")
+        where = f"param_groups[{len(self.param_groups)}]"
+        _check_rho(param_group["rho"], f" in {where}")
+        for flag in ("adaptive", "fisher_mask", "perturb"):
+            if not isinstance(param_group[flag], bool):
+                raise TypeError(f"Invalid {flag} in {where}: {param_group[flag]!r}; expected True or False")
+        params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError(f"Invalid params in {where}: a set has no order; use a list")
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group["params"] = params
+        for pi, p in enumerate(params):
+            if p.is_complex():
+                raise TypeError(
+                    f"Invalid params: {where}['params'][{pi}] is complex ({p.dtype}); FSAM supports real "
+                    "floating-point parameters only"
+                )
+            if not p.is_floating_point():
+                raise TypeError(f"Invalid params: {where}['params'][{pi}] has dtype {p.dtype}; expected a floating-point parameter")
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
         else:  # called by torch.optim.Optimizer.__init__
@@ -210,6 +231,11 @@ class FSAM(torch.optim.Optimizer):
                 raise ValueError(
                     f"FSAM: sparse gradients are not supported (parameter of shape {tuple(p.shape)} has a "
                     f"{g.layout} gradient); use dense gradients (e.g. nn.Embedding(sparse=False))"
+                )
+            if g is not None and (g.shape != p.shape or g.device != p.device):
+                raise ValueError(
+                    f"FSAM: a gradient of shape {tuple(g.shape)} on {g.device} does not match its parameter "
+                    f"({tuple(p.shape)} on {p.device})"
                 )
             grads.append(g)
         return grads
@@ -302,7 +328,8 @@ class FSAM(torch.optim.Optimizer):
                 raise ValueError(f"update_mask: fisher[{j}] must be a tensor of shape {tuple(p.shape)}, got {getattr(f, 'shape', type(f))}")
             if not f.is_floating_point() or bool((f < 0).any()) or not bool(torch.isfinite(f).all()):
                 raise ValueError(f"update_mask: fisher[{j}] must hold finite, non-negative floating-point values")
-            out.append(f.detach().to(device=p.device, dtype=torch.float32).contiguous())
+            # + 0.0 turns -0.0 into +0.0: keys compare as int32 bit patterns.
+            out.append(f.detach().to(device=p.device, dtype=torch.float32).contiguous() + 0.0)
         return out
 
     @staticmethod
@@ -408,13 +435,17 @@ class FSAM(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One FSAM step, davda54/sam style: the first backward is already done by the caller;
         ``closure`` does the second forward/backward (gradients zeroed before it) and its loss is
-        returned."""
+        returned. When the first gradient's norm is not finite the step is skipped (weights, base
+        optimizer and mask untouched, one warning) and ``None`` is returned."""
         if closure is None:
             raise RuntimeError(
                 "FSAM.step needs a closure that recomputes the loss and calls backward(); or call "
                 "first_step() and second_step() yourself"
             )
         self.first_step(zero_grad=True)
+        if self._phase == "skipped":  # non-finite gradient norm: no second pass, no base step
+            self._phase = "idle"
+            return None
         try:
             with torch.enable_grad():
                 loss = closure()
@@ -468,6 +499,28 @@ class FSAM(torch.optim.Optimizer):
         }
         return sd
 
+    def _check_loadable(self, state_dict: dict[str, Any], fsam: dict[str, Any]) -> None:
+        """Raise ValueError if the checkpoint does not fit these parameters (nothing is changed)."""
+        saved_groups, groups = state_dict.get("param_groups", []), self.param_groups
+        if len(saved_groups) != len(groups) or any(
+            len(sg["params"]) != len(g["params"]) for sg, g in zip(saved_groups, groups)
+        ):
+            raise ValueError("load_state_dict: the checkpoint's param groups do not match this optimizer's parameters")
+        masked = [
+            p for sg, g in zip(saved_groups, groups)
+            if sg.get("perturb", True) and sg.get("fisher_mask", True) for p in g["params"]
+        ]
+        if self._shards is not None:
+            masked = self._shards.local_tensors(masked)
+        if list(fsam["masked_numel"]) != [p.numel() for p in masked]:
+            raise ValueError("load_state_dict: the masked parameters' sizes differ from the checkpoint's")
+        mask_bytes = sum(align_up(p.numel(), MASK_ALIGN_BITS) for p in masked) // 8
+        if fsam["mask"] is not None and fsam["mask"].numel() != mask_bytes:
+            raise ValueError(f"load_state_dict: the checkpoint's mask has {fsam['mask'].numel()} bytes, expected {mask_bytes}")
+        acc = fsam["fisher_accum"]
+        if acc is not None and [tuple(a.shape) for a in acc] != [tuple(p.shape) for p in masked]:
+            raise ValueError("load_state_dict: the checkpoint's Fisher accumulator does not match the masked parameters")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._require_idle("load_state_dict")
         state_dict = dict(state_dict)
@@ -476,14 +529,12 @@ class FSAM(torch.optim.Optimizer):
             raise ValueError("load_state_dict: not an FSAM state dict (no 'fsam' entry)")
         if fsam.get("version") != _STATE_VERSION:
             raise ValueError(f"load_state_dict: unsupported FSAM state version {fsam.get('version')!r}")
+        self._check_loadable(state_dict, fsam)  # before anything changes
         self.base_optimizer.load_state_dict(state_dict)
         # torch's load_state_dict replaces the groups list: share it again.
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         layout = self._current_layout()
-        numels = [layout.numel[i] for i in layout.masked_index]
-        if list(fsam["masked_numel"]) != numels:
-            raise ValueError("load_state_dict: the masked parameters' sizes differ from the checkpoint's")
         # Masks and accumulators keep their own dtypes (uint8 / fp32), never the parameters'.
         bits = fsam["mask"]
         self._bits = None if bits is None else bits.to(device=layout.device, dtype=torch.uint8).clone()

@@ -531,3 +531,18 @@ def test_kernel_backends_match_the_torch_backend(kind, backend):
     for a, b in zip(*(o.masks() for o in opts)):
         assert torch.equal(a, b)
     assert_params_close(*models)
+
+
+def test_gsam_add_param_group_validates_before_adding():
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    opt = GSAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="rho_min"):
+        opt.add_param_group({"params": list(b.parameters()), "rho_min": 5.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": list(b.parameters()), "rho_min": 0.05})
+    assert opt.param_groups[1]["lr_max"] == 0.1 and opt.param_groups[1]["rho_min"] == 0.05
+
+
+def test_sam_rejects_a_sparsity():
+    with pytest.raises(TypeError, match="sparsity"):
+        SAM(torch.nn.Linear(2, 2).parameters(), torch.optim.SGD, sparsity=0.5, lr=0.1)

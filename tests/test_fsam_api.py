@@ -1,4 +1,5 @@
 """FSAM's protocol, validation, checkpoints, memory contract and fault handling."""
+import copy
 import io
 import math
 import warnings
@@ -46,6 +47,7 @@ def assert_unchanged(model, snap):
         (dict(fisher="hessian"), ValueError, "fisher"),
         (dict(backend="cuda-magic"), ValueError, "backend"),
         (dict(eps=-1.0), ValueError, "eps"),
+        (dict(eps=0.0), ValueError, "eps"),
     ],
 )
 def test_bad_arguments_are_named(tiny_net, kwargs, exc, words):
@@ -123,6 +125,24 @@ def test_restore_is_exact_and_idempotent(tiny_net, batches):
     assert_unchanged(tiny_net, snap)
     with pytest.raises(RuntimeError, match="without a first_step"):
         opt.second_step()
+
+
+def test_closure_form_skips_a_nonfinite_step(tiny_net, batches):
+    opt = FSAM(tiny_net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    fsam_step(tiny_net, opt, batches[0])
+    snap = snapshot(tiny_net)
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in tiny_net.parameters()]
+    loss_of(tiny_net, batches[1]).backward()
+    tiny_net.fc2.bias.grad[0] = float("inf")
+    calls = []
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert opt.step(lambda: calls.append(1)) is None
+    assert calls == []  # no second pass
+    assert_unchanged(tiny_net, snap)
+    for p, m in zip(tiny_net.parameters(), momentum):
+        assert torch.equal(opt.state[p]["momentum_buffer"], m)
+    assert all(p.grad is None for p in tiny_net.parameters())
+    fsam_step(tiny_net, opt, batches[1])  # the protocol is back to idle
 
 
 def test_closure_error_restores_weights(tiny_net, batches):
@@ -263,14 +283,77 @@ def test_empirical_accumulator_survives_checkpoint(tiny_net, batches):
     assert o2.memory_stats()["fisher"] == 4 * sum(p.numel() for p in m2.parameters())
 
 
-def test_load_rejects_foreign_state(tiny_net):
-    opt = FSAM(tiny_net.parameters(), torch.optim.SGD, lr=0.1)
-    plain = torch.optim.SGD(tiny_net.parameters(), lr=0.1).state_dict()
+def test_load_rejects_foreign_state_and_changes_nothing(batches):
+    def two_layers(a, b):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(a, b, bias=False), torch.nn.Linear(b, a, bias=False))
+
+    model = two_layers(4, 6)
+    opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sparsity=0.5)
+    x = torch.randn(3, 4)
+    model(x).square().sum().backward()
+    opt.step(lambda: model(x).square().sum().backward())
+    before = copy.deepcopy(opt.state_dict())
+
+    plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
     with pytest.raises(ValueError, match="FSAM"):
         opt.load_state_dict(plain)
-    other = FSAM(torch.nn.Linear(3, 3).parameters(), torch.optim.SGD, lr=0.1).state_dict()
-    with pytest.raises(ValueError):
-        opt.load_state_dict(other)
+    # same number of tensors, different shapes (masked sizes differ) and another learning rate
+    other_model = two_layers(3, 5)
+    other = FSAM(other_model.parameters(), torch.optim.SGD, lr=0.7, momentum=0.9, sparsity=0.5)
+    other_model(torch.randn(2, 3)).sum().backward()
+    other.step(lambda: other_model(torch.randn(2, 3)).sum().backward())
+    with pytest.raises(ValueError, match="sizes differ"):
+        opt.load_state_dict(other.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"][0]["lr"] == 0.1
+    assert torch.equal(after["fsam"]["mask"], before["fsam"]["mask"])
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k]["momentum_buffer"], v["momentum_buffer"])
+
+
+def test_model_moved_to_another_dtype_after_construction(tiny_net, batches):
+    opt = FSAM(tiny_net.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.8, mask_update_interval=10, lr=0.1)
+    fsam_step(tiny_net, opt, batches[0])
+    masks = opt.masks()
+    tiny_net.to(torch.bfloat16)
+    snap = snapshot(tiny_net)
+    loss_of(tiny_net, batches[1]).backward()
+    opt.first_step(zero_grad=True)
+    assert any(not torch.equal(p, q) for p, q in zip(tiny_net.parameters(), snap))
+    opt.restore()
+    assert_unchanged(tiny_net, snap)
+    for a, b in zip(opt.masks(), masks):  # the mask is kept (no update due)
+        assert torch.equal(a, b)
+
+
+def test_non_contiguous_params_are_rejected_before_anything_moves():
+    conv = torch.nn.Conv2d(3, 4, 3)
+    opt = FSAM(conv.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.0)
+    conv.to(memory_format=torch.channels_last)
+    snap = snapshot(conv)
+    conv(torch.randn(1, 3, 5, 5)).sum().backward()
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.first_step()
+    assert_unchanged(conv, snap)
+
+
+def test_add_param_group_is_validated(tiny_net):
+    opt = FSAM([tiny_net.fc1.weight], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="complex"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))]})
+    with pytest.raises(TypeError, match="adaptive"):
+        opt.add_param_group({"params": [tiny_net.fc2.weight], "adaptive": "no"})
+    with pytest.raises(ValueError, match=r"rho in param_groups\[1\]"):
+        opt.add_param_group({"params": [tiny_net.fc2.weight], "rho": 0})
+    assert len(opt.param_groups) == 1
+
+
+def test_negative_zero_fisher_follows_the_tie_rule():
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = FSAM([w], torch.optim.SGD, fisher="empirical", sparsity=2 / 3, lr=0.1)
+    opt.update_mask(fisher=[torch.tensor([-0.0, 0.0, 0.0])])
+    assert opt.masks()[0].tolist() == [True, False, False]
 
 
 # ----------------------------------------------------------------------------- dtypes
