@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# CI without a GPU: prove that the CUDA kernels (csrc/*.cu) compile AND link, for sm_80 and sm_90
+# (+ PTX), against a CUDA build of torch, and that the resulting extension imports.
+#
+# It makes a fresh venv with torch 2.14.1 built for CUDA 13.0 (from the local package index), which
+# brings NVIDIA's CUDA pip wheels (headers and libraries); nvcc comes from CUDA_HOME (default
+# /usr/local/cuda, a minimal toolkit). The sources are built in a temporary copy of the tree, so the
+# working tree's own (CPU) build is left alone, and everything is deleted at the end: nothing is
+# cached between runs. FSAM_FORCE_CUDA=1 makes any compile or link error fatal: a .cu that does not
+# compile fails this script.
+#
+# Knobs: FSAM_CUDA_VENV (reuse this venv instead, e.g. /tmp/fsam-cuda-venv, for quick local
+# iterations), FSAM_CUDA_TORCH_SPEC (default torch==2.14.1), TORCH_CUDA_ARCH_LIST (default
+# "8.0;9.0+PTX"), MAX_JOBS (default 2), CUDA_HOME.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+WORK=$(mktemp -d /tmp/fsam-cuda-build.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+VENV=${FSAM_CUDA_VENV:-$WORK/venv}
+TORCH_SPEC=${FSAM_CUDA_TORCH_SPEC:-torch==2.14.1}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
+export MAX_JOBS=${MAX_JOBS:-2}
+export FSAM_FORCE_CUDA=1
+unset FSAM_NO_CUDA FSAM_NO_NATIVE
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+. "$VENV/bin/activate"
+python -m pip install -q "$TORCH_SPEC" setuptools wheel ninja
+echo "cuda-build-check: venv ready in $(( $(date +%s) - start )) s"
+
+# Headers and libraries of NVIDIA's pip wheels (cusparse, cublas, ... are not in the minimal toolkit).
+NV_ROOT=$(python -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))")
+export CPATH="$NV_ROOT/include${CPATH:+:$CPATH}"
+export LIBRARY_PATH="$NV_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+python -c "import torch; assert torch.version.cuda, 'torch is not a CUDA build'; print('cuda-build-check: torch', torch.__version__, 'CUDA', torch.version.cuda)"
+"$CUDA_HOME/bin/nvcc" --version | tail -1
+
+mkdir "$WORK/src"
+cp -r setup.py pyproject.toml README.md MANIFEST.in csrc fsam_kernels "$WORK/src/"
+find "$WORK/src/fsam_kernels" -name '*.so' -delete
+cd "$WORK/src"
+build_start=$(date +%s)
+python setup.py -q build_ext --inplace
+echo "cuda-build-check: compiled and linked in $(( $(date +%s) - build_start )) s"
+
+python - <<'PY'
+import torch
+import fsam_kernels._C as C
+
+assert C.with_cuda == 1, "the extension was built without its CUDA kernels"
+for op in ("fisher_accumulate", "select_mask", "mask_block_prefix", "grad_norm", "masked_perturb", "masked_restore"):
+    getattr(torch.ops.fsam_kernels, op)
+print(f"cuda-build-check: fsam_kernels._C imports ({C.cuda_build}, archs {C.cuda_archs.replace('/', ';')}, "
+      f"torch {C.torch_version}; torch.cuda.is_available()={torch.cuda.is_available()})")
+PY
+echo "cuda-build-check: OK in $(( $(date +%s) - start )) s"

@@ -1,0 +1,160 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace fsam {
+
+bool is_kernel_float(at::ScalarType t, bool allow_double) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || (allow_double && t == at::kDouble);
+}
+
+namespace {
+
+std::string dtypes_expected(bool allow_double) {
+  return allow_double ? "float32, float16, bfloat16 or float64" : "float32, float16 or bfloat16";
+}
+
+void check_on(const char* op, const char* arg, int64_t i, const at::Tensor& t, const at::Device& dev) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", arg, "[", i, "] is undefined");
+  TORCH_CHECK_VALUE(t.device() == dev, op, ": expected ", arg, "[", i, "] on ", dev, ", got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", arg, "[", i, "] to be contiguous");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": expected ", arg, "[", i, "] to be a dense (strided) tensor");
+}
+
+void check_float(const char* op, const char* arg, int64_t i, const at::Tensor& t, bool allow_double) {
+  TORCH_CHECK_TYPE(is_kernel_float(t.scalar_type(), allow_double), op, ": expected ", arg, "[", i, "] of dtype ",
+                   dtypes_expected(allow_double), ", got ", t.scalar_type());
+}
+
+void check_offsets(const char* op, at::IntArrayRef bit_offsets, at::TensorList tensors, int64_t mask_bits,
+                   bool allow_dense) {
+  TORCH_CHECK_VALUE(bit_offsets.size() == tensors.size(), op, ": expected one bit offset per tensor (",
+                    tensors.size(), "), got ", bit_offsets.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t o = bit_offsets[i];
+    if (allow_dense && o == -1) continue;
+    TORCH_CHECK_VALUE(o >= 0 && o % kMaskAlignBits == 0, op, ": expected bit_offsets[", i,
+                      "] to be a non-negative multiple of ", kMaskAlignBits, allow_dense ? " (or -1 for a dense tensor)" : "",
+                      ", got ", o);
+    TORCH_CHECK_VALUE(o + tensors[i].numel() <= mask_bits, op, ": bit_offsets[", i, "] + numel = ",
+                      o + tensors[i].numel(), " exceeds the mask's ", mask_bits, " bits");
+  }
+}
+
+}  // namespace
+
+void validate_fisher_accumulate(const char* op, at::TensorList accum, at::TensorList grads, bool allow_double) {
+  TORCH_CHECK_VALUE(accum.size() == grads.size(), op, ": expected as many grads as accumulators, got ", grads.size(),
+                    " and ", accum.size());
+  if (accum.empty()) return;
+  const at::Device dev = accum[0].device();
+  for (size_t i = 0; i < accum.size(); ++i) {
+    check_on(op, "accum", i, accum[i], dev);
+    check_on(op, "grads", i, grads[i], dev);
+    TORCH_CHECK_TYPE(accum[i].scalar_type() == at::kFloat, op, ": expected accum[", i, "] of dtype float32, got ",
+                     accum[i].scalar_type());
+    check_float(op, "grads", i, grads[i], allow_double);
+    TORCH_CHECK_VALUE(accum[i].numel() == grads[i].numel(), op, ": grads[", i, "] has ", grads[i].numel(),
+                      " elements, accum[", i, "] has ", accum[i].numel());
+  }
+}
+
+int64_t validate_select_mask(const char* op, at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes,
+                             int64_t k, bool allow_double) {
+  TORCH_CHECK_VALUE(mask_bytes >= 0 && mask_bytes % kMaskAlignBytes == 0, op, ": expected mask_bytes to be a multiple of ",
+                    kMaskAlignBytes, ", got ", mask_bytes);
+  int64_t n = 0;
+  if (!scores.empty()) {
+    const at::Device dev = scores[0].device();
+    for (size_t i = 0; i < scores.size(); ++i) {
+      check_on(op, "scores", i, scores[i], dev);
+      check_float(op, "scores", i, scores[i], allow_double);
+      n += scores[i].numel();
+    }
+  }
+  check_offsets(op, bit_offsets, scores, mask_bytes * 8, /*allow_dense=*/false);
+  TORCH_CHECK_VALUE(k >= 0 && k <= n, op, ": expected 0 <= k <= ", n, ", got k=", k);
+  return n;
+}
+
+void validate_mask_bits(const char* op, const at::Tensor& bits) {
+  TORCH_CHECK_VALUE(bits.defined(), op, ": bits is undefined");
+  TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, op, ": expected bits of dtype uint8, got ", bits.scalar_type());
+  TORCH_CHECK_VALUE(bits.dim() == 1 && bits.is_contiguous(), op, ": expected bits to be a contiguous 1-D tensor, got shape ",
+                    bits.sizes());
+  TORCH_CHECK_VALUE(bits.numel() % kMaskAlignBytes == 0, op, ": expected bits to hold a multiple of ", kMaskAlignBytes,
+                    " bytes, got ", bits.numel());
+}
+
+void validate_grad_norm(const char* op, at::TensorList params, at::TensorList grads, size_t n_adaptive,
+                        bool allow_double) {
+  TORCH_CHECK_VALUE(params.size() == grads.size() && params.size() == n_adaptive, op,
+                    ": expected params, grads and adaptive of the same length, got ", params.size(), ", ", grads.size(),
+                    " and ", n_adaptive);
+  if (params.empty()) return;
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_on(op, "params", i, params[i], dev);
+    check_on(op, "grads", i, grads[i], dev);
+    check_float(op, "params", i, params[i], allow_double);
+    check_float(op, "grads", i, grads[i], allow_double);
+    TORCH_CHECK_VALUE(params[i].numel() == grads[i].numel(), op, ": grads[", i, "] has ", grads[i].numel(),
+                      " elements, params[", i, "] has ", params[i].numel());
+  }
+}
+
+void validate_perturb_restore(const char* op, at::TensorList params, at::TensorList grads, at::TensorList saved,
+                              const at::Tensor& bits, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
+                              size_t n_rho, size_t n_adaptive, const at::Tensor& norm, bool allow_double) {
+  const bool with_grads = !grads.empty() || params.empty();
+  TORCH_CHECK_VALUE(saved.size() == params.size() && (!with_grads || grads.size() == params.size()), op,
+                    ": expected params, ", with_grads ? "grads and " : "", "saved of the same length, got ",
+                    params.size(), with_grads ? ", " + std::to_string(grads.size()) : std::string(), " and ", saved.size());
+  TORCH_CHECK_VALUE(n_rho == params.size() && n_adaptive == params.size(), op,
+                    ": expected one rho and one adaptive flag per parameter (", params.size(), "), got ", n_rho, " and ",
+                    n_adaptive);
+  validate_mask_bits(op, bits);
+  TORCH_CHECK_TYPE(block_prefix.scalar_type() == at::kLong, op, ": expected block_prefix of dtype int64, got ",
+                   block_prefix.scalar_type());
+  TORCH_CHECK_VALUE(block_prefix.dim() == 1 && block_prefix.is_contiguous() &&
+                        block_prefix.numel() == bits.numel() / kMaskAlignBytes + 1,
+                    op, ": expected block_prefix to be a contiguous 1-D tensor of ", bits.numel() / kMaskAlignBytes + 1,
+                    " counts (mask_block_prefix(bits)), got shape ", block_prefix.sizes());
+  TORCH_CHECK_VALUE(norm.defined() && norm.dim() == 0 && norm.scalar_type() == at::kFloat, op,
+                    ": expected norm to be a 0-dim float32 tensor, got ",
+                    norm.defined() ? c10::str(norm.scalar_type(), norm.sizes()) : std::string("undefined"));
+  check_offsets(op, bit_offsets, params, bits.numel() * 8, /*allow_dense=*/true);
+  if (params.empty()) return;
+  const at::Device dev = params[0].device();
+  TORCH_CHECK_VALUE(bits.device() == dev, op, ": expected bits on ", dev, ", got ", bits.device());
+  TORCH_CHECK_VALUE(block_prefix.device() == dev, op, ": expected block_prefix on ", dev, ", got ", block_prefix.device());
+  TORCH_CHECK_VALUE(norm.device() == dev, op, ": expected norm on ", dev, ", got ", norm.device());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_on(op, "params", i, params[i], dev);
+    check_float(op, "params", i, params[i], allow_double);
+    check_on(op, "saved", i, saved[i], dev);
+    TORCH_CHECK_TYPE(saved[i].scalar_type() == params[i].scalar_type(), op, ": expected saved[", i, "] of dtype ",
+                     params[i].scalar_type(), " (the parameter's), got ", saved[i].scalar_type());
+    if (bit_offsets[i] == -1) {
+      TORCH_CHECK_VALUE(saved[i].numel() == params[i].numel(), op, ": saved[", i, "] of a dense tensor must have ",
+                        params[i].numel(), " elements, got ", saved[i].numel());
+    }
+    if (with_grads) {
+      check_on(op, "grads", i, grads[i], dev);
+      check_float(op, "grads", i, grads[i], allow_double);
+      TORCH_CHECK_VALUE(params[i].numel() == grads[i].numel(), op, ": grads[", i, "] has ", grads[i].numel(),
+                        " elements, params[", i, "] has ", params[i].numel());
+    }
+  }
+}
+
+int64_t masked_count_cpu(const at::Tensor& block_prefix, int64_t bit_offset, int64_t numel) {
+  const int64_t* p = block_prefix.data_ptr<int64_t>();
+  const int64_t first = bit_offset / kMaskAlignBits;
+  const int64_t last = (bit_offset + numel + kMaskAlignBits - 1) / kMaskAlignBits;
+  return p[last] - p[first];
+}
+
+}  // namespace fsam

@@ -1,0 +1,42 @@
+// Input validation shared by the CPU and CUDA implementations of every op.
+//
+// Each validator raises ValueError / TypeError (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) with a message
+// that names the op and the argument, e.g. "fsam_kernels::masked_perturb: expected grads[3] on cuda:0,
+// got cpu". The kernels assume everything checked here.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+
+namespace fsam {
+
+// Packed-mask geometry, mirrored from fsam_kernels/layout.py (MASK_ALIGN_BITS).
+constexpr int64_t kMaskAlignBits = 512;
+constexpr int64_t kMaskAlignBytes = kMaskAlignBits / 8;
+
+// Whether scalar type `t` is one the kernels read or write (fp32, fp16, bf16; fp64 on the CPU only).
+bool is_kernel_float(at::ScalarType t, bool allow_double);
+
+// Returns the number of masked elements N (sum of numels).
+int64_t validate_select_mask(const char* op, at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes,
+                             int64_t k, bool allow_double);
+
+void validate_fisher_accumulate(const char* op, at::TensorList accum, at::TensorList grads, bool allow_double);
+
+void validate_mask_bits(const char* op, const at::Tensor& bits);
+
+void validate_grad_norm(const char* op, at::TensorList params, at::TensorList grads, size_t n_adaptive,
+                        bool allow_double);
+
+// Shared by masked_perturb and masked_restore. `grads` may be empty (restore).
+void validate_perturb_restore(const char* op, at::TensorList params, at::TensorList grads, at::TensorList saved,
+                              const at::Tensor& bits, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
+                              size_t n_rho, size_t n_adaptive, const at::Tensor& norm, bool allow_double);
+
+// Elements of the masked tensor whose bits start at `bit_offset` that are set in the mask, from the
+// per-block prefix counts (see mask_block_prefix). Host-side; block_prefix must be on the CPU.
+int64_t masked_count_cpu(const at::Tensor& block_prefix, int64_t bit_offset, int64_t numel);
+
+}  // namespace fsam

@@ -1,0 +1,142 @@
+// Global top-k mask on the CPU: exact radix select over the selection keys (11 + 11 + 10 bits, one
+// histogram pass each), then one pass that counts the keys equal to the threshold per chunk (their
+// global order decides ties) and one that writes the packed bits. No copy of the scores is made.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <array>
+#include <mutex>
+
+#include "checks.h"
+#include "cpu_common.h"
+
+namespace fsam {
+namespace cpu {
+namespace {
+
+constexpr const char* kSelectOp = "fsam_kernels::select_mask";
+
+// Calls f(i, key) for every element i of chunk `ch` of `scores`.
+template <typename F>
+void for_each_key(at::TensorList scores, bool square, const Chunk& ch, const F& f) {
+  dispatch_float(scores[ch.t].scalar_type(), kSelectOp, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* s = static_cast<const T*>(scores[ch.t].data_ptr());
+    if (square) {
+      for (int64_t i = ch.begin; i < ch.end; ++i) f(i, select_key<true>(s[i]));
+    } else {
+      for (int64_t i = ch.begin; i < ch.end; ++i) f(i, select_key<false>(s[i]));
+    }
+  });
+}
+
+struct RadixPass {
+  int shift;
+  int width;
+};
+constexpr std::array<RadixPass, 3> kPasses = {{{21, 11}, {10, 11}, {0, 10}}};
+
+at::Tensor select_mask_cpu(at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t k,
+                           bool square) {
+  const int64_t n = validate_select_mask(kSelectOp, scores, bit_offsets, mask_bytes, k, /*allow_double=*/true);
+  at::Tensor bits = at::zeros({mask_bytes}, at::TensorOptions().dtype(at::kByte));
+  if (k == 0) return bits;
+  uint8_t* out = bits.data_ptr<uint8_t>();
+  const auto chunks = make_chunks(scores);
+  auto set_bit = [&](const Chunk& ch, int64_t i) {
+    const int64_t b = bit_offsets[ch.t] + i;
+    out[b >> 3] |= static_cast<uint8_t>(1u << (b & 7));  // chunks own whole bytes: no race
+  };
+  if (k == n) {
+    for_each_chunk(chunks, [&](int64_t c) {
+      for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) set_bit(chunks[c], i);
+    });
+    return bits;
+  }
+
+  // Radix select: after the passes, `prefix` is the k-th largest key and `remaining` the number of
+  // keys equal to it that belong to the top k.
+  uint32_t prefix = 0, prefix_mask = 0;
+  int64_t remaining = k;
+  for (const RadixPass& pass : kPasses) {
+    const int64_t n_bins = int64_t{1} << pass.width;
+    const uint32_t digit_mask = static_cast<uint32_t>(n_bins - 1);
+    std::vector<int64_t> hist(n_bins, 0);
+    std::mutex merge;
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+      std::vector<int64_t> local(n_bins, 0);
+      for (int64_t c = b; c < e; ++c) {
+        for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) {
+          if ((u & prefix_mask) == prefix) ++local[(u >> pass.shift) & digit_mask];
+        });
+      }
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t d = 0; d < n_bins; ++d) hist[d] += local[d];
+    });
+    int64_t above = 0, d = n_bins - 1;
+    for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
+    remaining -= above;
+    prefix |= static_cast<uint32_t>(d) << pass.shift;
+    prefix_mask |= digit_mask << pass.shift;
+  }
+  const uint32_t threshold = prefix;
+  const int64_t need = remaining;
+
+  // Ties at the threshold go to the lowest global bit indices: count them per chunk (chunks are in
+  // global order), then each chunk knows how many earlier ties were taken.
+  std::vector<int64_t> ties_before(chunks.size() + 1, 0);
+  for_each_chunk(chunks, [&](int64_t c) {
+    int64_t count = 0;
+    for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) { count += (u == threshold); });
+    ties_before[c + 1] = count;
+  });
+  for (size_t c = 0; c < chunks.size(); ++c) ties_before[c + 1] += ties_before[c];
+
+  for_each_chunk(chunks, [&](int64_t c) {
+    int64_t rank = ties_before[c];
+    if (rank >= need) {  // no tie of this chunk is taken
+      for_each_key(scores, square, chunks[c], [&](int64_t i, uint32_t u) {
+        if (u > threshold) set_bit(chunks[c], i);
+      });
+      return;
+    }
+    for_each_key(scores, square, chunks[c], [&](int64_t i, uint32_t u) {
+      if (u > threshold || (u == threshold && rank++ < need)) set_bit(chunks[c], i);
+    });
+  });
+  return bits;
+}
+
+at::Tensor mask_block_prefix_cpu(const at::Tensor& bits) {
+  validate_mask_bits("fsam_kernels::mask_block_prefix", bits);
+  const int64_t n_blocks = bits.numel() / kMaskAlignBytes;
+  at::Tensor prefix = at::empty({n_blocks + 1}, bits.options().dtype(at::kLong));
+  const uint8_t* b = bits.data_ptr<uint8_t>();
+  int64_t* p = prefix.data_ptr<int64_t>();
+  // Popcounts in parallel, then a sequential scan over the (64x smaller) block array.
+  at::parallel_for(0, n_blocks, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      int64_t count = 0;
+      for (int64_t w = 0; w < kMaskAlignBytes / 8; ++w) {
+        uint64_t word;
+        std::memcpy(&word, b + blk * kMaskAlignBytes + w * 8, sizeof(word));
+        count += __builtin_popcountll(word);
+      }
+      p[blk + 1] = count;
+    }
+  });
+  p[0] = 0;
+  for (int64_t blk = 0; blk < n_blocks; ++blk) p[blk + 1] += p[blk];
+  return prefix;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam_kernels, CPU, m) {
+  m.impl("select_mask", &select_mask_cpu);
+  m.impl("mask_block_prefix", &mask_block_prefix_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fsam

@@ -1,0 +1,335 @@
+// Global top-k mask on CUDA, sync-free: an exact radix select over the selection keys.
+//
+//   3 x (histogram pass + pick):  11 + 11 + 10 bits of the key. Each block histograms its units in
+//        shared memory with warp-aggregated atomics (lanes holding the same digit add once: Fisher
+//        scores are full of repeated values, zeros above all), then flushes the non-zero bins to a
+//        global histogram. A one-block pick kernel finds the bin holding the k-th largest key and
+//        narrows the prefix; all of it stays on the device (no host synchronisation).
+//   tie count: keys equal to the threshold per unit, exclusive-scanned with cub, so each unit knows
+//        how many ties come before it in the global order (the tie rule: lowest bit index first).
+//   write: each warp ballots 32 keys into one 32-bit word of the packed mask.
+// The mask must equal the reference's bit for bit, ties, all-zero scores and k = N included
+// (tests/test_native_gpu.py); the CPU version in mask_cpu.cpp is the same algorithm.
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_scan.cuh>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda_common.cuh"
+
+namespace fsam {
+namespace cuda {
+namespace {
+
+constexpr const char* kSelectOp = "fsam_kernels::select_mask";
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kUnit = kThreads * 8;      // elements per unit (a multiple of the 512-bit mask block)
+constexpr int kMaxBins = 2048;
+
+struct KeyInfo {
+  const void* scores;
+  int64_t numel;
+  int64_t unit_start;
+  int64_t bit_offset;
+  int32_t dtype;
+  int32_t vectorized;
+};
+
+// Radix-select progress: keys matching `prefix` under `prefix_mask` are still candidates; `remaining`
+// of them belong to the top k. After the last pass prefix is the threshold key and remaining the
+// number of ties at the threshold that are taken.
+struct SelectState {
+  uint32_t prefix;
+  uint32_t prefix_mask;
+  long long remaining;
+};
+
+// Keys of elements i .. i+7 of a tensor (valid[j] false past its end).
+template <bool kSquare>
+__device__ __forceinline__ void load_keys8(const KeyInfo& info, int64_t i, uint32_t (&keys)[8], bool (&valid)[8]) {
+  float v[8];
+  dispatch_dtype(info.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* s = static_cast<const T*>(info.scores);
+    if (info.vectorized && i + 8 <= info.numel) {
+      load8(s + i, v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = i + j < info.numel ? static_cast<float>(s[i + j]) : 0.f;
+    }
+  });
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    valid[j] = i + j < info.numel;
+    keys[j] = select_key<kSquare>(v[j]);
+  }
+}
+
+template <bool kSquare>
+__device__ __forceinline__ uint32_t load_key(const KeyInfo& info, int64_t e) {
+  float v = 0.f;
+  dispatch_dtype(info.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    v = static_cast<float>(static_cast<const T*>(info.scores)[e]);
+  });
+  return select_key<kSquare>(v);
+}
+
+__global__ void init_state_kernel(SelectState* state, uint32_t prefix, uint32_t prefix_mask, long long remaining) {
+  state->prefix = prefix;
+  state->prefix_mask = prefix_mask;
+  state->remaining = remaining;
+}
+
+template <bool kSquare>
+__global__ void __launch_bounds__(kThreads) radix_hist_kernel(const KeyInfo* infos, int n_tensors, int64_t n_units,
+                                                               const SelectState* state, unsigned long long* hist,
+                                                               int shift, int width) {
+  __shared__ uint32_t bins[kMaxBins];
+  const int n_bins = 1 << width;
+  for (int d = threadIdx.x; d < n_bins; d += kThreads) bins[d] = 0;
+  __syncthreads();
+  const uint32_t prefix = state->prefix, prefix_mask = state->prefix_mask;
+  const uint32_t digit_mask = static_cast<uint32_t>(n_bins - 1);
+  const int lane = threadIdx.x & 31;
+  for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
+    const KeyInfo info = infos[find_tensor(infos, n_tensors, u)];
+    const int64_t i = (u - info.unit_start) * kUnit + threadIdx.x * 8;
+    uint32_t keys[8];
+    bool valid[8];
+    load_keys8<kSquare>(info, i, keys, valid);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const bool take = valid[j] && (keys[j] & prefix_mask) == prefix;
+      const uint32_t digit = (keys[j] >> shift) & digit_mask;
+      const unsigned active = __ballot_sync(0xffffffffu, take);
+      if (take) {
+        // Warp-aggregated atomic: one shared-memory add per distinct digit in the warp.
+        const unsigned peers = __match_any_sync(active, digit);
+        if (lane == __ffs(peers) - 1) atomicAdd(&bins[digit], static_cast<uint32_t>(__popc(peers)));
+      }
+    }
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < n_bins; d += kThreads) {
+    if (bins[d] != 0) atomicAdd(&hist[d], static_cast<unsigned long long>(bins[d]));
+  }
+}
+
+// One block: find the bin (from the top) where the running count reaches `remaining`, narrow the
+// state to it, and clear the histogram for the next pass.
+__global__ void __launch_bounds__(kThreads) radix_pick_kernel(unsigned long long* hist, SelectState* state, int shift,
+                                                               int width) {
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int n_bins = 1 << width;
+  const int per_thread = n_bins / kThreads;  // 8 or 4; thread t owns bins top - t*per_thread - j
+  const long long remaining = state->remaining;
+  unsigned long long counts[kMaxBins / kThreads];
+  unsigned long long sum = 0;
+  for (int j = 0; j < per_thread; ++j) {
+    const int d = n_bins - 1 - (threadIdx.x * per_thread + j);
+    counts[j] = hist[d];
+    hist[d] = 0;
+    sum += counts[j];
+  }
+  unsigned long long before = 0;
+  Scan(scan_storage).ExclusiveSum(sum, before);
+  __syncthreads();  // every thread has read the state before the owner rewrites it
+  const unsigned long long want = static_cast<unsigned long long>(remaining);
+  if (before < want && want <= before + sum) {
+    unsigned long long acc = before;
+    for (int j = 0; j < per_thread; ++j) {
+      if (acc + counts[j] >= want) {
+        const uint32_t d = static_cast<uint32_t>(n_bins - 1 - (threadIdx.x * per_thread + j));
+        state->prefix |= d << shift;
+        state->prefix_mask |= static_cast<uint32_t>(n_bins - 1) << shift;
+        state->remaining = remaining - static_cast<long long>(acc);
+        break;
+      }
+      acc += counts[j];
+    }
+  }
+}
+
+template <bool kSquare>
+__global__ void __launch_bounds__(kThreads) tie_count_kernel(const KeyInfo* infos, int n_tensors, int64_t n_units,
+                                                              const SelectState* state, long long* ties) {
+  using Reduce = cub::BlockReduce<int, kThreads>;
+  __shared__ typename Reduce::TempStorage reduce_storage;
+  const uint32_t threshold = state->prefix;
+  for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
+    const KeyInfo info = infos[find_tensor(infos, n_tensors, u)];
+    const int64_t i = (u - info.unit_start) * kUnit + threadIdx.x * 8;
+    uint32_t keys[8];
+    bool valid[8];
+    load_keys8<kSquare>(info, i, keys, valid);
+    int count = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) count += valid[j] && keys[j] == threshold;
+    const int total = Reduce(reduce_storage).Sum(count);
+    if (threadIdx.x == 0) ties[u] = total;
+    __syncthreads();  // reduce_storage is reused by the next unit
+  }
+}
+
+// Warp w of a block writes elements [w*256, (w+1)*256) of the unit: 8 words of 32 bits, in order.
+template <bool kSquare>
+__global__ void __launch_bounds__(kThreads) write_mask_kernel(const KeyInfo* infos, int n_tensors, int64_t n_units,
+                                                               const SelectState* state, const long long* ties_before,
+                                                               uint8_t* bits) {
+  constexpr int kWords = kUnit / kWarps / 32;
+  __shared__ long long warp_ties[kWarps];
+  const uint32_t threshold = state->prefix;
+  const long long need = state->remaining;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const unsigned below = lanemask_lt();
+  for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
+    const KeyInfo info = infos[find_tensor(infos, n_tensors, u)];
+    const int64_t base = (u - info.unit_start) * kUnit + warp * (kUnit / kWarps);
+    uint32_t keys[kWords];
+    int my_ties = 0;
+#pragma unroll
+    for (int s = 0; s < kWords; ++s) {
+      const int64_t e = base + s * 32 + lane;
+      keys[s] = e < info.numel ? load_key<kSquare>(info, e) : 0u;
+      my_ties += __popc(__ballot_sync(0xffffffffu, e < info.numel && keys[s] == threshold));
+    }
+    if (lane == 0) warp_ties[warp] = my_ties;
+    __syncthreads();
+    long long rank = ties_before[u];
+    for (int w = 0; w < warp; ++w) rank += warp_ties[w];
+#pragma unroll
+    for (int s = 0; s < kWords; ++s) {
+      const int64_t first = base + s * 32;
+      const bool valid = first + lane < info.numel;
+      const unsigned tie = __ballot_sync(0xffffffffu, valid && keys[s] == threshold);
+      const bool take = valid && (keys[s] > threshold ||
+                                  (keys[s] == threshold && rank + __popc(tie & below) < need));
+      const unsigned word = __ballot_sync(0xffffffffu, take);
+      // Words past the tensor's end belong to its zero padding or to the next tensor: never written.
+      if (lane == 0 && first < info.numel) {
+        *reinterpret_cast<uint32_t*>(bits + (info.bit_offset + first) / 8) = word;
+      }
+      rank += __popc(tie);
+    }
+    __syncthreads();  // warp_ties is reused by the next unit
+  }
+}
+
+template <bool kSquare>
+void launch_select(const KeyInfo* infos, int n_tensors, int64_t units, int64_t n, int64_t k, SelectState* state,
+                   uint8_t* bits, const at::TensorOptions& opts) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int grid = grid_for(units);
+  at::Tensor ties_before;
+  if (k == n) {  // threshold: the smallest possible key; every element is a taken "tie"
+    init_state_kernel<<<1, 1, 0, stream>>>(state, 0u, 0xffffffffu, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ties_before = at::zeros({units}, opts.dtype(at::kLong));
+  } else {
+    init_state_kernel<<<1, 1, 0, stream>>>(state, 0u, 0u, k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor hist = at::zeros({kMaxBins}, opts.dtype(at::kLong));
+    auto* h = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
+    const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
+    for (int p = 0; p < 3; ++p) {
+      radix_hist_kernel<kSquare><<<grid, kThreads, 0, stream>>>(infos, n_tensors, units, state, h, shifts[p], widths[p]);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      radix_pick_kernel<<<1, kThreads, 0, stream>>>(h, state, shifts[p], widths[p]);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    at::Tensor ties = at::empty({units}, opts.dtype(at::kLong));
+    auto* t = reinterpret_cast<long long*>(ties.data_ptr<int64_t>());
+    tie_count_kernel<kSquare><<<grid, kThreads, 0, stream>>>(infos, n_tensors, units, state, t);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ties_before = at::empty({units}, opts.dtype(at::kLong));
+    auto* out = reinterpret_cast<long long*>(ties_before.data_ptr<int64_t>());
+    size_t temp_bytes = 0;
+    C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, t, out, units, stream));
+    at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, opts.dtype(at::kByte));
+    C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.data_ptr(), temp_bytes, t, out, units, stream));
+  }
+  write_mask_kernel<kSquare><<<grid, kThreads, 0, stream>>>(
+      infos, n_tensors, units, state, reinterpret_cast<const long long*>(ties_before.data_ptr<int64_t>()), bits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor select_mask_cuda(at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t k,
+                            bool square) {
+  const int64_t n = validate_select_mask(kSelectOp, scores, bit_offsets, mask_bytes, k, /*allow_double=*/false);
+  TORCH_CHECK_VALUE(!scores.empty(), kSelectOp, ": expected at least one scores tensor");
+  const at::Device device = scores[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto opts = at::TensorOptions().device(device);
+  at::Tensor bits = at::zeros({mask_bytes}, opts.dtype(at::kByte));
+  if (k == 0) return bits;
+  std::vector<KeyInfo> infos;
+  int64_t units = 0;
+  for (size_t t = 0; t < scores.size(); ++t) {
+    const int64_t numel = scores[t].numel();
+    if (numel == 0) continue;
+    const void* p = scores[t].data_ptr();
+    infos.push_back({p, numel, units, bit_offsets[t], dtype_code(scores[t].scalar_type()), aligned16(p)});
+    units += (numel + kUnit - 1) / kUnit;
+  }
+  const at::Tensor table = upload_table(infos, device);
+  at::Tensor state = at::empty({static_cast<int64_t>(sizeof(SelectState))}, opts.dtype(at::kByte));
+  auto* st = reinterpret_cast<SelectState*>(state.data_ptr<uint8_t>());
+  const auto* info_ptr = table_ptr<KeyInfo>(table);
+  const int count = static_cast<int>(infos.size());
+  if (square) {
+    launch_select<true>(info_ptr, count, units, n, k, st, bits.data_ptr<uint8_t>(), opts);
+  } else {
+    launch_select<false>(info_ptr, count, units, n, k, st, bits.data_ptr<uint8_t>(), opts);
+  }
+  return bits;
+}
+
+__global__ void block_popcount_kernel(const uint8_t* bits, int64_t n_blocks, long long* counts) {
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < n_blocks;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint4* p = reinterpret_cast<const uint4*>(bits + b * kMaskAlignBytes);
+    int c = 0;
+#pragma unroll
+    for (int j = 0; j < static_cast<int>(kMaskAlignBytes / 16); ++j) {
+      const uint4 v = p[j];
+      c += __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w);
+    }
+    counts[b] = c;
+  }
+}
+
+at::Tensor mask_block_prefix_cuda(const at::Tensor& bits_in) {
+  validate_mask_bits("fsam_kernels::mask_block_prefix", bits_in);
+  const c10::cuda::CUDAGuard guard(bits_in.device());
+  const at::Tensor bits = aligned16(bits_in.data_ptr()) ? bits_in : bits_in.clone();
+  const int64_t n_blocks = bits.numel() / kMaskAlignBytes;
+  at::Tensor prefix = at::zeros({n_blocks + 1}, bits.options().dtype(at::kLong));
+  if (n_blocks == 0) return prefix;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor counts = at::empty({n_blocks}, bits.options().dtype(at::kLong));
+  auto* c = reinterpret_cast<long long*>(counts.data_ptr<int64_t>());
+  block_popcount_kernel<<<grid_for((n_blocks + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      bits.data_ptr<uint8_t>(), n_blocks, c);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto* out = reinterpret_cast<long long*>(prefix.data_ptr<int64_t>()) + 1;
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, temp_bytes, c, out, n_blocks, stream));
+  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, bits.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.data_ptr(), temp_bytes, c, out, n_blocks, stream));
+  return prefix;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam_kernels, CUDA, m) {
+  m.impl("select_mask", &select_mask_cuda);
+  m.impl("mask_block_prefix", &mask_block_prefix_cuda);
+}
+
+}  // namespace cuda
+}  // namespace fsam

@@ -1,0 +1,265 @@
+// Gradient norm, masked perturbation and exact restore on CUDA, each over the whole tensor list.
+//
+// grad_norm: per-block partial sums of squares, then one block adds them in fp64 and takes the root:
+// deterministic and without host synchronisation.
+// perturb / restore: one warp per 512-element mask block. The block's first compact saved position is
+// read from the per-block prefix counts; inside the block, the rank of an element among the set bits
+// is a popcount of the mask word below its lane. Both read the norm on the device and do nothing when
+// it is not finite. Arithmetic uses __fmul_rn / __fadd_rn / __fdiv_rn: the reference's roundings.
+#include <cub/block/block_reduce.cuh>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda_common.cuh"
+
+namespace fsam {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+// ------------------------------------------------------------------------------------- grad norm
+constexpr int64_t kNormUnit = kThreads * 8;
+
+struct NormInfo {
+  const void* param;
+  const void* grad;
+  int64_t numel;
+  int64_t unit_start;
+  int32_t param_dtype;
+  int32_t grad_dtype;
+  int32_t adaptive;
+  int32_t vectorized;
+};
+
+template <typename T>
+__device__ __forceinline__ void load8_any(const T* p, int64_t i, int64_t numel, bool vectorized, float (&v)[8]) {
+  if (vectorized && i + 8 <= numel) {
+    load8(p + i, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = i + j < numel ? static_cast<float>(p[i + j]) : 0.f;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) grad_norm_partial_kernel(const NormInfo* infos, int n_tensors,
+                                                                      int64_t n_units, float* partial) {
+  using Reduce = cub::BlockReduce<float, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  float acc = 0.f;
+  for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
+    const NormInfo info = infos[find_tensor(infos, n_tensors, u)];
+    const int64_t i = (u - info.unit_start) * kNormUnit + threadIdx.x * 8;
+    if (i >= info.numel) continue;
+    float g[8];
+    dispatch_dtype(info.grad_dtype, [&](auto* tag) {
+      using G = std::remove_pointer_t<decltype(tag)>;
+      load8_any(static_cast<const G*>(info.grad), i, info.numel, info.vectorized, g);
+    });
+    if (info.adaptive) {
+      float w[8];
+      dispatch_dtype(info.param_dtype, [&](auto* tag) {
+        using W = std::remove_pointer_t<decltype(tag)>;
+        load8_any(static_cast<const W*>(info.param), i, info.numel, info.vectorized, w);
+      });
+#pragma unroll
+      for (int j = 0; j < 8; ++j) g[j] = __fmul_rn(fabsf(w[j]), g[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc = __fmaf_rn(g[j], g[j], acc);  // order is free here; fma is more accurate
+  }
+  const float total = Reduce(storage).Sum(acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+__global__ void __launch_bounds__(kThreads) grad_norm_final_kernel(const float* partial, int n, float* out) {
+  using Reduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < n; i += kThreads) acc += partial[i];
+  const double total = Reduce(storage).Sum(acc);
+  if (threadIdx.x == 0) *out = static_cast<float>(sqrt(total));
+}
+
+at::Tensor grad_norm_cuda(at::TensorList params, at::TensorList grads, c10::List<bool> adaptive) {
+  validate_grad_norm("fsam_kernels::grad_norm", params, grads, adaptive.size(), /*allow_double=*/false);
+  TORCH_CHECK_VALUE(!params.empty(), "fsam_kernels::grad_norm: expected at least one parameter");
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto opts = at::TensorOptions().device(device);
+  std::vector<NormInfo> infos;
+  int64_t units = 0;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const int64_t n = params[t].numel();
+    if (n == 0) continue;
+    const void* w = params[t].data_ptr();
+    const void* g = grads[t].data_ptr();
+    infos.push_back({w, g, n, units, dtype_code(params[t].scalar_type()), dtype_code(grads[t].scalar_type()),
+                     adaptive.get(t), aligned16(w) && aligned16(g)});
+    units += (n + kNormUnit - 1) / kNormUnit;
+  }
+  at::Tensor out = at::zeros({}, opts.dtype(at::kFloat));
+  if (infos.empty()) return out;
+  const at::Tensor table = upload_table(infos, device);
+  const int grid = grid_for(units);
+  at::Tensor partial = at::empty({grid}, opts.dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  grad_norm_partial_kernel<<<grid, kThreads, 0, stream>>>(table_ptr<NormInfo>(table), static_cast<int>(infos.size()),
+                                                          units, partial.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  grad_norm_final_kernel<<<1, kThreads, 0, stream>>>(partial.data_ptr<float>(), grid, out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ------------------------------------------------------------------------------ perturb / restore
+constexpr int64_t kBlock = kMaskAlignBits;  // elements per warp task: one mask block
+constexpr int kWordsPerBlock = kBlock / 32;
+
+struct PerturbInfo {
+  void* param;
+  const void* grad;  // unused by restore
+  void* saved;
+  int64_t numel;
+  int64_t unit_start;
+  int64_t bit_offset;  // -1: dense tensor
+  int64_t saved_numel;
+  float rho;
+  int32_t param_dtype;
+  int32_t grad_dtype;
+  int32_t adaptive;
+};
+
+struct Perturb {
+  float scale;
+  bool adaptive;
+  template <typename W, typename G>
+  __device__ __forceinline__ void operator()(W* w, const G* g, W* saved, int64_t e, int64_t slot) const {
+    const W original = w[e];
+    saved[slot] = original;
+    const float wf = static_cast<float>(original);
+    const float gf = static_cast<float>(g[e]);
+    const float step = adaptive ? __fmul_rn(__fmul_rn(__fmul_rn(wf, wf), gf), scale) : __fmul_rn(gf, scale);
+    w[e] = static_cast<W>(__fadd_rn(wf, step));
+  }
+};
+
+struct Restore {
+  template <typename W, typename G>
+  __device__ __forceinline__ void operator()(W* w, const G*, const W* saved, int64_t e, int64_t slot) const {
+    w[e] = saved[slot];
+  }
+};
+
+// Visits every element of one mask block that the op touches: all elements of a dense tensor, the
+// set bits of a masked one, with the element's compact slot in `saved`.
+template <typename W, typename G, typename Op>
+__device__ __forceinline__ void visit_block(const PerturbInfo& info, int64_t base, const uint8_t* bits,
+                                            const int64_t* block_prefix, const Op& op) {
+  W* w = static_cast<W*>(info.param);
+  const G* g = static_cast<const G*>(info.grad);
+  W* saved = static_cast<W*>(info.saved);
+  const int lane = threadIdx.x & 31;
+  if (info.bit_offset < 0) {
+    for (int s = 0; s < kWordsPerBlock; ++s) {
+      const int64_t e = base + s * 32 + lane;
+      if (e < info.numel) op(w, g, saved, e, e);
+    }
+    return;
+  }
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(bits + (info.bit_offset + base) / 8);
+  int64_t slot = block_prefix[(info.bit_offset + base) / kBlock] - block_prefix[info.bit_offset / kBlock];
+  const unsigned below = lanemask_lt();
+  for (int s = 0; s < kWordsPerBlock; ++s) {
+    const int64_t e = base + s * 32 + lane;
+    const unsigned word = words[s] & __ballot_sync(0xffffffffu, e < info.numel);
+    const int64_t mine = slot + __popc(word & below);
+    if (((word >> lane) & 1u) && mine < info.saved_numel) op(w, g, saved, e, mine);
+    slot += __popc(word);
+  }
+}
+
+template <bool kRestore>
+__global__ void __launch_bounds__(kThreads) perturb_restore_kernel(const PerturbInfo* infos, int n_tensors,
+                                                                    int64_t n_units, const uint8_t* bits,
+                                                                    const int64_t* block_prefix, const float* norm,
+                                                                    float eps) {
+  const float n = *norm;
+  if (!isfinite(n)) return;  // weights untouched (perturb) / nothing to undo (restore)
+  const float denom = __fadd_rn(n, eps);
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(kWarps) + (threadIdx.x >> 5); u < n_units;
+       u += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const PerturbInfo info = infos[find_tensor(infos, n_tensors, u)];
+    const int64_t base = (u - info.unit_start) * kBlock;
+    dispatch_dtype(info.param_dtype, [&](auto* wtag) {
+      using W = std::remove_pointer_t<decltype(wtag)>;
+      if constexpr (kRestore) {
+        visit_block<W, W>(info, base, bits, block_prefix, Restore{});
+      } else {
+        dispatch_dtype(info.grad_dtype, [&](auto* gtag) {
+          using G = std::remove_pointer_t<decltype(gtag)>;
+          visit_block<W, G>(info, base, bits, block_prefix, Perturb{__fdiv_rn(info.rho, denom), info.adaptive != 0});
+        });
+      }
+    });
+  }
+}
+
+void launch_perturb_restore(bool restore, at::TensorList params, at::TensorList grads, at::TensorList saved,
+                            const at::Tensor& bits_in, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
+                            at::ArrayRef<double> rho, const c10::List<bool>* adaptive, const at::Tensor& norm,
+                            double eps) {
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor bits = (reinterpret_cast<uintptr_t>(bits_in.data_ptr()) & 3u) == 0 ? bits_in : bits_in.clone();
+  std::vector<PerturbInfo> infos;
+  int64_t units = 0;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const int64_t n = params[t].numel();
+    if (n == 0) continue;
+    const int32_t wdt = dtype_code(params[t].scalar_type());
+    infos.push_back({params[t].data_ptr(), restore ? nullptr : grads[t].data_ptr(), saved[t].data_ptr(), n, units,
+                     bit_offsets[t], saved[t].numel(), restore ? 0.f : static_cast<float>(rho[t]), wdt,
+                     restore ? wdt : dtype_code(grads[t].scalar_type()), restore ? 0 : int32_t{adaptive->get(t)}});
+    units += (n + kBlock - 1) / kBlock;
+  }
+  if (infos.empty()) return;
+  const at::Tensor table = upload_table(infos, device);
+  const int grid = grid_for((units + kWarps - 1) / kWarps);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = restore ? perturb_restore_kernel<true> : perturb_restore_kernel<false>;
+  launch<<<grid, kThreads, 0, stream>>>(table_ptr<PerturbInfo>(table), static_cast<int>(infos.size()), units,
+                                        bits.data_ptr<uint8_t>(), block_prefix.data_ptr<int64_t>(),
+                                        norm.data_ptr<float>(), static_cast<float>(eps));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void masked_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& bits,
+                         const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::ArrayRef<double> rho,
+                         c10::List<bool> adaptive, const at::Tensor& norm, double eps) {
+  validate_perturb_restore("fsam_kernels::masked_perturb", params, grads, saved, bits, block_prefix, bit_offsets,
+                           rho.size(), adaptive.size(), norm, /*allow_double=*/false);
+  if (params.empty()) return;
+  launch_perturb_restore(false, params, grads, saved, bits, block_prefix, bit_offsets, rho, &adaptive, norm, eps);
+}
+
+void masked_restore_cuda(at::TensorList params, at::TensorList saved, const at::Tensor& bits,
+                         const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, const at::Tensor& norm) {
+  validate_perturb_restore("fsam_kernels::masked_restore", params, {}, saved, bits, block_prefix, bit_offsets,
+                           params.size(), params.size(), norm, /*allow_double=*/false);
+  if (params.empty()) return;
+  launch_perturb_restore(true, params, {}, saved, bits, block_prefix, bit_offsets, {}, nullptr, norm, 0.0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsam_kernels, CUDA, m) {
+  m.impl("grad_norm", &grad_norm_cuda);
+  m.impl("masked_perturb", &masked_perturb_cuda);
+  m.impl("masked_restore", &masked_restore_cuda);
+}
+
+}  // namespace cuda
+}  // namespace fsam

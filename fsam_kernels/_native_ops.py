@@ -1,0 +1,153 @@
+"""Fake (meta) implementations of the native ops, and the one place that loads the extension.
+
+The schemas are defined once in C++ (csrc/registration.cpp, ``torch.ops.fsam_kernels.*``) and the
+CPU / CUDA kernels are registered there too. The fake implementations below let the ops trace under
+``torch.compile`` and in ``torch.library.opcheck``: they validate what can be validated without data
+(lengths, dtypes, devices) with the same messages as the C++ checks, and describe the outputs.
+Importing the extension registers them (its module init imports this module); :func:`load_library`
+imports the extension, which happens when the native backend is first asked for, never at package
+import.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+
+_NS = "fsam_kernels"
+_MASK_ALIGN_BYTES = 64  # fsam_kernels.layout.MASK_ALIGN_BITS // 8
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_extension = None
+
+
+def load_library():
+    """Import ``fsam_kernels._C`` (registering the ops and their fakes) and return it; raises ImportError
+    if it is missing."""
+    global _extension
+    if _extension is None:
+        _extension = importlib.import_module("fsam_kernels._C")
+        _register_fakes()
+    return _extension
+
+
+def _check_list(op: str, arg: str, tensors: Sequence[torch.Tensor], device: torch.device, dtypes) -> None:
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(f"{_NS}::{op}: expected {arg}[{i}] on {device}, got {t.device}")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{_NS}::{op}: expected {arg}[{i}] of dtype {names}, got {t.dtype}")
+
+
+def _check_same_numel(op: str, a: str, xs, b: str, ys) -> None:
+    if len(xs) != len(ys):
+        raise ValueError(f"{_NS}::{op}: expected as many {b} as {a}, got {len(ys)} and {len(xs)}")
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if x.numel() != y.numel():
+            raise ValueError(f"{_NS}::{op}: {b}[{i}] has {y.numel()} elements, {a}[{i}] has {x.numel()}")
+
+
+def _fisher_accumulate_fake(accum, grads) -> None:
+    _check_same_numel("fisher_accumulate", "accum", accum, "grads", grads)
+    if accum:
+        _check_list("fisher_accumulate", "accum", accum, accum[0].device, (torch.float32,))
+        _check_list("fisher_accumulate", "grads", grads, accum[0].device, _FLOATS)
+
+
+def _select_mask_fake(scores, bit_offsets, mask_bytes, k, square):
+    if len(bit_offsets) != len(scores):
+        raise ValueError(f"{_NS}::select_mask: expected one bit offset per tensor ({len(scores)}), got {len(bit_offsets)}")
+    if not scores:
+        raise ValueError(f"{_NS}::select_mask: expected at least one scores tensor")
+    _check_list("select_mask", "scores", scores, scores[0].device, _FLOATS)
+    return scores[0].new_empty((mask_bytes,), dtype=torch.uint8)
+
+
+def _mask_block_prefix_fake(bits):
+    if bits.dtype != torch.uint8 or bits.dim() != 1:
+        raise ValueError(f"{_NS}::mask_block_prefix: expected a 1-D uint8 bits tensor, got {bits.dtype} {tuple(bits.shape)}")
+    return bits.new_empty((bits.shape[0] // _MASK_ALIGN_BYTES + 1,), dtype=torch.int64)
+
+
+def _grad_norm_fake(params, grads, adaptive):
+    _check_same_numel("grad_norm", "params", params, "grads", grads)
+    if len(adaptive) != len(params):
+        raise ValueError(f"{_NS}::grad_norm: expected one adaptive flag per parameter ({len(params)}), got {len(adaptive)}")
+    if not params:
+        raise ValueError(f"{_NS}::grad_norm: expected at least one parameter")
+    _check_list("grad_norm", "params", params, params[0].device, _FLOATS)
+    _check_list("grad_norm", "grads", grads, params[0].device, _FLOATS)
+    return params[0].new_empty((), dtype=torch.float32)
+
+
+def _check_perturb_restore(op, params, saved, bits, block_prefix, bit_offsets, norm) -> None:
+    if not (len(saved) == len(bit_offsets) == len(params)):
+        raise ValueError(
+            f"{_NS}::{op}: expected params, saved and bit_offsets of the same length, got "
+            f"{len(params)}, {len(saved)} and {len(bit_offsets)}"
+        )
+    if bits.dtype != torch.uint8 or block_prefix.dtype != torch.int64:
+        raise TypeError(f"{_NS}::{op}: expected uint8 bits and int64 block_prefix, got {bits.dtype} and {block_prefix.dtype}")
+    if norm.dim() != 0 or norm.dtype != torch.float32:
+        raise ValueError(f"{_NS}::{op}: expected norm to be a 0-dim float32 tensor, got {norm.dtype} {tuple(norm.shape)}")
+    if params:
+        dev = params[0].device
+        _check_list(op, "params", params, dev, _FLOATS)
+        for name, t in (("bits", bits), ("block_prefix", block_prefix), ("norm", norm)):
+            if t.device != dev:
+                raise ValueError(f"{_NS}::{op}: expected {name} on {dev}, got {t.device}")
+        for i, (p, s) in enumerate(zip(params, saved)):
+            if s.dtype != p.dtype or s.device != dev:
+                raise TypeError(f"{_NS}::{op}: expected saved[{i}] of dtype {p.dtype} on {dev}, got {s.dtype} on {s.device}")
+
+
+def _masked_perturb_fake(params, grads, saved, bits, block_prefix, bit_offsets, rho, adaptive, norm, eps) -> None:
+    _check_perturb_restore("masked_perturb", params, saved, bits, block_prefix, bit_offsets, norm)
+    _check_same_numel("masked_perturb", "params", params, "grads", grads)
+    if not (len(rho) == len(adaptive) == len(params)):
+        raise ValueError(f"{_NS}::masked_perturb: expected one rho and one adaptive flag per parameter ({len(params)})")
+    if params:
+        _check_list("masked_perturb", "grads", grads, params[0].device, _FLOATS)
+
+
+def _masked_restore_fake(params, saved, bits, block_prefix, bit_offsets, norm) -> None:
+    _check_perturb_restore("masked_restore", params, saved, bits, block_prefix, bit_offsets, norm)
+
+
+_FAKES = {
+    "fisher_accumulate": _fisher_accumulate_fake,
+    "select_mask": _select_mask_fake,
+    "mask_block_prefix": _mask_block_prefix_fake,
+    "grad_norm": _grad_norm_fake,
+    "masked_perturb": _masked_perturb_fake,
+    "masked_restore": _masked_restore_fake,
+}
+# Fakes of op families that live next to their reference (op name -> module, function).
+_OTHER_FAKES = {
+    "select_nm_mask": ("fsam_kernels.structured", "select_nm_mask_fake"),  # csrc/nm_mask.cpp
+}
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    for name, fn in _FAKES.items():
+        torch.library.register_fake(f"{_NS}::{name}", fn)
+    ops = getattr(torch.ops, _NS)
+    for name, (module, attr) in _OTHER_FAKES.items():
+        if hasattr(ops, name):  # built only when its source file is there
+            torch.library.register_fake(f"{_NS}::{name}", getattr(importlib.import_module(module), attr))
+    _fakes_registered = True
+
+
+def _register_if_loaded() -> None:
+    # Imported by the extension's module init, once its ops are defined.
+    if hasattr(getattr(torch.ops, _NS), "select_mask"):
+        _register_fakes()
+
+
+_register_if_loaded()

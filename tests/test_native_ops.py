@@ -1,0 +1,323 @@
+"""The native (C++) ops on the CPU against the pure-torch reference, op by op, plus opcheck.
+
+Masks and restored weights must match bit for bit; perturbed weights match exactly too on the CPU
+(same fp32 formula, same roundings); the gradient norm within fp32 rounding (another summation order).
+"""
+import os
+
+import pytest
+import torch
+
+from fsam_kernels import reference as ref
+from fsam_kernels.layout import ParamLayout
+from conftest import first_mismatch
+from plain_fsam import plain_topk_masks
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SIZES = [[1], [7], [123], [4097], [3, 50, 1, 20], [5] * 40, list(range(1, 51))]
+
+
+@pytest.fixture(scope="module")
+def native():
+    if os.environ.get("FSAM_NO_NATIVE") == "1":
+        pytest.skip("FSAM_NO_NATIVE=1: the native extension is not built")
+    from fsam_kernels.backends.native_backend import NativeBackend
+
+    return NativeBackend()
+
+
+def ops():
+    return torch.ops.fsam_kernels
+
+
+def layout_of(tensors, masked=None, adaptive=False, rho=0.1):
+    n = len(tensors)
+    adaptive = adaptive if isinstance(adaptive, list) else [adaptive] * n
+    rho = rho if isinstance(rho, list) else [rho] * n
+    return ParamLayout(list(tensors), masked if masked is not None else [True] * n, rho, adaptive)
+
+
+def random_tensors(sizes, dtype=torch.float32, seed=0, quantize=True):
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(s, generator=g) for s in sizes]
+    if quantize:  # few distinct values: ties at the threshold are common
+        ts = [torch.round(t * 4) / 4 for t in ts]
+    return [t.to(dtype) for t in ts]
+
+
+def assert_same_bits(got, want, layout):
+    assert got.dtype == torch.uint8 and got.shape == want.shape
+    if not torch.equal(got, want):
+        for j, (a, b) in enumerate(zip(ref.unpack_mask(layout, got), ref.unpack_mask(layout, want))):
+            assert torch.equal(a, b), f"masked tensor {j}: {first_mismatch(a.to(torch.uint8), b.to(torch.uint8))}"
+        pytest.fail(f"packed masks differ outside the tensors (padding bits): {first_mismatch(got, want)}")
+
+
+# ------------------------------------------------------------------------------------------ mask
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}x{s[0]}..{s[-1]}")
+@pytest.mark.parametrize("keep", [0.0, 0.013, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("square", [True, False], ids=["batch", "accum"])
+def test_select_mask_matches_reference(native, sizes, keep, dtype, square):
+    scores = random_tensors(sizes, dtype, seed=sum(sizes))
+    if not square:
+        scores = [s.float().abs() for s in scores]  # an fp32 accumulator is non-negative
+    lay = layout_of(scores)
+    k = lay.k_for(1 - keep)
+    got = native.select_mask(lay, scores, k, square)
+    assert_same_bits(got, ref.select_mask_reference(lay, scores, k, square), lay)
+    assert ref.mask_popcount(got) == k
+
+
+def test_select_mask_matches_sort_oracle(native):
+    scores = random_tensors([33, 1, 600, 7], seed=3)
+    lay = layout_of(scores)
+    for k in (0, 1, 2, 17, 100, lay.n_masked - 1, lay.n_masked):
+        got = ref.unpack_mask(lay, native.select_mask(lay, scores, k, True))
+        want = plain_topk_masks([s * s for s in scores], k)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), f"k={k}: {first_mismatch(a.to(torch.uint8), b.to(torch.uint8))}"
+
+
+def test_tie_rule_is_lowest_global_index_first(native):
+    a = torch.tensor([1.0, 2.0, 2.0, 0.0])
+    b = torch.tensor([2.0, 3.0, 2.0])
+    lay = layout_of([a, b])
+    masks = ref.unpack_mask(lay, native.select_mask(lay, [a, b], 3, square=False))
+    assert masks[0].tolist() == [False, True, True, False]
+    assert masks[1].tolist() == [False, True, False]
+
+
+def test_all_zero_scores_take_the_first_k(native):
+    ts = [torch.zeros(10), torch.zeros(600), torch.zeros(6)]
+    lay = layout_of(ts)
+    for k in (1, 12, 609, 616):
+        bits = native.select_mask(lay, ts, k, square=True)
+        assert_same_bits(bits, ref.select_mask_reference(lay, ts, k, square=True), lay)
+
+
+def test_special_values_order_like_the_reference(native):
+    # -0.0 has the smallest int32 key; denormals, inf and the largest finite value keep their order.
+    s = torch.tensor([0.0, -0.0, 1e-45, 1e-40, float("inf"), 3.4e38, 1.0, -0.0, 0.0, 2.0])
+    lay = layout_of([s])
+    for k in range(s.numel() + 1):
+        assert_same_bits(native.select_mask(lay, [s], k, False), ref.select_mask_reference(lay, [s], k, False), lay)
+
+
+def test_batch_key_is_g_squared_in_fp32(native):
+    g = torch.tensor([1e-30, 2e-30, 3.0])  # both tiny squares are 0 in fp32: a tie, lowest index wins
+    lay = layout_of([g])
+    assert ref.unpack_mask(lay, native.select_mask(lay, [g], 2, True))[0].tolist() == [True, False, True]
+
+
+def test_select_is_global_not_per_tensor(native):
+    small, big = torch.full((10,), 1.0), torch.full((10,), 5.0)
+    lay = layout_of([small, big])
+    masks = ref.unpack_mask(lay, native.select_mask(lay, [small, big], 10, False))
+    assert not masks[0].any() and masks[1].all()
+
+
+def test_mask_block_prefix_counts_set_bits(native):
+    g = torch.Generator().manual_seed(5)
+    bits = torch.randint(0, 256, (64 * 7,), dtype=torch.uint8, generator=g)
+    prefix = ops().mask_block_prefix(bits)
+    per_block = [ref.mask_popcount(bits[64 * b : 64 * (b + 1)]) for b in range(7)]
+    want = torch.tensor([0] + per_block).cumsum(0)
+    assert prefix.dtype == torch.int64 and torch.equal(prefix, want)
+
+
+def test_mask_aux_counts_per_tensor(native):
+    scores = random_tensors([700, 3, 1500], seed=8)
+    lay = layout_of(scores)
+    bits = native.select_mask(lay, scores, 400, True)
+    aux = native.mask_aux(lay, bits)
+    assert aux["counts"] == [int(m.sum()) for m in ref.unpack_mask(lay, bits)]
+
+
+# ------------------------------------------------------------------------------------------ Fisher
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fisher_accumulate_is_exact(native, dtype):
+    grads = random_tensors([1, 7, 123, 4097], dtype, seed=2, quantize=False)
+    acc_native = [torch.rand(g.shape) for g in grads]
+    acc_ref = [a.clone() for a in acc_native]
+    for _ in range(3):
+        native.fisher_accumulate(acc_native, grads)
+        ref.fisher_accumulate_reference(acc_ref, grads)
+    for a, b in zip(acc_native, acc_ref):
+        assert torch.equal(a, b), first_mismatch(a, b)
+
+
+# ------------------------------------------------------------------------------------ norm, perturb
+def perturb_case(sizes, dtype, masked, adaptive, with_grad=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).to(dtype) for s in sizes]
+    grads = [torch.randn(s, generator=g).to(dtype) for s in sizes]
+    if with_grad is not None:
+        grads = [gr if keep else None for gr, keep in zip(grads, with_grad)]
+    lay = layout_of(params, masked=masked, adaptive=adaptive, rho=[0.05 * (i + 1) for i in range(len(sizes))])
+    return lay, params, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_grad_norm_matches_reference(native, dtype, adaptive):
+    lay, _, grads = perturb_case([1, 7, 123, 4097, (9, 11)], dtype, None, adaptive)
+    got, want = native.grad_norm(lay, grads), ref.grad_norm_reference(lay, grads)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+
+
+def test_grad_norm_skips_missing_grads_and_handles_none(native):
+    lay, _, grads = perturb_case([5, 6, 7], torch.float32, None, False, with_grad=[True, False, True])
+    torch.testing.assert_close(native.grad_norm(lay, grads), ref.grad_norm_reference(lay, grads), rtol=2e-6, atol=0)
+    assert native.grad_norm(lay, [None] * 3).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+@pytest.mark.parametrize("keep", [0.0, 0.1, 1.0])
+def test_perturb_and_restore_match_reference(native, dtype, adaptive, keep):
+    sizes = [1, 7, 123, 4097, (3, 50), 20]
+    masked = [True, True, False, True, True, False]  # two dense tensors in between
+    lay, params, grads = perturb_case(sizes, dtype, masked, adaptive, with_grad=[True, True, True, True, False, True])
+    originals = [p.clone() for p in params]
+    scores = [grads[i] if grads[i] is not None else torch.zeros_like(params[i]) for i in lay.masked_index]
+    k = lay.k_for(1 - keep)
+    bits = native.select_mask(lay, scores, k, True)
+    norm = ref.grad_norm_reference(lay, grads)
+
+    ref.perturb_reference(lay, grads, bits, norm, 1e-12)
+    want = [p.clone() for p in params]
+    for p, o in zip(params, originals):
+        p.copy_(o)
+
+    aux = native.mask_aux(lay, bits)
+    saved = native.perturb(lay, grads, bits, aux, norm, 1e-12)
+    for i, (p, w) in enumerate(zip(params, want)):
+        assert torch.equal(p, w), f"params[{i}] after perturb: {first_mismatch(p, w)}"
+    # compact: k masked values (of tensors with a gradient) + every element of dense tensors with one
+    masks = ref.unpack_mask(lay, bits)
+    expected = sum(int(m.sum()) for j, m in enumerate(masks) if grads[lay.masked_index[j]] is not None)
+    expected += sum(lay.numel[i] for i in lay.dense_index if grads[i] is not None)
+    assert native.saved_nbytes(saved) == expected * params[0].element_size()
+
+    native.restore(lay, bits, aux, saved)
+    for i, (p, o) in enumerate(zip(params, originals)):
+        assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
+
+
+def test_perturb_with_a_nonfinite_norm_touches_nothing(native):
+    lay, params, grads = perturb_case([10, 600], torch.float32, [True, False], False)
+    originals = [p.clone() for p in params]
+    bits = native.select_mask(lay, [grads[0]], 5, True)
+    aux = native.mask_aux(lay, bits)
+    for bad in (float("nan"), float("inf")):
+        saved = native.perturb(lay, grads, bits, aux, torch.tensor(bad), 1e-12)
+        native.restore(lay, bits, aux, saved)
+        for p, o in zip(params, originals):
+            assert torch.equal(p, o)
+
+
+def test_perturb_of_dense_only_layout(native):
+    lay, params, grads = perturb_case([10, 3], torch.float32, [False, False], True)
+    originals = [p.clone() for p in params]
+    norm = native.grad_norm(lay, grads)
+    saved = native.perturb(lay, grads, None, None, norm, 1e-12)
+    assert all(not torch.equal(p, o) for p, o in zip(params, originals))
+    native.restore(lay, None, None, saved)
+    assert all(torch.equal(p, o) for p, o in zip(params, originals))
+
+
+# ------------------------------------------------------------------------------------------ input checks
+def test_bad_inputs_name_the_op_and_argument(native):
+    acc, g = [torch.zeros(4)], [torch.zeros(4)]
+    with pytest.raises(TypeError, match=r"fisher_accumulate: expected accum\[0\] of dtype float32"):
+        ops().fisher_accumulate([torch.zeros(4, dtype=torch.float16)], g)
+    with pytest.raises(TypeError, match=r"fisher_accumulate: expected grads\[0\] of dtype"):
+        ops().fisher_accumulate(acc, [torch.zeros(4, dtype=torch.int32)])
+    with pytest.raises(ValueError, match=r"fisher_accumulate: grads\[0\] has 5 elements"):
+        ops().fisher_accumulate(acc, [torch.zeros(5)])
+    with pytest.raises(ValueError, match=r"fisher_accumulate: expected grads\[0\] to be contiguous"):
+        ops().fisher_accumulate([torch.zeros(4)], [torch.zeros(8)[::2]])
+    with pytest.raises(ValueError, match=r"select_mask: expected 0 <= k <= 4, got k=5"):
+        ops().select_mask([torch.zeros(4)], [0], 64, 5, True)
+    with pytest.raises(ValueError, match=r"select_mask: expected bit_offsets\[1\] to be a non-negative multiple of 512"):
+        ops().select_mask([torch.zeros(4), torch.zeros(4)], [0, 8], 128, 1, True)
+    with pytest.raises(ValueError, match=r"select_mask: bit_offsets\[0\] \+ numel"):
+        ops().select_mask([torch.zeros(600)], [0], 64, 1, True)
+    with pytest.raises(TypeError, match=r"mask_block_prefix: expected bits of dtype uint8"):
+        ops().mask_block_prefix(torch.zeros(64))
+    with pytest.raises(ValueError, match=r"grad_norm: expected params, grads and adaptive of the same length"):
+        ops().grad_norm([torch.zeros(3)], [torch.zeros(3)], [True, False])
+
+
+def test_bad_saved_buffer_is_rejected_and_weights_unchanged(native):
+    w, g = torch.randn(600), torch.randn(600)
+    lay = layout_of([w])
+    bits = native.select_mask(lay, [g], 10, True)
+    prefix = ops().mask_block_prefix(bits)
+    before = w.clone()
+    with pytest.raises(ValueError, match=r"masked_perturb: saved\[0\] must hold the 10 masked elements"):
+        ops().masked_perturb([w], [g], [torch.empty(9)], bits, prefix, [0], [0.1], [False], torch.tensor(1.0), 0.0)
+    with pytest.raises(TypeError, match=r"masked_perturb: expected saved\[0\] of dtype"):
+        ops().masked_perturb([w], [g], [torch.empty(10, dtype=torch.float16)], bits, prefix, [0], [0.1], [False],
+                             torch.tensor(1.0), 0.0)
+    with pytest.raises(ValueError, match=r"masked_restore: expected block_prefix"):
+        ops().masked_restore([w], [torch.empty(10)], bits, prefix[:-1], [0], torch.tensor(1.0))
+    assert torch.equal(w, before)
+
+
+# ------------------------------------------------------------------------------------------ opcheck
+def opcheck_cases():
+    g = torch.Generator().manual_seed(11)
+    w = [torch.randn(s, generator=g) for s in (7, 600, 5)]
+    gr = [torch.randn(s, generator=g) for s in (7, 600, 5)]
+    bits = ref.pack_mask(layout_of(w[:2]), [torch.rand(7, generator=g) < 0.5, torch.rand(600, generator=g) < 0.5])
+    prefix = torch.ops.fsam_kernels.mask_block_prefix(bits)
+    counts = [ref.mask_popcount(bits[:64]), ref.mask_popcount(bits[64:])]
+    saved = [torch.empty(counts[0]), torch.empty(counts[1]), torch.empty(5)]
+    norm = torch.tensor(2.5)
+    return {
+        "fisher_accumulate": ([torch.rand(7), torch.rand(600)], [gr[0], gr[1].half()]),
+        "select_mask": ([gr[0], gr[1].bfloat16()], [0, 512], 192, 100, True),
+        "mask_block_prefix": (bits,),
+        "grad_norm": (w, gr, [False, True, False]),
+        "masked_perturb": (w, gr, saved, bits, prefix, [0, 512, -1], [0.1, 0.2, 0.3], [False, True, False], norm, 1e-12),
+        "masked_restore": (w, saved, bits, prefix, [0, 512, -1], norm),
+    }
+
+
+@pytest.mark.parametrize("op", ["fisher_accumulate", "select_mask", "mask_block_prefix", "grad_norm",
+                                "masked_perturb", "masked_restore"])
+def test_opcheck(native, op):
+    args = opcheck_cases()[op]
+    torch.library.opcheck(getattr(torch.ops.fsam_kernels, op), args)
+
+
+def test_float64_on_the_cpu_matches_reference(native):
+    lay, params, grads = perturb_case([7, 600], torch.float64, [True, False], True)
+    originals = [p.clone() for p in params]
+    bits = native.select_mask(lay, [grads[0]], 3, True)
+    assert_same_bits(bits, ref.select_mask_reference(lay, [grads[0]], 3, True), lay)
+    norm = native.grad_norm(lay, grads)
+    torch.testing.assert_close(norm, ref.grad_norm_reference(lay, grads), rtol=2e-6, atol=0)
+    ref.perturb_reference(lay, grads, bits, norm, 1e-12)
+    want = [p.clone() for p in params]
+    for p, o in zip(params, originals):
+        p.copy_(o)
+    aux = native.mask_aux(lay, bits)
+    saved = native.perturb(lay, grads, bits, aux, norm, 1e-12)
+    assert all(torch.equal(p, w) for p, w in zip(params, want))
+    native.restore(lay, bits, aux, saved)
+    assert all(torch.equal(p, o) for p, o in zip(params, originals))
+
+
+def test_nm_mask_goes_through_the_native_op(native):
+    from fsam_kernels.structured import select_nm_mask_reference
+
+    if not hasattr(torch.ops.fsam_kernels, "select_nm_mask"):
+        pytest.skip("built without csrc/nm_mask.cpp")
+    scores = random_tensors([(4, 8), (5,), (2, 16)], seed=12)
+    lay = layout_of([torch.zeros(s.shape) for s in scores])
+    got = native.select_nm_mask(lay, scores, 2, 4, True)
+    assert_same_bits(got, select_nm_mask_reference(lay, scores, 2, 4, True), lay)
