@@ -87,8 +87,14 @@ class LoopSAM(_TwoStep):
                 p.data = self.old_p[id(p)]
 
     def state_nbytes(self) -> int:
-        # the copies stay in the state after the step, as in davda54/sam
-        return sum(t.numel() * t.element_size() for t in self.old_p.values())
+        # After restore the "copies" are the live weights (p.data = old_p), so between steps they hold
+        # no extra memory: count only tensors that do not share a parameter's storage.
+        return _unaliased_nbytes(self.old_p.values(), self.params)
+
+
+def _unaliased_nbytes(tensors, params) -> int:
+    live = {p.untyped_storage().data_ptr() for p in params}
+    return sum(t.numel() * t.element_size() for t in tensors if t.untyped_storage().data_ptr() not in live)
 
 
 class ForeachSAM(_TwoStep):
@@ -187,7 +193,7 @@ class NaiveFSAM(_TwoStep):
                 p.data = self.old_p[id(p)]
 
     def state_nbytes(self) -> int:
-        held = list(self.masks.values()) + list(self.old_p.values())
+        held = list(self.masks.values())
         if self.fisher is not None:
             held += list(self.fisher.values())
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in held) + _unaliased_nbytes(self.old_p.values(), self.params)

@@ -31,7 +31,7 @@ def _with_baseline(wl: Workload, method: str):
     opt = cls(wl.params, rho=RHO, eps=EPS)
     opt.perturb()  # NaiveFSAM builds its mask here on the first call
     saved = sum(t.numel() * t.element_size() for t in getattr(opt, "old_p", {}).values()) or opt.state_nbytes()
-    opt.restore()
+    opt.restore()  # after this, state_nbytes() is what stays between steps
     return opt.state_nbytes(), saved
 
 

@@ -113,6 +113,10 @@ def step(optimizer: FSAM, scaler: torch.amp.GradScaler, closure: Callable[[], An
         except BaseException:
             optimizer.restore()
             _perturbed.pop(optimizer, None)
+            optimizer.zero_grad()
+            # The scaler recorded an unscale_ of this optimizer; update() clears that record so the
+            # next step can unscale again (the failed step is simply not taken).
+            scaler.update()
             raise
     second_step(optimizer, scaler)
     return loss

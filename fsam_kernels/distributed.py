@@ -67,7 +67,9 @@ def first_step(optimizer: FSAM, zero_grad: bool = False, process_group: Optional
     if not grads:
         raise RuntimeError("first_step: no perturbed parameter has a gradient; call loss.backward() before first_step()")
     device = grads[0].device
-    local_finite = torch.stack([torch.isfinite(n).all() for n in torch._foreach_norm(grads)]).all()
+    # Element-wise, not a norm in the gradients' dtype: an fp16 norm can overflow where FSAM's fp32
+    # norm does not, and then this rank would skip alone.
+    local_finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
     flag = local_finite.to(device=device, dtype=torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=process_group)
     if not bool(flag.item()):

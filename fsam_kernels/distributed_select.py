@@ -154,6 +154,7 @@ def select_mask_by_histogram(
         hist = all_reduce_sum(rows.sum(dim=0)).cpu()
         digit, remaining = next_digit(hist, remaining)
         prefix = (prefix << RADIX_BITS) | digit
-    local_ties = rows[:, digit].cpu()  # keys equal to the threshold, per local tensor
+    # keys equal to the threshold, per local tensor; gathered on the device (NCCL takes no CPU tensors)
+    local_ties = rows[:, digit].contiguous()
     quotas = tie_quotas(all_gather(local_ties).cpu(), remaining)[rank]
     return backend.mask_from_threshold(layout, scores, square, prefix, quotas.tolist())

@@ -171,6 +171,11 @@ def test_closure_error_restores_weights():
     with pytest.raises(KeyError):
         amp.step(opt, scaler, bad_closure)
     _assert_bitwise(before, model, "after a failing closure")
+    # training goes on: the next step neither sees stale gradients nor an "unscale_ already called"
+    assert all(p.grad is None for p in model.parameters())
+    scaler.scale(_loss(model, x, y)).backward()
+    amp.step(opt, scaler, lambda: scaler.scale(_loss(model, x, y)).backward())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_scheduler_on_fsam_or_base_does_not_warn():

@@ -217,6 +217,20 @@ def test_perturb_and_restore_50_tensors(backend):
     _check_perturb_and_restore(backend, layout, rand_like_list(layout.params))
 
 
+def test_perturb_rounds_like_the_reference_for_random_rho_and_norm(backend):
+    # scale = fl32(1 / (norm + eps)) * fl32(rho): a single division rho / (norm + eps) would differ
+    g = torch.Generator().manual_seed(7)
+    for trial in range(8):
+        rho = [float(r) for r in torch.rand(3, generator=g) * 0.5 + 0.01]
+        layout = make_layout([257, 64, 9], masked=[True, False, True], adaptive=[False, False, True], rho=rho, seed=trial)
+        grads = rand_like_list(layout.params)
+        bits = backend.select_mask(layout, [grads[0], grads[2]], 100, True)
+        norm = (torch.rand((), generator=g) * 50 + 0.1).float()
+        twin, *_ = _perturb_both(backend, layout, grads, bits, norm, eps=float(torch.rand((), generator=g)) * 1e-3)
+        for i, (p, q) in enumerate(zip(layout.params, twin.params)):
+            assert torch.equal(p, q), f"trial {trial}, param {i}: {first_mismatch(p, q)}"
+
+
 def _check_perturb_and_restore(backend, layout, grads):
     scores = [g if g is not None else torch.zeros(layout.numel[i]) for i, g in
               ((i, grads[i]) for i in layout.masked_index)]

@@ -190,7 +190,8 @@ class FSAMTrainer(Trainer):
                 # fp16 loss scaling: FSAM works on the true gradient. The Trainer's own unscale_ (at
                 # clipping / step) then acts on the second pass only.
                 torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
-            finite = not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+            # element-wise: a norm in fp16 overflows long before the gradients do
+            finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if not finite:
             # Leave the non-finite gradient for the Trainer: a loss scaler skips the step.
             return loss

@@ -4,7 +4,7 @@ Chunk ``c`` of a masked tensor keeps the originals of its selected elements at
 ``saved[dense_total + prefix[c] + rank]`` (``prefix`` from the mask's per-chunk counts, ``rank`` the
 element's rank among the chunk's selected ones); a dense tensor's chunk stores all its elements at a
 fixed offset. One saved buffer per weight dtype, sized by the mask's popcount: no dense copy of the
-weights. The scale ``rho / (norm + eps)`` is computed on the device from the norm tensor; when the
+weights. The scale ``(1 / (norm + eps)) * rho`` is computed on the device from the norm tensor; when the
 norm is not finite nothing is written, and the restore kernel (which reads the ``applied`` flag the
 perturb kernel left) writes nothing back either.
 """
@@ -70,7 +70,8 @@ def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_s
         w_raw = tl.load(wp + offs, mask=sel, other=0.0)
         g = tl.load(gp + offs, mask=sel, other=0.0).to(tl.float32)
         w = w_raw.to(tl.float32)
-        scale = tl.div_rn(tl.load(rhos + slot), norm + eps)
+        # davda54/sam's rounding, as the reference: a correctly rounded 1 / (norm + eps), times rho
+        scale = tl.div_rn(1.0, norm + eps) * tl.load(rhos + slot)
         # every product rounds on its own: the launch disables FMA contraction
         if tl.load(adaptive + slot) != 0:
             e = ((w * w) * g) * scale
