@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI without a GPU: prove that the CUDA kernels (csrc/*.cu) compile AND link, for sm_80 and sm_90
-# (+ PTX), against a CUDA build of torch, and that the resulting extension imports.
+# (+ PTX), against a CUDA build of torch, that the resulting extension imports and defines every op,
+# and (with cuobjdump, when the toolkit has it) that the .so really holds code for each requested arch.
 #
 # It makes a fresh venv with torch 2.14.1 built for CUDA 13.0 (from the local package index), which
 # brings NVIDIA's CUDA pip wheels (headers and libraries); nvcc comes from CUDA_HOME (default
@@ -52,9 +53,33 @@ import torch
 import fsam_kernels._C as C
 
 assert C.with_cuda == 1, "the extension was built without its CUDA kernels"
-for op in ("fisher_accumulate", "select_mask", "mask_block_prefix", "grad_norm", "masked_perturb", "masked_restore"):
+for op in ("fisher_accumulate", "select_mask", "select_nm_mask", "mask_block_prefix", "grad_norm", "masked_perturb",
+           "masked_restore"):
     getattr(torch.ops.fsam_kernels, op)
 print(f"cuda-build-check: fsam_kernels._C imports ({C.cuda_build}, archs {C.cuda_archs.replace('/', ';')}, "
       f"torch {C.torch_version}; torch.cuda.is_available()={torch.cuda.is_available()})")
 PY
+# The device code inside the .so: one cubin per requested arch, PTX for "+PTX" entries.
+SO=$(ls fsam_kernels/_C*.so)
+CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
+[ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(command -v cuobjdump || true)
+if [ -z "$CUOBJDUMP" ]; then
+  echo "cuda-build-check: SKIPPED the arch check: no cuobjdump in $CUDA_HOME/bin or on PATH"
+else
+  elfs=$("$CUOBJDUMP" --list-elf "$SO")
+  ptxs=$("$CUOBJDUMP" --list-ptx "$SO" || true)
+  IFS=';' read -ra archs <<< "${TORCH_CUDA_ARCH_LIST// /;}"
+  for a in "${archs[@]}"; do
+    [ -n "$a" ] || continue
+    sm="sm_$(echo "${a%+PTX}" | tr -d .)"
+    if ! grep -Eq "${sm}([^0-9a-z]|\$)" <<< "$elfs"; then
+      echo "cuda-build-check: FAILED: no $sm cubin in $SO; cuobjdump --list-elf says:"; echo "$elfs"; exit 1
+    fi
+    if [ "$a" != "${a%+PTX}" ] && ! grep -Eq "${sm}([^0-9a-z]|\$)" <<< "$ptxs"; then
+      echo "cuda-build-check: FAILED: no $sm PTX in $SO; cuobjdump --list-ptx says:"; echo "$ptxs"; exit 1
+    fi
+    kind="a $sm cubin"; [ "$a" = "${a%+PTX}" ] || kind+=" and $sm PTX"
+    echo "cuda-build-check: $SO holds $kind"
+  done
+fi
 echo "cuda-build-check: OK in $(( $(date +%s) - start )) s"

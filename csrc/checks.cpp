@@ -32,14 +32,23 @@ void check_offsets(const char* op, at::IntArrayRef bit_offsets, at::TensorList t
                    bool allow_dense) {
   TORCH_CHECK_VALUE(bit_offsets.size() == tensors.size(), op, ": expected one bit offset per tensor (",
                     tensors.size(), "), got ", bit_offsets.size());
+  // Each masked tensor owns [o, o + numel) and the next one starts at the next 512-bit boundary or
+  // later (fsam_kernels/layout.py): ranges in increasing order, never overlapping, never sharing a block.
+  int64_t next_free = 0;  // align_up(end of the previous masked tensor, kMaskAlignBits)
+  int64_t prev = -1;      // index of the previous masked tensor
   for (size_t i = 0; i < tensors.size(); ++i) {
     const int64_t o = bit_offsets[i];
     if (allow_dense && o == -1) continue;
     TORCH_CHECK_VALUE(o >= 0 && o % kMaskAlignBits == 0, op, ": expected bit_offsets[", i,
                       "] to be a non-negative multiple of ", kMaskAlignBits, allow_dense ? " (or -1 for a dense tensor)" : "",
                       ", got ", o);
+    TORCH_CHECK_VALUE(o >= next_free, op, ": expected bit_offsets[", i, "] >= ", next_free, " (bit_offsets[", prev,
+                      "] + numel rounded up to ", kMaskAlignBits,
+                      " bits): masked tensors must own increasing, non-overlapping bit ranges, got ", o);
     TORCH_CHECK_VALUE(o + tensors[i].numel() <= mask_bits, op, ": bit_offsets[", i, "] + numel = ",
                       o + tensors[i].numel(), " exceeds the mask's ", mask_bits, " bits");
+    next_free = (o + tensors[i].numel() + kMaskAlignBits - 1) / kMaskAlignBits * kMaskAlignBits;
+    prev = static_cast<int64_t>(i);
   }
 }
 
@@ -107,7 +116,8 @@ void validate_grad_norm(const char* op, at::TensorList params, at::TensorList gr
 
 void validate_perturb_restore(const char* op, at::TensorList params, at::TensorList grads, at::TensorList saved,
                               const at::Tensor& bits, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
-                              size_t n_rho, size_t n_adaptive, const at::Tensor& norm, bool allow_double) {
+                              at::IntArrayRef saved_counts, size_t n_rho, size_t n_adaptive, const at::Tensor& norm,
+                              bool allow_double) {
   const bool with_grads = !grads.empty() || params.empty();
   TORCH_CHECK_VALUE(saved.size() == params.size() && (!with_grads || grads.size() == params.size()), op,
                     ": expected params, ", with_grads ? "grads and " : "", "saved of the same length, got ",
@@ -126,6 +136,8 @@ void validate_perturb_restore(const char* op, at::TensorList params, at::TensorL
                     ": expected norm to be a 0-dim float32 tensor, got ",
                     norm.defined() ? c10::str(norm.scalar_type(), norm.sizes()) : std::string("undefined"));
   check_offsets(op, bit_offsets, params, bits.numel() * 8, /*allow_dense=*/true);
+  TORCH_CHECK_VALUE(saved_counts.size() == params.size(), op, ": expected one saved count per parameter (",
+                    params.size(), "), got ", saved_counts.size());
   if (params.empty()) return;
   const at::Device dev = params[0].device();
   TORCH_CHECK_VALUE(bits.device() == dev, op, ": expected bits on ", dev, ", got ", bits.device());
@@ -138,8 +150,16 @@ void validate_perturb_restore(const char* op, at::TensorList params, at::TensorL
     TORCH_CHECK_TYPE(saved[i].scalar_type() == params[i].scalar_type(), op, ": expected saved[", i, "] of dtype ",
                      params[i].scalar_type(), " (the parameter's), got ", saved[i].scalar_type());
     if (bit_offsets[i] == -1) {
+      TORCH_CHECK_VALUE(saved_counts[i] == params[i].numel(), op, ": expected saved_counts[", i,
+                        "] of a dense tensor to be its numel ", params[i].numel(), ", got ", saved_counts[i]);
       TORCH_CHECK_VALUE(saved[i].numel() == params[i].numel(), op, ": saved[", i, "] of a dense tensor must have ",
                         params[i].numel(), " elements, got ", saved[i].numel());
+    } else {
+      TORCH_CHECK_VALUE(saved_counts[i] >= 0 && saved_counts[i] <= params[i].numel(), op, ": expected saved_counts[", i,
+                        "] (the set mask bits of params[", i, "]) in [0, ", params[i].numel(), "], got ",
+                        saved_counts[i]);
+      TORCH_CHECK_VALUE(saved[i].numel() == saved_counts[i], op, ": saved[", i, "] must hold the ", saved_counts[i],
+                        " masked elements of params[", i, "], got ", saved[i].numel());
     }
     if (with_grads) {
       check_on(op, "grads", i, grads[i], dev);
@@ -148,13 +168,6 @@ void validate_perturb_restore(const char* op, at::TensorList params, at::TensorL
                         " elements, params[", i, "] has ", params[i].numel());
     }
   }
-}
-
-int64_t masked_count_cpu(const at::Tensor& block_prefix, int64_t bit_offset, int64_t numel) {
-  const int64_t* p = block_prefix.data_ptr<int64_t>();
-  const int64_t first = bit_offset / kMaskAlignBits;
-  const int64_t last = (bit_offset + numel + kMaskAlignBits - 1) / kMaskAlignBits;
-  return p[last] - p[first];
 }
 
 }  // namespace fsam

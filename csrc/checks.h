@@ -30,13 +30,14 @@ void validate_mask_bits(const char* op, const at::Tensor& bits);
 void validate_grad_norm(const char* op, at::TensorList params, at::TensorList grads, size_t n_adaptive,
                         bool allow_double);
 
-// Shared by masked_perturb and masked_restore. `grads` may be empty (restore).
+// Shared by masked_perturb and masked_restore, on every device. `grads` may be empty (restore).
+// saved_counts[i] is the number of elements saved for params[i]: its numel for a dense tensor, the
+// number of its set mask bits for a masked one (the caller counts them once per mask, e.g. from
+// mask_block_prefix); saved[i] must hold exactly that many. The kernels trust that the counts agree
+// with bits / block_prefix (no device read here); if they do not, they never write outside saved[i].
 void validate_perturb_restore(const char* op, at::TensorList params, at::TensorList grads, at::TensorList saved,
                               const at::Tensor& bits, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
-                              size_t n_rho, size_t n_adaptive, const at::Tensor& norm, bool allow_double);
-
-// Elements of the masked tensor whose bits start at `bit_offset` that are set in the mask, from the
-// per-block prefix counts (see mask_block_prefix). Host-side; block_prefix must be on the CPU.
-int64_t masked_count_cpu(const at::Tensor& block_prefix, int64_t bit_offset, int64_t numel);
+                              at::IntArrayRef saved_counts, size_t n_rho, size_t n_adaptive, const at::Tensor& norm,
+                              bool allow_double);
 
 }  // namespace fsam

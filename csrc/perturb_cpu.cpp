@@ -3,8 +3,8 @@
 // The saved originals are compact: for a masked tensor, the j-th set bit of its mask saves its value
 // at saved[j]. Each chunk finds its first saved position from the per-block prefix counts
 // (mask_block_prefix), so chunks run in parallel. Dense tensors (bit offset -1) save every element.
+// saved_counts (validated against saved in checks.cpp, the same on every device) sizes each buffer.
 #include <ATen/ops/empty.h>
-#include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -82,24 +82,20 @@ inline int64_t saved_start(const int64_t* block_prefix, int64_t bit_offset, int6
   return block_prefix[(bit_offset + begin) / kMaskAlignBits] - block_prefix[bit_offset / kMaskAlignBits];
 }
 
-void check_saved_sizes(const char* op, at::TensorList params, at::TensorList saved, const at::Tensor& block_prefix,
-                       at::IntArrayRef bit_offsets) {
-  for (const auto i : c10::irange(params.size())) {
-    if (bit_offsets[i] == -1) continue;
-    const int64_t count = masked_count_cpu(block_prefix, bit_offsets[i], params[i].numel());
-    TORCH_CHECK_VALUE(saved[i].numel() == count, op, ": saved[", i, "] must hold the ", count,
-                      " masked elements of params[", i, "], got ", saved[i].numel());
-  }
+// Whether compact slot `pos` lies inside a saved buffer of `count` elements. Always true when the
+// counts agree with the mask (the caller's promise); it only keeps inconsistent inputs in bounds,
+// exactly like the CUDA kernel's guard.
+inline bool in_saved(int64_t pos, int64_t count) {
+  return static_cast<uint64_t>(pos) < static_cast<uint64_t>(count);
 }
 
 void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& bits,
-                        const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::ArrayRef<double> rho,
-                        c10::List<bool> adaptive, const at::Tensor& norm, double eps) {
+                        const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::IntArrayRef saved_counts,
+                        at::ArrayRef<double> rho, c10::List<bool> adaptive, const at::Tensor& norm, double eps) {
   constexpr const char* op = "fsam_kernels::masked_perturb";
-  validate_perturb_restore(op, params, grads, saved, bits, block_prefix, bit_offsets, rho.size(), adaptive.size(),
-                           norm, /*allow_double=*/true);
+  validate_perturb_restore(op, params, grads, saved, bits, block_prefix, bit_offsets, saved_counts, rho.size(),
+                           adaptive.size(), norm, /*allow_double=*/true);
   if (params.empty()) return;
-  check_saved_sizes(op, params, saved, block_prefix, bit_offsets);
   const float n = norm.item<float>();
   if (!std::isfinite(n)) return;  // weights untouched, like the reference
   const float denom = n + static_cast<float>(eps);
@@ -108,7 +104,10 @@ void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   const auto chunks = make_chunks(params);
   for_each_chunk(chunks, [&](int64_t c) {
     const Chunk& ch = chunks[c];
-    const float scale = static_cast<float>(rho[ch.t]) / denom;
+    // The reference's roundings: a correctly rounded fp32 reciprocal, then one multiply by fl32(rho)
+    // (not rho / denom, which rounds once and can differ in the last bit). Built with
+    // -ffp-contract=off, so nothing here is fused.
+    const float scale = (1.0f / denom) * static_cast<float>(rho[ch.t]);
     const bool asam = adaptive.get(ch.t);
     const int64_t bo = bit_offsets[ch.t];
     dispatch_float(params[ch.t].scalar_type(), op, [&](auto* wtag) {
@@ -131,11 +130,15 @@ void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
           }
           return;
         }
+        const int64_t count = saved_counts[ch.t];
         int64_t pos = saved_start(prefix, bo, ch.begin);
         for (int64_t i = ch.begin; i < ch.end; ++i) {
           if (!mask_bit(mask, bo + i)) continue;
-          s[pos++] = w[i];
-          move(i);
+          if (in_saved(pos, count)) {
+            s[pos] = w[i];
+            move(i);
+          }
+          ++pos;
         }
       });
     });
@@ -143,12 +146,12 @@ void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
 }
 
 void masked_restore_cpu(at::TensorList params, at::TensorList saved, const at::Tensor& bits,
-                        const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, const at::Tensor& norm) {
+                        const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::IntArrayRef saved_counts,
+                        const at::Tensor& norm) {
   constexpr const char* op = "fsam_kernels::masked_restore";
-  validate_perturb_restore(op, params, {}, saved, bits, block_prefix, bit_offsets, params.size(), params.size(), norm,
-                           /*allow_double=*/true);
+  validate_perturb_restore(op, params, {}, saved, bits, block_prefix, bit_offsets, saved_counts, params.size(),
+                           params.size(), norm, /*allow_double=*/true);
   if (params.empty()) return;
-  check_saved_sizes(op, params, saved, block_prefix, bit_offsets);
   if (!std::isfinite(norm.item<float>())) return;  // nothing was perturbed
   const uint8_t* mask = bits.data_ptr<uint8_t>();
   const int64_t* prefix = block_prefix.data_ptr<int64_t>();
@@ -164,9 +167,12 @@ void masked_restore_cpu(at::TensorList params, at::TensorList saved, const at::T
       std::memcpy(w + ch.begin * size, s + ch.begin * size, (ch.end - ch.begin) * size);
       return;
     }
+    const int64_t count = saved_counts[ch.t];
     int64_t pos = saved_start(prefix, bo, ch.begin);
     for (int64_t i = ch.begin; i < ch.end; ++i) {
-      if (mask_bit(mask, bo + i)) std::memcpy(w + i * size, s + (pos++) * size, size);
+      if (!mask_bit(mask, bo + i)) continue;
+      if (in_saved(pos, count)) std::memcpy(w + i * size, s + pos * size, size);
+      ++pos;
     }
   });
 }

@@ -5,7 +5,10 @@
 // perturb / restore: one warp per 512-element mask block. The block's first compact saved position is
 // read from the per-block prefix counts; inside the block, the rank of an element among the set bits
 // is a popcount of the mask word below its lane. Both read the norm on the device and do nothing when
-// it is not finite. Arithmetic uses __fmul_rn / __fadd_rn / __fdiv_rn: the reference's roundings.
+// it is not finite. Arithmetic uses __fmul_rn / __fadd_rn / __frcp_rn: the reference's roundings
+// (scale = fl32(1 / (norm + eps)) * fl32(rho): a correctly rounded reciprocal, then one multiply).
+// saved_counts sizes each saved buffer (checked against it on the host, like the CPU path); the
+// kernel's slot bound only keeps counts that disagree with the mask inside the buffer.
 #include <cub/block/block_reduce.cuh>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -125,7 +128,7 @@ struct PerturbInfo {
   int64_t numel;
   int64_t unit_start;
   int64_t bit_offset;  // -1: dense tensor
-  int64_t saved_numel;
+  int64_t saved_numel;  // saved_counts[t], validated == saved[t].numel()
   float rho;
   int32_t param_dtype;
   int32_t grad_dtype;
@@ -176,7 +179,10 @@ __device__ __forceinline__ void visit_block(const PerturbInfo& info, int64_t bas
     const int64_t e = base + s * 32 + lane;
     const unsigned word = words[s] & __ballot_sync(0xffffffffu, e < info.numel);
     const int64_t mine = slot + __popc(word & below);
-    if (((word >> lane) & 1u) && mine < info.saved_numel) op(w, g, saved, e, mine);
+    // Always in range when saved_counts agree with the mask (validated sizes); else stay in bounds.
+    if (((word >> lane) & 1u) && static_cast<uint64_t>(mine) < static_cast<uint64_t>(info.saved_numel)) {
+      op(w, g, saved, e, mine);
+    }
     slot += __popc(word);
   }
 }
@@ -200,7 +206,8 @@ __global__ void __launch_bounds__(kThreads) perturb_restore_kernel(const Perturb
       } else {
         dispatch_dtype(info.grad_dtype, [&](auto* gtag) {
           using G = std::remove_pointer_t<decltype(gtag)>;
-          visit_block<W, G>(info, base, bits, block_prefix, Perturb{__fdiv_rn(info.rho, denom), info.adaptive != 0});
+          visit_block<W, G>(info, base, bits, block_prefix,
+                            Perturb{__fmul_rn(__frcp_rn(denom), info.rho), info.adaptive != 0});
         });
       }
     });
@@ -209,8 +216,8 @@ __global__ void __launch_bounds__(kThreads) perturb_restore_kernel(const Perturb
 
 void launch_perturb_restore(bool restore, at::TensorList params, at::TensorList grads, at::TensorList saved,
                             const at::Tensor& bits_in, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
-                            at::ArrayRef<double> rho, const c10::List<bool>* adaptive, const at::Tensor& norm,
-                            double eps) {
+                            at::IntArrayRef saved_counts, at::ArrayRef<double> rho, const c10::List<bool>* adaptive,
+                            const at::Tensor& norm, double eps) {
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor bits = (reinterpret_cast<uintptr_t>(bits_in.data_ptr()) & 3u) == 0 ? bits_in : bits_in.clone();
@@ -221,7 +228,7 @@ void launch_perturb_restore(bool restore, at::TensorList params, at::TensorList 
     if (n == 0) continue;
     const int32_t wdt = dtype_code(params[t].scalar_type());
     infos.push_back({params[t].data_ptr(), restore ? nullptr : grads[t].data_ptr(), saved[t].data_ptr(), n, units,
-                     bit_offsets[t], saved[t].numel(), restore ? 0.f : static_cast<float>(rho[t]), wdt,
+                     bit_offsets[t], saved_counts[t], restore ? 0.f : static_cast<float>(rho[t]), wdt,
                      restore ? wdt : dtype_code(grads[t].scalar_type()), restore ? 0 : int32_t{adaptive->get(t)}});
     units += (n + kBlock - 1) / kBlock;
   }
@@ -237,20 +244,23 @@ void launch_perturb_restore(bool restore, at::TensorList params, at::TensorList 
 }
 
 void masked_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& bits,
-                         const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::ArrayRef<double> rho,
-                         c10::List<bool> adaptive, const at::Tensor& norm, double eps) {
+                         const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::IntArrayRef saved_counts,
+                         at::ArrayRef<double> rho, c10::List<bool> adaptive, const at::Tensor& norm, double eps) {
   validate_perturb_restore("fsam_kernels::masked_perturb", params, grads, saved, bits, block_prefix, bit_offsets,
-                           rho.size(), adaptive.size(), norm, /*allow_double=*/false);
+                           saved_counts, rho.size(), adaptive.size(), norm, /*allow_double=*/false);
   if (params.empty()) return;
-  launch_perturb_restore(false, params, grads, saved, bits, block_prefix, bit_offsets, rho, &adaptive, norm, eps);
+  launch_perturb_restore(false, params, grads, saved, bits, block_prefix, bit_offsets, saved_counts, rho, &adaptive,
+                         norm, eps);
 }
 
 void masked_restore_cuda(at::TensorList params, at::TensorList saved, const at::Tensor& bits,
-                         const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, const at::Tensor& norm) {
+                         const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::IntArrayRef saved_counts,
+                         const at::Tensor& norm) {
   validate_perturb_restore("fsam_kernels::masked_restore", params, {}, saved, bits, block_prefix, bit_offsets,
-                           params.size(), params.size(), norm, /*allow_double=*/false);
+                           saved_counts, params.size(), params.size(), norm, /*allow_double=*/false);
   if (params.empty()) return;
-  launch_perturb_restore(true, params, {}, saved, bits, block_prefix, bit_offsets, {}, nullptr, norm, 0.0);
+  launch_perturb_restore(true, params, {}, saved, bits, block_prefix, bit_offsets, saved_counts, {}, nullptr, norm,
+                         0.0);
 }
 
 }  // namespace

@@ -28,13 +28,15 @@ TORCH_LIBRARY(fsam_kernels, m) {
   // Global L2 norm of the (ASAM-weighted) gradients, 0-dim fp32.
   m.def("grad_norm(Tensor[] params, Tensor[] grads, bool[] adaptive) -> Tensor");
   // params += e on masked elements (bit_offsets[i] >= 0) or all elements (-1); originals into saved.
+  // saved_counts[i]: elements saved for params[i] (its set mask bits, or its numel when dense), the
+  // size saved[i] must have; checked on every device.
   m.def(
       "masked_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saved, Tensor bits, Tensor block_prefix, "
-      "int[] bit_offsets, float[] rho, bool[] adaptive, Tensor norm, float eps) -> ()");
+      "int[] bit_offsets, int[] saved_counts, float[] rho, bool[] adaptive, Tensor norm, float eps) -> ()");
   // Writes saved back (a no-op when norm is not finite, like masked_perturb).
   m.def(
       "masked_restore(Tensor(a!)[] params, Tensor[] saved, Tensor bits, Tensor block_prefix, int[] bit_offsets, "
-      "Tensor norm) -> ()");
+      "int[] saved_counts, Tensor norm) -> ()");
 }
 
 namespace {

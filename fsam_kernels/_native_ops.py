@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 
 _NS = "fsam_kernels"
-_MASK_ALIGN_BYTES = 64  # fsam_kernels.layout.MASK_ALIGN_BITS // 8
+_MASK_ALIGN_BITS = 512  # fsam_kernels.layout.MASK_ALIGN_BITS
+_MASK_ALIGN_BYTES = _MASK_ALIGN_BITS // 8
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _extension = None
@@ -49,6 +50,30 @@ def _check_same_numel(op: str, a: str, xs, b: str, ys) -> None:
             raise ValueError(f"{_NS}::{op}: {b}[{i}] has {y.numel()} elements, {a}[{i}] has {x.numel()}")
 
 
+def _check_offsets(op: str, bit_offsets, tensors, mask_bits: int, allow_dense: bool) -> None:
+    """csrc/checks.cpp check_offsets: aligned, in bounds, increasing and non-overlapping bit ranges."""
+    if len(bit_offsets) != len(tensors):
+        raise ValueError(f"{_NS}::{op}: expected one bit offset per tensor ({len(tensors)}), got {len(bit_offsets)}")
+    next_free, prev = 0, -1
+    for i, (o, t) in enumerate(zip(bit_offsets, tensors)):
+        if allow_dense and o == -1:
+            continue
+        if o < 0 or o % _MASK_ALIGN_BITS:
+            dense = " (or -1 for a dense tensor)" if allow_dense else ""
+            raise ValueError(
+                f"{_NS}::{op}: expected bit_offsets[{i}] to be a non-negative multiple of {_MASK_ALIGN_BITS}{dense}, got {o}"
+            )
+        if o < next_free:
+            raise ValueError(
+                f"{_NS}::{op}: expected bit_offsets[{i}] >= {next_free} (bit_offsets[{prev}] + numel rounded up to "
+                f"{_MASK_ALIGN_BITS} bits): masked tensors must own increasing, non-overlapping bit ranges, got {o}"
+            )
+        if o + t.numel() > mask_bits:
+            raise ValueError(f"{_NS}::{op}: bit_offsets[{i}] + numel = {o + t.numel()} exceeds the mask's {mask_bits} bits")
+        next_free = (o + t.numel() + _MASK_ALIGN_BITS - 1) // _MASK_ALIGN_BITS * _MASK_ALIGN_BITS
+        prev = i
+
+
 def _fisher_accumulate_fake(accum, grads) -> None:
     _check_same_numel("fisher_accumulate", "accum", accum, "grads", grads)
     if accum:
@@ -62,6 +87,7 @@ def _select_mask_fake(scores, bit_offsets, mask_bytes, k, square):
     if not scores:
         raise ValueError(f"{_NS}::select_mask: expected at least one scores tensor")
     _check_list("select_mask", "scores", scores, scores[0].device, _FLOATS)
+    _check_offsets("select_mask", bit_offsets, scores, mask_bytes * 8, allow_dense=False)
     return scores[0].new_empty((mask_bytes,), dtype=torch.uint8)
 
 
@@ -82,7 +108,7 @@ def _grad_norm_fake(params, grads, adaptive):
     return params[0].new_empty((), dtype=torch.float32)
 
 
-def _check_perturb_restore(op, params, saved, bits, block_prefix, bit_offsets, norm) -> None:
+def _check_perturb_restore(op, params, saved, bits, block_prefix, bit_offsets, saved_counts, norm) -> None:
     if not (len(saved) == len(bit_offsets) == len(params)):
         raise ValueError(
             f"{_NS}::{op}: expected params, saved and bit_offsets of the same length, got "
@@ -92,6 +118,22 @@ def _check_perturb_restore(op, params, saved, bits, block_prefix, bit_offsets, n
         raise TypeError(f"{_NS}::{op}: expected uint8 bits and int64 block_prefix, got {bits.dtype} and {block_prefix.dtype}")
     if norm.dim() != 0 or norm.dtype != torch.float32:
         raise ValueError(f"{_NS}::{op}: expected norm to be a 0-dim float32 tensor, got {norm.dtype} {tuple(norm.shape)}")
+    _check_offsets(op, bit_offsets, params, bits.numel() * 8, allow_dense=True)
+    if len(saved_counts) != len(params):
+        raise ValueError(f"{_NS}::{op}: expected one saved count per parameter ({len(params)}), got {len(saved_counts)}")
+    for i, (p, s, o, n) in enumerate(zip(params, saved, bit_offsets, saved_counts)):
+        if o == -1 and n != p.numel():
+            raise ValueError(
+                f"{_NS}::{op}: expected saved_counts[{i}] of a dense tensor to be its numel {p.numel()}, got {n}"
+            )
+        if o != -1 and not 0 <= n <= p.numel():
+            raise ValueError(
+                f"{_NS}::{op}: expected saved_counts[{i}] (the set mask bits of params[{i}]) in [0, {p.numel()}], got {n}"
+            )
+        if s.numel() != n:
+            what = "of a dense tensor must have" if o == -1 else "must hold the"
+            tail = " elements" if o == -1 else f" masked elements of params[{i}]"
+            raise ValueError(f"{_NS}::{op}: saved[{i}] {what} {n}{tail}, got {s.numel()}")
     if params:
         dev = params[0].device
         _check_list(op, "params", params, dev, _FLOATS)
@@ -103,8 +145,9 @@ def _check_perturb_restore(op, params, saved, bits, block_prefix, bit_offsets, n
                 raise TypeError(f"{_NS}::{op}: expected saved[{i}] of dtype {p.dtype} on {dev}, got {s.dtype} on {s.device}")
 
 
-def _masked_perturb_fake(params, grads, saved, bits, block_prefix, bit_offsets, rho, adaptive, norm, eps) -> None:
-    _check_perturb_restore("masked_perturb", params, saved, bits, block_prefix, bit_offsets, norm)
+def _masked_perturb_fake(params, grads, saved, bits, block_prefix, bit_offsets, saved_counts, rho, adaptive, norm,
+                         eps) -> None:
+    _check_perturb_restore("masked_perturb", params, saved, bits, block_prefix, bit_offsets, saved_counts, norm)
     _check_same_numel("masked_perturb", "params", params, "grads", grads)
     if not (len(rho) == len(adaptive) == len(params)):
         raise ValueError(f"{_NS}::masked_perturb: expected one rho and one adaptive flag per parameter ({len(params)})")
@@ -112,8 +155,8 @@ def _masked_perturb_fake(params, grads, saved, bits, block_prefix, bit_offsets, 
         _check_list("masked_perturb", "grads", grads, params[0].device, _FLOATS)
 
 
-def _masked_restore_fake(params, saved, bits, block_prefix, bit_offsets, norm) -> None:
-    _check_perturb_restore("masked_restore", params, saved, bits, block_prefix, bit_offsets, norm)
+def _masked_restore_fake(params, saved, bits, block_prefix, bit_offsets, saved_counts, norm) -> None:
+    _check_perturb_restore("masked_restore", params, saved, bits, block_prefix, bit_offsets, saved_counts, norm)
 
 
 _FAKES = {

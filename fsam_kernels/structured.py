@@ -21,8 +21,9 @@ zeroed off the support and drop the zeros afterwards. The support is read when t
 perturbs: keeping pruned weights at zero through the *base optimizer's* update is the pruning
 method's job (e.g. masking the gradients).
 
-Also here: compact storage of a tensor's N:M-selected values with per-group index metadata
-(:class:`NMSaved`), and the export of an N:M sparse tensor to PyTorch's semi-structured layout with
+The optimizer saves the originals of N:M-masked weights in the backends' generic compact buffer (the
+packed mask is their index metadata). Also here, as standalone utilities: compact storage of a tensor's
+N:M-selected values with per-group uint8 indices (:class:`NMSaved`), and the export of an N:M sparse tensor to PyTorch's semi-structured layout with
 our own fallback (:func:`to_semi_structured`).
 """
 from __future__ import annotations

@@ -50,6 +50,29 @@ def test_cuda_without_kernels_or_gpu_explains_why():
         get_backend("native", "cuda")
 
 
+def test_device_support_is_probed_once_per_device(monkeypatch):
+    from fsam_kernels.backends.native_backend import NativeBackend
+
+    b = NativeBackend()  # a fresh instance: its own cache
+    calls = []
+    real_is_available = torch.cuda.is_available
+
+    def counting_is_available():
+        calls.append(1)
+        return real_is_available()
+
+    monkeypatch.setattr(torch.cuda, "is_available", counting_is_available)
+    first = b.unsupported_reason(torch.device("cuda"))
+    n = len(calls)
+    assert n >= 1
+    for _ in range(5):
+        assert b.unsupported_reason(torch.device("cuda")) == first
+        assert b.supports(torch.device("cuda")) == (first is None)
+        assert b.supports(torch.device("cpu"))
+    assert len(calls) == n  # cached: no more CUDA probing per call
+    assert b.unsupported_reason("meta") == b.unsupported_reason(torch.device("meta"))
+
+
 @pytest.mark.parametrize("error,expected,words", [
     (ModuleNotFoundError("No module named 'fsam_kernels._C'"), ModuleNotFoundError, r"not built.*--no-build-isolation"),
     (ImportError("undefined symbol: _ZN3c10"), ImportError, r"built but does not load.*undefined symbol.*another torch"),

@@ -1,8 +1,8 @@
 """The native CUDA kernels at real sizes against the reference on the same GPU (skipped without one).
 
-Masks and restored weights bit for bit; Fisher accumulation exact; perturbed weights within the
-dtype's default tolerance of torch.testing (they are computed with the reference's roundings, so they
-are expected to be equal); the gradient norm within fp32 rounding.
+Masks and restored weights bit for bit; Fisher accumulation exact; perturbed weights equal too (the
+kernels use the reference's roundings: scale = fl32(1 / (norm + eps)) * fl32(rho), then fp32 multiplies
+and one add, none fused); the gradient norm within fp32 rounding.
 """
 import copy
 
@@ -112,8 +112,8 @@ def test_norm_perturb_restore(native, dtype, adaptive):
         p.copy_(o)
     aux = native.mask_aux(lay, bits)
     saved = native.perturb(lay, grads, bits, aux, want_norm, 1e-12)
-    for p, w in zip(params, want):
-        torch.testing.assert_close(p, w)
+    for i, (p, w) in enumerate(zip(params, want)):
+        assert torch.equal(p, w), f"params[{i}] after perturb: {first_mismatch(p, w)}"
     native.restore(lay, bits, aux, saved)
     for i, (p, o) in enumerate(zip(params, originals)):
         assert torch.equal(p, o), f"params[{i}]: {first_mismatch(p, o)}"
@@ -138,7 +138,8 @@ def test_opcheck_cuda(native):
     lay = layout_of(w[:2])
     bits = native.select_mask(lay, gr[:2], 300, True)
     aux = native.mask_aux(lay, bits)
-    saved = [torch.empty(c, device="cuda") for c in aux["counts"]] + [torch.empty(5, device="cuda")]
+    counts = aux["counts"] + [5]
+    saved = [torch.empty(c, device="cuda") for c in counts]
     norm = torch.tensor(2.5, device="cuda")
     op = torch.ops.fsam_kernels
     cases = [
@@ -146,12 +147,55 @@ def test_opcheck_cuda(native):
         (op.select_mask, ([gr[0], gr[1].bfloat16()], [0, 512], 192, 100, True)),
         (op.mask_block_prefix, (bits,)),
         (op.grad_norm, (w, gr, [False, True, False])),
-        (op.masked_perturb, (w, gr, saved, bits, aux["block_prefix"], [0, 512, -1], [0.1, 0.2, 0.3],
+        (op.masked_perturb, (w, gr, saved, bits, aux["block_prefix"], [0, 512, -1], counts, [0.1, 0.2, 0.3],
                              [False, True, False], norm, 1e-12)),
-        (op.masked_restore, (w, saved, bits, aux["block_prefix"], [0, 512, -1], norm)),
+        (op.masked_restore, (w, saved, bits, aux["block_prefix"], [0, 512, -1], counts, norm)),
     ]
     for fn, args in cases:
         torch.library.opcheck(fn, args)
+
+
+def test_perturb_scale_rounds_like_the_reference_on_cuda(native):
+    g = torch.Generator().manual_seed(22)
+    sizes = [1000, 4097, 513, 77]  # masked SAM, masked ASAM, dense SAM, dense ASAM
+    params0 = [torch.randn(s, generator=g).cuda() for s in sizes]
+    grads = [torch.randn(s, generator=g).cuda() for s in sizes]
+    rhos = (torch.rand(800, generator=g, dtype=torch.float64) * 16 - 12).exp2().tolist()
+    norms = (torch.rand(200, generator=g, dtype=torch.float64) * 34 - 20).exp2().tolist()
+    epss = [1e-12, 1e-8, 0.0] + (torch.rand(200, generator=g, dtype=torch.float64) * 28 - 30).exp2().tolist()
+    for t in range(200):
+        rho, eps = rhos[4 * t : 4 * t + 4], epss[t]
+        norm = torch.tensor(norms[t], dtype=torch.float32, device="cuda")
+        params = [p.clone() for p in params0]
+        lay = ParamLayout(params, [True, True, False, False], rho, [False, True, False, True])
+        bits = native.select_mask(lay, grads[:2], 2000, True)
+        ref.perturb_reference(lay, grads, bits, norm, eps)
+        want = [p.clone() for p in params]
+        for p, p0 in zip(params, params0):
+            p.copy_(p0)
+        native.perturb(lay, grads, bits, native.mask_aux(lay, bits), norm, eps)
+        for i, (p, w) in enumerate(zip(params, want)):
+            assert torch.equal(p, w), f"rho={rho[i]!r} norm={norms[t]!r} eps={eps!r} params[{i}]: {first_mismatch(p, w)}"
+
+
+def test_overlapping_offsets_and_bad_saved_counts_are_rejected_on_cuda(native):
+    w = [torch.randn(s, device="cuda") for s in (600, 5)]
+    gr = [torch.randn(s, device="cuda") for s in (600, 5)]
+    lay = ParamLayout(w[:1], [True], [0.1], [False])
+    bits = native.select_mask(lay, gr[:1], 10, True)
+    prefix = torch.ops.fsam_kernels.mask_block_prefix(bits)
+    before = [p.clone() for p in w]
+    norm = torch.tensor(1.0, device="cuda")
+    op = torch.ops.fsam_kernels
+    with pytest.raises(ValueError, match=r"select_mask: expected bit_offsets\[1\] >= 1024"):
+        op.select_mask(gr, [0, 512], 192, 1, True)
+    with pytest.raises(ValueError, match=r"masked_perturb: saved\[0\] must hold the 10 masked elements"):
+        op.masked_perturb(w, gr, [torch.empty(9, device="cuda"), torch.empty(5, device="cuda")], bits, prefix, [0, -1],
+                          [10, 5], [0.1, 0.1], [False, False], norm, 0.0)
+    with pytest.raises(ValueError, match=r"masked_restore: saved\[0\] must hold the 9 masked elements"):
+        op.masked_restore(w, [torch.empty(10, device="cuda"), torch.empty(5, device="cuda")], bits, prefix, [0, -1],
+                          [9, 5], norm)
+    assert all(torch.equal(p, b) for p, b in zip(w, before))
 
 
 def test_optimizer_native_matches_torch_on_cuda(native):

@@ -206,6 +206,39 @@ def test_perturb_and_restore_match_reference(native, dtype, adaptive, keep):
         assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
 
 
+def test_perturb_scale_rounds_like_the_reference(native):
+    """scale = fl32(1 / (norm + eps)) * fl32(rho): many random (rho, norm, eps), SAM and ASAM, masked and
+    dense, bit for bit. fl32(rho / denom) rounds once and differs in the last bit for some of them."""
+    g = torch.Generator().manual_seed(21)
+    sizes = [37, 600, 29, 41]  # masked SAM, masked ASAM, dense SAM, dense ASAM
+    params0 = [torch.randn(s, generator=g) for s in sizes]
+    grads = [torch.randn(s, generator=g) for s in sizes]
+
+    def log_uniform(lo, hi, n):
+        return (torch.rand(n, generator=g, dtype=torch.float64) * (hi - lo) + lo).exp2().tolist()
+
+    n = 300
+    rhos, norms = log_uniform(-12, 4, 4 * n), log_uniform(-20, 14, n)
+    epss = [1e-12, 1e-8, 0.0] + log_uniform(-30, -2, n)
+    old_rule_differs = 0
+    for t in range(n):
+        rho, norm, eps = rhos[4 * t : 4 * t + 4], torch.tensor(norms[t], dtype=torch.float32), epss[t]
+        params = [p.clone() for p in params0]
+        lay = layout_of(params, masked=[True, True, False, False], adaptive=[False, True, False, True], rho=rho)
+        bits = native.select_mask(lay, grads[:2], 300, True)
+        ref.perturb_reference(lay, grads, bits, norm, eps)
+        want = [p.clone() for p in params]
+        for p, p0 in zip(params, params0):
+            p.copy_(p0)
+        native.perturb(lay, grads, bits, native.mask_aux(lay, bits), norm, eps)
+        for i, (p, w) in enumerate(zip(params, want)):
+            assert torch.equal(p, w), f"rho={rho[i]!r} norm={norms[t]!r} eps={eps!r} params[{i}]: {first_mismatch(p, w)}"
+        denom = norm + eps
+        r32 = torch.tensor(rho, dtype=torch.float32)
+        old_rule_differs += int((r32 / denom != denom.reciprocal() * r32).sum())
+    assert old_rule_differs > 0  # the triples do tell the two roundings apart
+
+
 def test_perturb_with_a_nonfinite_norm_touches_nothing(native):
     lay, params, grads = perturb_case([10, 600], torch.float32, [True, False], False)
     originals = [p.clone() for p in params]
@@ -251,6 +284,55 @@ def test_bad_inputs_name_the_op_and_argument(native):
         ops().grad_norm([torch.zeros(3)], [torch.zeros(3)], [True, False])
 
 
+OVERLAPPING_OFFSETS = [
+    # (sizes, bit_offsets, mask_bytes, the offending index, the smallest offset it may have)
+    ([4, 4], [0, 0], 128, 1, 512),  # the same block
+    ([600, 4], [0, 512], 192, 1, 1024),  # 600 bits run into the second block
+    ([4, 4], [512, 0], 128, 1, 1024),  # out of order
+    ([4, 700, 4], [0, 512, 1024], 256, 2, 1536),
+]
+
+
+@pytest.mark.parametrize("sizes,offsets,mask_bytes,bad,least", OVERLAPPING_OFFSETS)
+def test_overlapping_or_unordered_bit_offsets_are_rejected(native, sizes, offsets, mask_bytes, bad, least):
+    from fsam_kernels import _native_ops
+
+    scores = [torch.randn(s) for s in sizes]
+    msg = (rf"select_mask: expected bit_offsets\[{bad}\] >= {least} \(bit_offsets\[{bad - 1}\] \+ numel rounded up "
+           rf"to 512 bits\): masked tensors must own increasing, non-overlapping bit ranges, got {offsets[bad]}")
+    with pytest.raises(ValueError, match=msg):
+        ops().select_mask(scores, offsets, mask_bytes, 1, True)
+    with pytest.raises(ValueError, match=msg):  # the fake says the same, without data
+        _native_ops._select_mask_fake(scores, offsets, mask_bytes, 1, True)
+    # masked_perturb / masked_restore (and their fake): a dense tensor (-1) in between does not count
+    params = [torch.randn(s) for s in sizes]
+    params.insert(bad, torch.randn(3))
+    offs = offsets[:bad] + [-1] + offsets[bad:]
+    counts = [3 if o == -1 else 0 for o in offs]
+    saved = [torch.empty(c) for c in counts]
+    before = [p.clone() for p in params]
+    bits = torch.zeros(mask_bytes, dtype=torch.uint8)
+    prefix = ops().mask_block_prefix(bits)
+    norm = torch.tensor(1.0)
+    msg = rf"expected bit_offsets\[{bad + 1}\] >= {least} \(bit_offsets\[{bad - 1}\] .*non-overlapping"
+    with pytest.raises(ValueError, match="masked_perturb: " + msg):
+        ops().masked_perturb(params, [torch.ones_like(p) for p in params], saved, bits, prefix, offs, counts,
+                             [0.1] * len(params), [False] * len(params), norm, 0.0)
+    with pytest.raises(ValueError, match="masked_restore: " + msg):
+        ops().masked_restore(params, saved, bits, prefix, offs, counts, norm)
+    with pytest.raises(ValueError, match="masked_restore: " + msg):
+        _native_ops._masked_restore_fake(params, saved, bits, prefix, offs, counts, norm)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_layout_offsets_are_accepted(native):
+    # what ParamLayout produces: tensors back to back, each from the next 512-bit boundary
+    ts = [torch.randn(s) for s in (512, 1, 513, 7)]
+    lay = layout_of(ts)
+    assert lay.bit_offset == [0, 512, 1024, 2048]
+    assert_same_bits(native.select_mask(lay, ts, 100, True), ref.select_mask_reference(lay, ts, 100, True), lay)
+
+
 def test_bad_saved_buffer_is_rejected_and_weights_unchanged(native):
     w, g = torch.randn(600), torch.randn(600)
     lay = layout_of([w])
@@ -258,13 +340,62 @@ def test_bad_saved_buffer_is_rejected_and_weights_unchanged(native):
     prefix = ops().mask_block_prefix(bits)
     before = w.clone()
     with pytest.raises(ValueError, match=r"masked_perturb: saved\[0\] must hold the 10 masked elements"):
-        ops().masked_perturb([w], [g], [torch.empty(9)], bits, prefix, [0], [0.1], [False], torch.tensor(1.0), 0.0)
+        ops().masked_perturb([w], [g], [torch.empty(9)], bits, prefix, [0], [10], [0.1], [False], torch.tensor(1.0), 0.0)
     with pytest.raises(TypeError, match=r"masked_perturb: expected saved\[0\] of dtype"):
-        ops().masked_perturb([w], [g], [torch.empty(10, dtype=torch.float16)], bits, prefix, [0], [0.1], [False],
+        ops().masked_perturb([w], [g], [torch.empty(10, dtype=torch.float16)], bits, prefix, [0], [10], [0.1], [False],
                              torch.tensor(1.0), 0.0)
     with pytest.raises(ValueError, match=r"masked_restore: expected block_prefix"):
-        ops().masked_restore([w], [torch.empty(10)], bits, prefix[:-1], [0], torch.tensor(1.0))
+        ops().masked_restore([w], [torch.empty(10)], bits, prefix[:-1], [0], [10], torch.tensor(1.0))
     assert torch.equal(w, before)
+
+
+def saved_count_cases():
+    """(the op's args with a bad saved_counts / saved, the error) for masked_perturb and masked_restore."""
+    g = torch.Generator().manual_seed(13)
+    w = [torch.randn(s, generator=g) for s in (600, 5)]
+    gr = [torch.randn(s, generator=g) for s in (600, 5)]
+    bits = ref.pack_mask(layout_of(w[:1]), [torch.arange(600) % 60 == 0])  # 10 set bits
+    prefix = torch.ops.fsam_kernels.mask_block_prefix(bits)
+    cases = [  # (saved sizes, saved_counts, error)
+        ([9, 5], [10, 5], r"saved\[0\] must hold the 10 masked elements of params\[0\], got 9"),
+        ([10, 5], [9, 5], r"saved\[0\] must hold the 9 masked elements of params\[0\], got 10"),
+        ([10, 4], [10, 4], r"expected saved_counts\[1\] of a dense tensor to be its numel 5, got 4"),
+        ([10, 5], [10, 5, 0], r"expected one saved count per parameter \(2\), got 3"),
+        ([10, 5], [10], r"expected one saved count per parameter \(2\), got 1"),
+        ([0, 5], [-1, 5], r"expected saved_counts\[0\] \(the set mask bits of params\[0\]\) in \[0, 600\], got -1"),
+        ([10, 5], [601, 5], r"expected saved_counts\[0\] \(the set mask bits of params\[0\]\) in \[0, 600\], got 601"),
+    ]
+    for sizes, counts, error in cases:
+        saved = [torch.empty(n) for n in sizes]
+        norm = torch.tensor(1.0)
+        yield ("masked_perturb", (w, gr, saved, bits, prefix, [0, -1], counts, [0.1, 0.1], [False, True], norm, 0.0), error)
+        yield ("masked_restore", (w, saved, bits, prefix, [0, -1], counts, norm), error)
+
+
+@pytest.mark.parametrize("case", range(14))
+def test_saved_counts_are_checked_by_the_op_and_its_fake(native, case):
+    from fsam_kernels import _native_ops
+
+    name, args, error = list(saved_count_cases())[case]
+    before = [p.clone() for p in args[0]]
+    with pytest.raises(ValueError, match=f"fsam_kernels::{name}: {error}"):
+        getattr(ops(), name)(*args)
+    with pytest.raises(ValueError, match=f"fsam_kernels::{name}: {error}"):
+        getattr(_native_ops, f"_{name}_fake")(*args)
+    assert all(torch.equal(p, b) for p, b in zip(args[0], before))
+
+
+def test_counts_that_disagree_with_the_mask_stay_inside_saved(native):
+    # The op trusts saved_counts to be the mask's popcounts (it does not read the mask on the host, on
+    # any device); when they are not, it must still never write past saved.
+    w, g = torch.randn(600), torch.randn(600)
+    bits = ref.pack_mask(layout_of([w]), [torch.arange(600) % 60 == 0])  # 10 set bits
+    prefix = ops().mask_block_prefix(bits)
+    buf = torch.full((12,), 123.0)
+    saved = buf[:4]  # claims 4 of the 10
+    ops().masked_perturb([w], [g], [saved], bits, prefix, [0], [4], [0.1], [False], torch.tensor(1.0), 0.0)
+    assert torch.equal(buf[4:], torch.full((8,), 123.0))
+    ops().masked_restore([w], [saved], bits, prefix, [0], [4], torch.tensor(1.0))
 
 
 # ------------------------------------------------------------------------------------------ opcheck
@@ -274,7 +405,7 @@ def opcheck_cases():
     gr = [torch.randn(s, generator=g) for s in (7, 600, 5)]
     bits = ref.pack_mask(layout_of(w[:2]), [torch.rand(7, generator=g) < 0.5, torch.rand(600, generator=g) < 0.5])
     prefix = torch.ops.fsam_kernels.mask_block_prefix(bits)
-    counts = [ref.mask_popcount(bits[:64]), ref.mask_popcount(bits[64:])]
+    counts = [ref.mask_popcount(bits[:64]), ref.mask_popcount(bits[64:]), 5]
     saved = [torch.empty(counts[0]), torch.empty(counts[1]), torch.empty(5)]
     norm = torch.tensor(2.5)
     return {
@@ -282,8 +413,9 @@ def opcheck_cases():
         "select_mask": ([gr[0], gr[1].bfloat16()], [0, 512], 192, 100, True),
         "mask_block_prefix": (bits,),
         "grad_norm": (w, gr, [False, True, False]),
-        "masked_perturb": (w, gr, saved, bits, prefix, [0, 512, -1], [0.1, 0.2, 0.3], [False, True, False], norm, 1e-12),
-        "masked_restore": (w, saved, bits, prefix, [0, 512, -1], norm),
+        "masked_perturb": (w, gr, saved, bits, prefix, [0, 512, -1], counts, [0.1, 0.2, 0.3], [False, True, False], norm,
+                           1e-12),
+        "masked_restore": (w, saved, bits, prefix, [0, 512, -1], counts, norm),
     }
 
 

@@ -7,7 +7,8 @@ GPU's compute capability.
 Private data of this backend:
 
 * ``aux`` (from :meth:`mask_aux`): the int64 per-512-bit-block prefix counts of the mask, plus the
-  number of set bits of each masked tensor (host ints, read once per mask update).
+  number of set bits of each masked tensor (host ints, read once per mask update). The ops get these
+  counts too (``saved_counts``) and check every saved buffer's size against them, on every device.
 * ``saved`` (from :meth:`perturb`): one compact tensor of original values per parameter with a
   gradient (the masked elements only, or all elements of a dense tensor), with the norm that decided
   whether anything moved: restore is a no-op when it is not finite, decided on the device.
@@ -73,11 +74,27 @@ class NativeBackend(Backend):
 
     def __init__(self) -> None:
         self._ext, self._op = _load_ops()
+        # unsupported_reason per device: the optimizer asks several times per step, and the CUDA
+        # answer (torch.cuda.is_available() and a kernel probe) does not change within a process.
+        self._reasons: dict[torch.device, Optional[str]] = {}
+        self._cuda_available: Optional[bool] = None
 
     # ------------------------------------------------------------------ devices
     def unsupported_reason(self, device: torch.device) -> Optional[str]:
-        """Why the kernels cannot run on ``device`` (``None`` when they can)."""
+        """Why the kernels cannot run on ``device`` (``None`` when they can); computed once per device."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            if self._cuda_available is None:
+                self._cuda_available = torch.cuda.is_available()
+            if self._cuda_available:  # "cuda" means the current GPU: cache under its index
+                device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            return self._reasons[device]
+        except KeyError:
+            reason = self._reasons[device] = self._unsupported_reason(device)
+            return reason
+
+    def _unsupported_reason(self, device: torch.device) -> Optional[str]:
         if device.type == "cpu":
             return None
         if device.type != "cuda":
@@ -175,10 +192,8 @@ class NativeBackend(Backend):
         count_of = {i: counts[j] for j, i in enumerate(layout.masked_index)}
         idx = [i for i, g in enumerate(grads) if g is not None]
         params = [layout.params[i].detach() for i in idx]
-        saved = [
-            torch.empty(count_of[i] if i in offsets else p.numel(), dtype=p.dtype, device=p.device)
-            for i, p in zip(idx, params)
-        ]
+        sizes = [count_of[i] if i in offsets else p.numel() for i, p in zip(idx, params)]
+        saved = [torch.empty(n, dtype=p.dtype, device=p.device) for n, p in zip(sizes, params)]
         self._op.masked_perturb(
             params,
             [grads[i].contiguous() for i in idx],
@@ -186,6 +201,7 @@ class NativeBackend(Backend):
             bits,
             prefix,
             [offsets.get(i, -1) for i in idx],
+            sizes,
             [float(layout.rho[i]) for i in idx],
             [layout.adaptive[i] for i in idx],
             norm.detach().float(),
@@ -200,8 +216,9 @@ class NativeBackend(Backend):
             if saved["reference"] is not None:
                 ref.restore_reference(layout, bits, saved["reference"])
             return
-        bits, prefix, _ = self._aux(layout, bits, aux)
+        bits, prefix, counts = self._aux(layout, bits, aux)
         offsets = self._offsets(layout)
+        count_of = {i: counts[j] for j, i in enumerate(layout.masked_index)}
         idx = saved["index"]
         self._op.masked_restore(
             [layout.params[i].detach() for i in idx],
@@ -209,6 +226,7 @@ class NativeBackend(Backend):
             bits,
             prefix,
             [offsets.get(i, -1) for i in idx],
+            [count_of[i] if i in offsets else layout.numel[i] for i in idx],  # the op checks saved against these
             saved["norm"],
         )
 
