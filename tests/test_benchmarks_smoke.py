@@ -17,18 +17,11 @@ from benchmarks.harness import COLUMNS, Row, append_rows, percentiles_ms, read_r
 from benchmarks.ops import OPS, Workload, benchmark_backends, make_method, measure, method_names, method_ops  # noqa: E402
 from fsam_kernels import reference as ref  # noqa: E402
 from fsam_kernels.layout import ParamLayout  # noqa: E402
+from conftest import first_mismatch as _first_mismatch  # noqa: E402
 
 CPU = torch.device("cpu")
 TINY = S.sweep(10_000, n_matrices=4)
 RHO = 2.0  # large enough that the perturbation survives bf16 rounding
-
-
-def _first_mismatch(a: torch.Tensor, b: torch.Tensor) -> str:
-    bad = (a != b).reshape(-1).nonzero()
-    if bad.numel() == 0:
-        return "no mismatch"
-    i = int(bad[0])
-    return f"{bad.numel()} mismatches, first at flat index {i}: {a.reshape(-1)[i].item()!r} vs {b.reshape(-1)[i].item()!r}"
 
 
 def _params(dtype, seed=0):

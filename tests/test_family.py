@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fsam_kernels import ESAM, FSAM, GSAM, SAM
+from plain_fsam import plain_topk_masks as plain_topk
 
 EPS = 1e-12
 
@@ -61,18 +62,6 @@ def plain_norm(params, adaptive=False):
         torch.stack([((torch.abs(p) if adaptive else 1.0) * p.grad).norm(p=2) for p in params if p.grad is not None]),
         p=2,
     )
-
-
-def plain_topk(scores, k):
-    flat = torch.cat([s.reshape(-1).double() for s in scores])
-    order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[order[:k]] = True
-    out, start = [], 0
-    for s in scores:
-        out.append(chosen[start : start + s.numel()].view(s.shape))
-        start += s.numel()
-    return out
 
 
 class PlainSAM:
