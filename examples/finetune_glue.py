@@ -5,11 +5,18 @@ package (``--model`` also takes any local Hugging Face model directory), the dat
 files (see ``glue_data.py``). For every optimizer and seed it fine-tunes a fresh copy of the model,
 evaluates on the dev set after each epoch, and writes to ``--out``:
 
-* ``<task>_runs.csv``: one row per (optimizer, seed, epoch) with every metric and the wall time;
-* ``<task>_summary.md``: final-epoch dev metrics, mean ± std over seeds, and time per run;
-* ``<task>_curves.png``: the primary dev metric vs epoch per optimizer (mean ± std band).
+* ``<name>_runs.csv``: one row per (optimizer, seed, epoch) with every metric, the mask settings, the wall
+  time and, for the FSAM runs, the bytes of ``FSAM.memory_stats()`` (the saved originals at their peak);
+* ``<name>_summary.md``: final-epoch dev metrics, mean ± std over seeds, time per run (and FSAM's bytes);
+* ``<name>_curves.png``: the primary dev metric vs epoch per optimizer (mean ± std band).
 
-"adam" is AdamW; "sam" is FSAM(AdamW, sparsity=0) (dense SAM); "fsam" is FSAM(AdamW, sparsity=--sparsity).
+``<name>`` is ``--name``, by default the task (``cb``, ``rte``, ``stsb``, ...).
+
+"adam" is AdamW; "sam" is FSAM(AdamW, sparsity=0) (dense SAM); "fsam" is FSAM(AdamW, sparsity=--sparsity)
+(unstructured mask); "fsam-nm" is FSAM(AdamW, structure=--structure, sparsity=--sparsity): an N:M mask
+(default 2:4) on every weight whose last dimension is divisible by M, and the unstructured mask at
+--sparsity on the others (biases, LayerNorms). So ``--optimizer fsam fsam-nm --sparsity 0.5`` compares
+2:4 with the unstructured mask at the same 50 % density.
 
     python examples/finetune_glue.py --task cb --data-dir ../shared/data --optimizer adam sam fsam --seeds 0 1 2
 """
@@ -37,7 +44,9 @@ except ImportError:  # run from a source checkout without installing the package
     sys.path.insert(0, os.path.dirname(_HERE))
 import glue_data  # noqa: E402
 
-OPTIMIZERS = ("adam", "sam", "fsam")
+OPTIMIZERS = ("adam", "sam", "fsam", "fsam-nm")
+DEFAULT_OPTIMIZERS = ("adam", "sam", "fsam")
+DEFAULT_STRUCTURE = "2:4"
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
 
 
@@ -71,10 +80,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--task", required=True, choices=sorted(glue_data.TASKS), help="task to fine-tune on")
     p.add_argument("--data-dir", default=default_data_dir(), help="folder with glue/ and superglue/ (standard layout)")
     p.add_argument("--model", default=BUNDLED_MODEL, help=f"'{BUNDLED_MODEL}' (bundled) or a local model directory")
-    p.add_argument("--optimizer", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--optimizer", nargs="+", default=list(DEFAULT_OPTIMIZERS), choices=OPTIMIZERS,
+                   help="adam: AdamW; sam: FSAM(AdamW, sparsity=0); fsam: FSAM(AdamW, sparsity=--sparsity); "
+                        "fsam-nm: FSAM(AdamW, structure=--structure, sparsity=--sparsity) "
+                        f"(default: {' '.join(DEFAULT_OPTIMIZERS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rho", type=float, default=0.05)
-    p.add_argument("--sparsity", type=float, default=0.9, help="FSAM: fraction of weights not perturbed")
+    p.add_argument("--sparsity", type=float, default=0.9,
+                   help="fsam: fraction of weights not perturbed; fsam-nm: the same for the tensors that fall "
+                        "back to the unstructured mask (1-D, last dimension not divisible by M)")
+    p.add_argument("--structure", default=None, metavar="N:M",
+                   help=f"fsam-nm: keep N of every M consecutive weights along the last dimension "
+                        f"(default {DEFAULT_STRUCTURE}; only with --optimizer ... fsam-nm)")
     p.add_argument("--mask-update-interval", type=int, default=10)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
@@ -88,6 +105,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="autocast the forward passes to bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--name", default=None,
+                   help="output file prefix: <name>_runs.csv, <name>_summary.md, <name>_curves.png (default: the task)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -100,6 +119,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--sparsity must be in [0, 1]")
     if args.rho <= 0:
         p.error("--rho must be > 0")
+    if args.structure is not None and "fsam-nm" not in args.optimizer:
+        p.error("--structure applies to --optimizer fsam-nm only")
+    if "fsam-nm" in args.optimizer:
+        from fsam_kernels.structured import parse_structure
+
+        args.structure = DEFAULT_STRUCTURE if args.structure is None else args.structure
+        try:
+            n, m = parse_structure(args.structure)
+        except (TypeError, ValueError) as e:
+            p.error(f"--structure: {e}")
+        args.structure = f"{n}:{m}"
+    if args.name is not None and (not args.name or os.sep in args.name or args.name in (".", "..")):
+        p.error("--name must be a plain file name prefix")
     return args
 
 
@@ -136,8 +168,18 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
     from fsam_kernels import FSAM
 
     sparsity = 0.0 if name == "sam" else args.sparsity
-    return FSAM(groups, torch.optim.AdamW, rho=args.rho, sparsity=sparsity,
+    structure = args.structure if name == "fsam-nm" else None
+    return FSAM(groups, torch.optim.AdamW, rho=args.rho, sparsity=sparsity, structure=structure,
                 mask_update_interval=args.mask_update_interval, lr=args.lr)
+
+
+def mask_description(name: str, args: argparse.Namespace) -> tuple[Any, str]:
+    """(sparsity, structure) an optimizer name stands for, as recorded in the runs CSV ("" for none)."""
+    if name == "adam":
+        return "", ""
+    if name == "sam":
+        return 0.0, ""
+    return args.sparsity, args.structure if name == "fsam-nm" else ""
 
 
 @torch.no_grad()
@@ -177,7 +219,7 @@ def run_one(opt_name: str, seed: int, args, tokenizer, train_f, dev_f, model_dir
             return model(**batch).loss
 
     gen = torch.Generator().manual_seed(seed)
-    rows, step, start = [], 0, time.perf_counter()
+    rows, step, peak_saved, start = [], 0, 0, time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         bar = tqdm(total=steps_per_epoch, desc=f"{opt_name} seed {seed} epoch {epoch}", disable=args.quiet, leave=False)
         running = 0.0
@@ -187,6 +229,7 @@ def run_one(opt_name: str, seed: int, args, tokenizer, train_f, dev_f, model_dir
             loss.backward()
             if two_pass:
                 opt.first_step(zero_grad=True)
+                peak_saved = max(peak_saved, opt.memory_stats()["saved"])  # the originals live until second_step
                 loss_of(batch).backward()  # gradient at the perturbed weights
                 opt.second_step(zero_grad=True)
             else:
@@ -201,9 +244,15 @@ def run_one(opt_name: str, seed: int, args, tokenizer, train_f, dev_f, model_dir
                 break
         bar.close()
         metrics = evaluate(model, dev_f, tokenizer, args, spec, autocast)
-        rows.append({"optimizer": opt_name, "seed": seed, "epoch": epoch, "steps": step,
-                     "backend": getattr(opt, "backend", "") if two_pass else "",
-                     "train_loss": running / max(n + 1, 1), "wall_s": time.perf_counter() - start, **metrics})
+        sparsity, structure = mask_description(opt_name, args)
+        row = {"optimizer": opt_name, "seed": seed, "epoch": epoch, "steps": step,
+               "sparsity": sparsity, "structure": structure,
+               "backend": getattr(opt, "backend", "") if two_pass else "",
+               "train_loss": running / max(n + 1, 1), "wall_s": time.perf_counter() - start, **metrics}
+        if two_pass:  # bytes FSAM holds (mask, saved originals at their peak, ...), not the AdamW moments
+            row.update({f"fsam_{k}_bytes": v for k, v in opt.memory_stats().items()})
+            row["fsam_saved_bytes"] = peak_saved
+        rows.append(row)
         scores = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         print(f"  {opt_name} seed {seed} epoch {epoch} ({rows[-1]['wall_s']:.0f} s): {scores}", flush=True)
         if step >= total:
@@ -225,17 +274,27 @@ def summarize(rows: list[dict[str, Any]], spec) -> list[dict[str, Any]]:
             v = np.array([f[m] for f in finals.values()], dtype=np.float64)
             entry[m] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
         entry["wall_s"] = float(np.mean([f["wall_s"] for f in finals.values()]))
+        for key in ("fsam_mask_bytes", "fsam_saved_bytes"):  # same for every seed (same model and mask)
+            if any(key in f for f in finals.values()):
+                entry[key] = int(max(f.get(key, 0) for f in finals.values()))
         out.append(entry)
     return out
 
 
 def markdown_table(summary: list[dict[str, Any]], spec) -> str:
+    with_bytes = any("fsam_saved_bytes" in e for e in summary)
     head = "| optimizer | seeds | " + " | ".join(f"{m} (dev, ×100)" for m in spec.metrics) + " | time per run |"
     sep = "| --- | ---: | " + " | ".join("---:" for _ in spec.metrics) + " | ---: |"
+    if with_bytes:
+        head += " FSAM mask bytes | FSAM saved bytes |"
+        sep += " ---: | ---: |"
     lines = [head, sep]
     for e in summary:
         cells = " | ".join(f"{100 * e[m][0]:.1f} ± {100 * e[m][1]:.1f}" for m in spec.metrics)
-        lines.append(f"| {e['optimizer']} | {e['seeds']} | {cells} | {e['wall_s']:.0f} s |")
+        line = f"| {e['optimizer']} | {e['seeds']} | {cells} | {e['wall_s']:.0f} s |"
+        if with_bytes:
+            line += "".join(f" {e[k]:,} |" if k in e else " – |" for k in ("fsam_mask_bytes", "fsam_saved_bytes"))
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +361,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             rows.extend(run_one(opt_name, seed, args, tokenizer, train_f, dev_f, model_dir, spec))
 
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, spec.name.lower().replace("-", ""))
+    base = os.path.join(args.out, args.name or spec.name.lower().replace("-", ""))
     summary = summarize(rows, spec)
     table = markdown_table(summary, spec)
     write_csv(rows, base + "_runs.csv")

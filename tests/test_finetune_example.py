@@ -156,3 +156,36 @@ def test_finetune_script_rejects_bad_options():
         script.parse_args(["--task", "squad", "--data-dir", "x"])
     with pytest.raises(FileNotFoundError, match="config.json"):
         script.resolve_model(str(os.path.dirname(EXAMPLES)))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("finetune_glue", os.path.join(EXAMPLES, "finetune_glue.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_finetune_script_structure_options():
+    script = _load_script()
+    base = ["--task", "cb", "--data-dir", "x"]
+    args = script.parse_args(base)
+    assert args.optimizer == ["adam", "sam", "fsam"] and args.structure is None and args.name is None
+    args = script.parse_args(base + ["--optimizer", "fsam", "fsam-nm", "--sparsity", "0.5", "--name", "cb_nm"])
+    assert args.structure == "2:4" and args.name == "cb_nm"  # fsam-nm defaults to 2:4
+    assert script.parse_args(base + ["--optimizer", "fsam-nm", "--structure", " 4 : 8 "]).structure == "4:8"
+    for bad in (["--optimizer", "fsam", "--structure", "2:4"],  # --structure without fsam-nm
+                ["--optimizer", "fsam-nm", "--structure", "4:2"], ["--optimizer", "fsam-nm", "--structure", "2-4"],
+                ["--optimizer", "fsam-nm", "--structure", "1:17"], ["--name", ""], ["--name", "a/b"]):
+        with pytest.raises(SystemExit):
+            script.parse_args(base + bad)
+    # fsam-nm builds FSAM with the structure; fsam, sam stay unstructured; the CSV records the mask.
+    args = script.parse_args(base + ["--optimizer", "adam", "sam", "fsam", "fsam-nm", "--sparsity", "0.5"])
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
+    opts = {name: script.make_optimizer(name, model, args) for name in args.optimizer}
+    assert isinstance(opts["adam"], torch.optim.AdamW)
+    assert (opts["sam"].sparsity, opts["sam"].structure) == (0.0, None)
+    assert (opts["fsam"].sparsity, opts["fsam"].structure) == (0.5, None)
+    assert (opts["fsam-nm"].sparsity, opts["fsam-nm"].structure) == (0.5, (2, 4))
+    assert [script.mask_description(n, args) for n in args.optimizer] == [("", ""), (0.0, ""), (0.5, ""), (0.5, "2:4")]
