@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from fsam_kernels import FSAM
+from fsam_kernels import FSAM, SAM
 
 
 def load_digits_split(device: torch.device, seed: int = 0):
@@ -43,8 +43,9 @@ def make_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optim
     common = dict(lr=args.lr, weight_decay=args.weight_decay)
     if name == "adam":
         return torch.optim.AdamW(model.parameters(), **common)
-    sparsity = 0.0 if name == "sam" else args.sparsity
-    return FSAM(model.parameters(), torch.optim.AdamW, rho=args.rho, sparsity=sparsity,
+    if name == "sam":  # dense SAM: no mask at all
+        return SAM(model.parameters(), torch.optim.AdamW, rho=args.rho, backend=args.backend, **common)
+    return FSAM(model.parameters(), torch.optim.AdamW, rho=args.rho, sparsity=args.sparsity,
                 mask_update_interval=args.mask_update_interval, backend=args.backend, **common)
 
 
