@@ -26,11 +26,6 @@ def _check_fraction(name: str, value: Any) -> float:
     return float(value)
 
 
-def _with_rho(layout: ParamLayout, rho: list[float]) -> ParamLayout:
-    """The same tensors and bit offsets with other per-tensor rho values."""
-    return ParamLayout(layout.params, layout.masked, rho, layout.adaptive)
-
-
 def _full_mask(layout: ParamLayout) -> torch.Tensor:
     """The packed mask with every masked element set (padding bits stay 0)."""
     bits = layout.empty_mask()
@@ -158,7 +153,7 @@ class ESAM(_MaskedFamily):
     def _scaled_layout(self, layout: ParamLayout) -> ParamLayout:
         if self._scaled is None or self._scaled[0] is not layout:
             rho = [r / self.beta if masked else r for r, masked in zip(layout.rho, layout.masked)]
-            self._scaled = (layout, _with_rho(layout, rho))
+            self._scaled = (layout, layout.with_rho(rho))
         return self._scaled[1]
 
     def _perturbation_plan(self, layout: ParamLayout, backend: Backend) -> tuple[ParamLayout, Any, Any]:
@@ -316,7 +311,7 @@ class GSAM(_MaskedFamily):
         layout, bits, aux = super()._perturbation_plan(layout, backend)
         rho = tuple(self._group_rho(g) for g in self.param_groups if g.get("perturb", True) for _ in g["params"])
         if self._rho_layout is None or self._rho_layout[0] is not layout or self._rho_layout[1] != rho:
-            self._rho_layout = (layout, rho, _with_rho(layout, list(rho)))
+            self._rho_layout = (layout, rho, layout.with_rho(list(rho)))
         return self._rho_layout[2], bits, aux
 
     # ------------------------------------------------------------------ surrogate gap

@@ -48,6 +48,9 @@ class ParamLayout:
     bit_offset: list[int] = field(init=False)  # per masked tensor, in masked order
     n_masked: int = field(init=False)  # N: elements taking part in the mask
     mask_bytes: int = field(init=False)
+    # Identity of everything but ``rho``: layouts made by :meth:`with_rho` share it, so backends key
+    # their device tables (pointers, offsets, mask prefix counts) by it and a rho schedule rebuilds none.
+    tensors_key: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.params)
@@ -63,6 +66,15 @@ class ParamLayout:
         self.bit_offset = offsets
         self.n_masked = sum(self.numel[i] for i in self.masked_index)
         self.mask_bytes = bit // 8
+        self.tensors_key = object()
+
+    def with_rho(self, rho: list[float]) -> "ParamLayout":
+        """The same tensors, bit offsets and ``tensors_key`` with other per-tensor rho values."""
+        if len(rho) != len(self.params):
+            raise ValueError(f"ParamLayout.with_rho: expected {len(self.params)} rho values, got {len(rho)}")
+        other = ParamLayout(self.params, self.masked, [float(r) for r in rho], self.adaptive)
+        other.tensors_key = self.tensors_key
+        return other
 
     @property
     def masked_params(self) -> list[torch.Tensor]:

@@ -150,9 +150,11 @@ class FSAM(torch.optim.Optimizer):
         if self._shards is not None:
             params = self._shards.local_tensors(params)
         # dtype, device and strides are part of the key: model.to(...) keeps the Parameter objects.
-        key = (tuple(id(p) for p in params), tuple(masked), tuple(rho), tuple(adaptive),
+        key = (tuple(id(p) for p in params), tuple(masked), tuple(adaptive),
                tuple((p.numel(), p.dtype, p.device, p.stride()) for p in params))
         if self._layout is not None and key == self._layout_key:
+            if rho != self._layout.rho:  # a rho schedule: same tensors, so the mask and its aux still apply
+                self._layout = self._layout.with_rho(rho)
             return self._layout
         if not params:
             raise ValueError("FSAM: no parameter to perturb (every param group has perturb=False)")

@@ -116,6 +116,30 @@ def test_param_group_options(tiny_net, batches):
     assert [tuple(m.shape) for m in opt.masks()] == [(16, 8), (3, 16), (16,), (3,)]
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rho_changed_between_steps(tiny_net, batches, backend):
+    # A rho schedule (GSAM's, or a user's) changes only rho: every step uses its own rho, while the
+    # mask, its backend data and the layout's tensors (tensors_key) stay as they are between updates.
+    m1, m2 = clone_model(tiny_net), clone_model(tiny_net)
+    opt = FSAM([{"params": list(m1.parameters())[:2], "rho": 0.05}, {"params": list(m1.parameters())[2:]}],
+               torch.optim.SGD, rho=0.1, sparsity=0.7, mask_update_interval=3, lr=0.1, backend=backend)
+    plain_groups = [{"params": list(m2.parameters())[:2], "rho": 0.05}, {"params": list(m2.parameters())[2:], "rho": 0.1}]
+    plain = PlainFSAM(plain_groups, torch.optim.SGD, 0.7, 3, lr=0.1)
+    keys, auxes = set(), []
+    for t, batch in enumerate(batches):
+        for group, plain_group in zip(opt.param_groups, plain_groups):
+            group["rho"] = plain_group["rho"] = 0.02 * (t + 1) + (0.1 if group is opt.param_groups[1] else 0.0)
+        run_fsam(m1, [batch], opt)
+        run_plain(m2, [batch], plain)
+        keys.add(id(opt._layout.tensors_key))
+        auxes.append(opt._aux)
+        assert opt._layout.rho[0] == plain_groups[0]["rho"] and opt._layout.rho[-1] == plain_groups[1]["rho"]
+    assert_same_params(m1, m2, exact=backend == "torch")
+    assert len(keys) == 1
+    # the mask data is rebuilt at mask updates (steps 0 and 3) only, not when rho changes
+    assert auxes[1] is auxes[0] and auxes[2] is auxes[0] and auxes[4] is auxes[3]
+
+
 def test_perturb_false_params_never_move_during_first_step(tiny_net, batches):
     opt = FSAM([{"params": [tiny_net.fc1.weight], "perturb": False},
                 {"params": [p for n, p in tiny_net.named_parameters() if n != "fc1.weight"]}],

@@ -385,3 +385,34 @@ def test_optimizer_structured_mask_uses_triton_kernel(backend):
     for a, b in zip(*masks):
         assert torch.equal(a, b), first_mismatch(a, b)
     assert int(masks[1][0].sum()) == 16 * 8 // 2  # 2 of every 4 along the input dimension
+
+
+def test_rho_schedule_reuses_the_plan_and_applies_each_rho(backend, monkeypatch):
+    # GSAM changes rho at every step with the learning rate: the device tables must be built once, and
+    # each step must still perturb with that step's rho (weights match the torch backend's).
+    import fsam_kernels.backends.triton_backend as tb
+    from fsam_kernels import GSAM
+
+    built = []
+    monkeypatch.setattr(tb, "_LayoutPlan", lambda layout, _cls=tb._LayoutPlan: built.append(1) or _cls(layout))
+    torch.manual_seed(3)
+    nets = [TinyNet(), TinyNet()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rhos = {}
+    for name, net in zip(("triton", "torch"), nets):
+        opt = GSAM(net.parameters(), torch.optim.SGD, rho=0.2, rho_min=0.01, lr=0.1, alpha=0.3, sparsity=0.5,
+                   backend=name)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        seen = []
+        for x, y in make_batches(n_batches=3, seed=7):
+            seen.append(opt.current_rho()[0])
+            loss_fn(net(x), y).backward()
+            opt.step(lambda: loss_fn(net(x), y).backward())
+            opt.zero_grad()
+            sched.step()
+        rhos[name] = seen
+    assert len(set(rhos["triton"])) == 3 and rhos["triton"] == rhos["torch"]
+    assert len(built) == 1, f"{len(built)} Triton plans built for one set of tensors"
+    for (n, p), q in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")

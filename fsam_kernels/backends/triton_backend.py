@@ -59,7 +59,7 @@ class _Group:
     g_ptrs: Optional[torch.Tensor]  # bound per call by _groups_for
     numels: torch.Tensor
     bit_offsets: torch.Tensor  # -1 for dense tensors
-    rhos: torch.Tensor
+    rhos: Optional[torch.Tensor]  # bound per call by _bind_rhos (rho may follow a schedule)
     adaptive: torch.Tensor
     chunk_slot: torch.Tensor
     chunk_start: torch.Tensor
@@ -68,7 +68,7 @@ class _Group:
 
 
 class _LayoutPlan:
-    """Everything derived from a layout alone, built once per layout."""
+    """Everything derived from a layout's tensors (not its rho values), built once per tensors_key."""
 
     def __init__(self, layout: ParamLayout) -> None:
         self.group_of_param = [DTYPE_CODES.get(p.dtype, _OTHER_GROUP) for p in layout.params]
@@ -84,6 +84,7 @@ class _LayoutPlan:
         self.masked = _kernels()[3].MaskedPlan(layout, self.group_of_param) if layout.masked_index else None
         self.groups = TableCache()  # perturbation groups, by the weights' addresses and the grads' dtypes
         self.grad_ptrs = TableCache(16)  # gradient-pointer tables, by the gradients' addresses
+        self.rhos = TableCache(16)  # per-group rho tables, by the rho values
 
 
 @dataclass
@@ -104,9 +105,9 @@ class TritonBackend(Backend):
     candidate_capacity = 1 << 22
 
     def __init__(self) -> None:
-        self._plans: dict[int, tuple[ParamLayout, _LayoutPlan]] = {}
+        self._plans: dict[object, _LayoutPlan] = {}
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._last_mask: Optional[tuple] = None  # (weakref to bits, version, layout id, aux)
+        self._last_mask: Optional[tuple] = None  # (weakref to bits, version, layout.tensors_key, aux)
         self.select_fallbacks = 0  # masks the sampled bracket missed (built by the reference instead)
         self._triton_installed: Optional[bool] = None  # looked up once, without importing Triton
 
@@ -141,13 +142,14 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ caches
     def _plan(self, layout: ParamLayout) -> _LayoutPlan:
-        entry = self._plans.get(id(layout))
-        if entry is not None and entry[0] is layout:
-            return entry[1]
+        # Keyed by the tensors_key token (held by the dict, so its id is never reused): layouts that differ
+        # only in rho share one plan.
+        plan = self._plans.get(layout.tensors_key)
+        if plan is not None:
+            return plan
         if len(self._plans) >= 4:
             self._plans.clear()
-        plan = _LayoutPlan(layout)
-        self._plans[id(layout)] = (layout, plan)
+        plan = self._plans[layout.tensors_key] = _LayoutPlan(layout)
         return plan
 
     def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,6 +182,16 @@ class TritonBackend(Backend):
             bound.append(dataclasses.replace(group, g_ptrs=ptrs))
         return bound, fallback
 
+    @staticmethod
+    def _bind_rhos(layout: ParamLayout, plan: _LayoutPlan, group: _Group) -> _Group:
+        """The group with its members' rho values as a device table (uploaded once per distinct values)."""
+        values = tuple(layout.rho[i] for i in group.params)
+        rhos = plan.rhos.get(
+            (tuple(group.params), values),
+            lambda: torch.tensor(values, dtype=torch.float32).to(layout.device),
+        )
+        return dataclasses.replace(group, rhos=rhos)
+
     def _build_groups(self, layout: ParamLayout, plan: _LayoutPlan, grads) -> tuple[list[_Group], list[int]]:
         members: dict[tuple, list[int]] = {}
         fallback = []
@@ -211,7 +223,7 @@ class TritonBackend(Backend):
                 g_ptrs=None,
                 numels=torch.tensor(numels, dtype=torch.int64).to(device),
                 bit_offsets=torch.tensor(bit_offsets, dtype=torch.int64).to(device),
-                rhos=torch.tensor([layout.rho[i] for i in idx], dtype=torch.float32).to(device),
+                rhos=None,
                 adaptive=torch.tensor([int(layout.adaptive[i]) for i in idx], dtype=torch.int32).to(device),
                 chunk_slot=slot.to(device),
                 chunk_start=start.to(device),
@@ -304,7 +316,7 @@ class TritonBackend(Backend):
             self.select_fallbacks += 1
             return ref.select_mask_reference(layout, scores, k, square)
         bits, prefix, totals = result
-        self._last_mask = (weakref.ref(bits), bits._version, id(layout), {"prefix": prefix, "totals": totals})
+        self._last_mask = (weakref.ref(bits), bits._version, layout.tensors_key, {"prefix": prefix, "totals": totals})
         return bits
 
     def select_nm_mask(self, layout: ParamLayout, scores, n: int, m: int, square: bool, support=None) -> torch.Tensor:
@@ -323,12 +335,12 @@ class TritonBackend(Backend):
             return None
         self._check_bits(layout, bits, "mask_aux")
         last = self._last_mask
-        if last is not None and last[0]() is bits and last[1] == bits._version and last[2] == id(layout):
+        if last is not None and last[0]() is bits and last[1] == bits._version and last[2] is layout.tensors_key:
             return last[3]
         with _device_guard(layout.device):
             prefix, totals = _kernels()[3].mask_prefix_counts(plan.masked, bits)
         aux = {"prefix": prefix, "totals": totals}
-        self._last_mask = (weakref.ref(bits), bits._version, id(layout), aux)
+        self._last_mask = (weakref.ref(bits), bits._version, layout.tensors_key, aux)
         return aux
 
     # ------------------------------------------------------------------ perturb / restore
@@ -368,6 +380,7 @@ class TritonBackend(Backend):
         applied = torch.empty(1, dtype=torch.int32, device=layout.device)
         buffers: dict[int, torch.Tensor] = {}
         for g in groups:
+            g = self._bind_rhos(layout, plan, g)
             code = DTYPE_CODES[g.w_dtype]
             if code not in buffers:
                 size = plan.dense_total[code] + totals[code]
