@@ -50,7 +50,7 @@ def key_histogram_reference(
     column ``d`` counts the keys of the ``j``-th masked tensor with ``key >> (shift + radix_bits) ==
     prefix`` and ``(key >> shift) & (2**radix_bits - 1) == d``.
     """
-    _check_digit(shift, radix_bits)
+    check_digit(shift, radix_bits)
     bins = 1 << radix_bits
     rows = []
     for s in scores:
@@ -81,7 +81,7 @@ def mask_from_threshold_reference(
     return ref.pack_mask(layout, masks)
 
 
-def _check_digit(shift: int, radix_bits: int) -> None:
+def check_digit(shift: int, radix_bits: int) -> None:
     if not (0 < radix_bits <= 16 and 0 <= shift and shift + radix_bits <= KEY_BITS):
         raise ValueError(
             f"key_histogram: expected 0 < radix_bits <= 16 and 0 <= shift <= {KEY_BITS} - radix_bits, "

@@ -147,3 +147,25 @@ def test_launch_counts_with_hundreds_of_tensors():
     print(f"launches: mask-update step {n_mask} {names_mask}; other step {n_plain} {names_plain}")
     assert n_plain <= 6, names_plain
     assert n_mask <= 12, names_mask
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantized", [False, True], ids=["continuous", "quantized"])
+def test_sharded_select_primitives_match_the_reference(quantized):
+    # FSDP2's top-k: per-pass key histograms and the mask from a threshold, one launch each.
+    from fsam_kernels import distributed_select as ds
+
+    backend = _backend()
+    layout = _layout(roberta_large_shapes()[:60])
+    grads = _grads(layout, quantized)
+    prefix, remaining = 0, layout.k_for(0.9)
+    for shift in ds.PASS_SHIFTS:
+        rows = backend.key_histogram(layout, grads, True, prefix, shift, ds.RADIX_BITS)
+        want = ds.key_histogram_reference(layout, grads, True, prefix, shift, ds.RADIX_BITS)
+        assert torch.equal(rows, want), f"shift {shift}"
+        digit, remaining = ds.next_digit(rows.sum(dim=0).cpu(), remaining)
+        prefix = (prefix << ds.RADIX_BITS) | digit
+    quotas = ds.tie_quotas(rows[:, digit].unsqueeze(0).cpu(), remaining)[0].tolist()
+    bits = backend.mask_from_threshold(layout, grads, True, prefix, quotas)
+    assert torch.equal(bits, ds.mask_from_threshold_reference(layout, grads, True, prefix, quotas))
+    assert torch.equal(bits, ref.select_mask_reference(layout, grads, layout.k_for(0.9), True))

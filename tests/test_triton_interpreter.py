@@ -416,3 +416,73 @@ def test_rho_schedule_reuses_the_plan_and_applies_each_rho(backend, monkeypatch)
     assert len(built) == 1, f"{len(built)} Triton plans built for one set of tensors"
     for (n, p), q in zip(nets[0].named_parameters(), nets[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------- sharded top-k primitives
+def _tied_scores(sizes, dtype, levels, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        s = torch.randn(n, generator=g)
+        if levels is not None:
+            s = torch.randint(0, levels, (n,), generator=g).float() * 0.5
+        out.append(s.to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("square", [True, False])
+def test_key_histogram_matches_the_reference(backend, dtype, square):
+    from fsam_kernels import distributed_select as ds
+
+    sizes = [1, 7, 0, 123, 4097]
+    scores = _tied_scores(sizes, dtype, None, seed=11)
+    if not square:
+        scores = [s.abs() for s in scores]
+    layout = make_layout(sizes, dtype)
+    keys = torch.cat([ref.fisher_key(s, square) for s in scores]).to(torch.int64)
+    # the first pass, then prefixes that hold keys (the largest key's, a middle key's) and one that holds none
+    cases = [(0, 24)]
+    for key in (int(keys.max()), int(keys.sort().values[keys.numel() // 2])):
+        cases += [(key >> 24, 16), (key >> 16, 8), (key >> 8, 0)]
+    cases.append((0x7F, 16))
+    for prefix, shift in cases:
+        want = ds.key_histogram_reference(layout, scores, square, prefix, shift, 8)
+        got = backend.key_histogram(layout, scores, square, prefix, shift, 8)
+        assert got.dtype == torch.int64 and torch.equal(got, want), (prefix, shift)
+    # other digit widths: 4 bits run in the kernel, 12 go to the reference
+    for bits in (4, 12):
+        want = ds.key_histogram_reference(layout, scores, square, 0, 32 - bits, bits)
+        assert torch.equal(backend.key_histogram(layout, scores, square, 0, 32 - bits, bits), want)
+    with pytest.raises(ValueError, match="shift"):
+        backend.key_histogram(layout, scores, square, 0, 30, 8)
+
+
+@pytest.mark.parametrize("levels", [None, 3, 1], ids=["distinct", "3-levels", "all-equal"])
+def test_mask_from_threshold_matches_the_reference(backend, levels):
+    from fsam_kernels import distributed_select as ds
+
+    sizes = [4097, 0, 7, 1100, 1]
+    scores = _tied_scores(sizes, torch.float32, levels, seed=12)
+    layout = make_layout(sizes)
+    keys = [ref.fisher_key(s, True).to(torch.int64) for s in scores]
+    flat = torch.cat(keys)
+    for threshold in (int(flat.median()), int(flat.max()), int(flat.min())):
+        ties = [int((k == threshold).sum()) for k in keys]
+        for quotas in ([0] * len(sizes), ties, [t // 2 + (t % 3) % 2 for t in ties]):
+            want = ds.mask_from_threshold_reference(layout, scores, True, threshold, quotas)
+            assert_same_mask(layout, backend.mask_from_threshold(layout, scores, True, threshold, quotas), want)
+    with pytest.raises(ValueError, match="quotas"):
+        backend.mask_from_threshold(layout, scores, True, 0, [0])
+
+
+@pytest.mark.parametrize("levels", [None, 2], ids=["distinct", "2-levels"])
+def test_select_by_histogram_equals_the_reference_mask(backend, levels):
+    from fsam_kernels import distributed_select as ds
+
+    sizes = [600, 7, 2049]
+    scores = _tied_scores(sizes, torch.float32, levels, seed=13)
+    layout = make_layout(sizes)
+    for k in (1, 500, 1328, 2656):
+        want = ref.select_mask_reference(layout, scores, k, True)
+        assert_same_mask(layout, ds.select_mask_by_histogram(backend, layout, scores, k, True), want)

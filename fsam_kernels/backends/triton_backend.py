@@ -8,6 +8,8 @@ dtype) group; a model usually has one group):
 * ``select_mask``: 7 (see :mod:`fsam_kernels.triton_kernels.select`), one host synchronisation; it
   also yields the mask's per-chunk prefix counts, so the following ``mask_aux`` costs nothing.
 * ``perturb`` and ``restore``: 1 per group each.
+* under FSDP2 (sharded scores), ``key_histogram``: 1 per radix pass; ``mask_from_threshold``: 2 and a
+  few small torch ops (see :mod:`fsam_kernels.triton_kernels.histogram`).
 
 Tensors the kernels do not handle (float64 weights or gradients) go through the pure-torch reference
 for those tensors only. Device tables (pointers, sizes, chunk lists) are cached by the tensors'
@@ -24,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .. import distributed_select
 from .. import reference as ref
 from ..layout import ParamLayout
 from ..triton_kernels import CHUNK, N_GROUPS, interpret_env, interpreted, mode_conflict
@@ -285,29 +288,33 @@ class TritonBackend(Backend):
             ref.fisher_accumulate_reference([accum[i] for i in rest], [gs[i] for i in rest])
 
     # ------------------------------------------------------------------ mask
+    @staticmethod
+    def _check_scores(layout: ParamLayout, scores, op: str) -> list[torch.Tensor]:
+        """The scores, validated, contiguous and of one kernel dtype."""
+        if len(scores) != len(layout.masked_index):
+            raise ValueError(f"{op}: expected {len(layout.masked_index)} score tensors (one per masked "
+                             f"parameter), got {len(scores)}")
+        for j, (s, i) in enumerate(zip(scores, layout.masked_index)):
+            if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+                raise TypeError(f"{op}: expected scores[{j}] to be a floating-point tensor")
+            if s.numel() != layout.numel[i] or s.device != layout.device:
+                raise ValueError(f"{op}: expected scores[{j}] with {layout.numel[i]} elements on "
+                                 f"{layout.device}, got {s.numel()} on {s.device}")
+        dtypes = {s.dtype for s in scores}
+        if len(dtypes) == 1 and next(iter(dtypes)) in DTYPE_CODES:
+            return [s if s.is_contiguous() else s.contiguous() for s in scores]
+        # One kernel dtype per launch; fl32(score) is what the key is made of anyway, so the cast is exact.
+        return [s.float().contiguous() for s in scores]
+
     def select_mask(self, layout: ParamLayout, scores: Sequence[torch.Tensor], k: int, square: bool) -> torch.Tensor:
         n = layout.n_masked
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
             raise ValueError(f"select_mask: expected 0 <= k <= {n}, got k={k!r}")
-        if len(scores) != len(layout.masked_index):
-            raise ValueError(f"select_mask: expected {len(layout.masked_index)} score tensors (one per masked "
-                             f"parameter), got {len(scores)}")
-        for j, (s, i) in enumerate(zip(scores, layout.masked_index)):
-            if not isinstance(s, torch.Tensor) or not s.is_floating_point():
-                raise TypeError(f"select_mask: expected scores[{j}] to be a floating-point tensor")
-            if s.numel() != layout.numel[i] or s.device != layout.device:
-                raise ValueError(f"select_mask: expected scores[{j}] with {layout.numel[i]} elements on "
-                                 f"{layout.device}, got {s.numel()} on {s.device}")
+        scores = self._check_scores(layout, scores, "select_mask")
         plan = self._plan(layout)
         if k == 0 or plan.masked is None:
             bits = layout.empty_mask()
             return bits
-        dtypes = {s.dtype for s in scores}
-        if len(dtypes) == 1 and next(iter(dtypes)) in DTYPE_CODES:
-            scores = [s if s.is_contiguous() else s.contiguous() for s in scores]
-        else:
-            # One kernel dtype per launch; fl32(score) is what the key is made of anyway, so the cast is exact.
-            scores = [s.float().contiguous() for s in scores]
         with _device_guard(layout.device):
             result = _kernels()[3].select_mask(
                 plan.masked, scores, k, square, layout.mask_bytes, self.sample_size, self.candidate_capacity
@@ -318,6 +325,32 @@ class TritonBackend(Backend):
         bits, prefix, totals = result
         self._last_mask = (weakref.ref(bits), bits._version, layout.tensors_key, {"prefix": prefix, "totals": totals})
         return bits
+
+    def key_histogram(self, layout, scores, square, prefix, shift, radix_bits) -> torch.Tensor:
+        from ..triton_kernels import histogram
+
+        distributed_select.check_digit(shift, radix_bits)
+        scores = self._check_scores(layout, scores, "key_histogram")
+        plan = self._plan(layout)
+        if plan.masked is None or radix_bits > histogram.MAX_RADIX_BITS:
+            return super().key_histogram(layout, scores, square, prefix, shift, radix_bits)
+        with _device_guard(layout.device):
+            return histogram.key_histogram(plan.masked, scores, square, prefix, shift, radix_bits)
+
+    def mask_from_threshold(self, layout, scores, square, threshold, quotas) -> torch.Tensor:
+        from ..triton_kernels import histogram
+
+        scores = self._check_scores(layout, scores, "mask_from_threshold")
+        if len(quotas) != len(scores):
+            raise ValueError(f"mask_from_threshold: expected {len(scores)} quotas (one per masked tensor), "
+                             f"got {len(quotas)}")
+        if not 0 <= threshold < 1 << 31:
+            raise ValueError(f"mask_from_threshold: expected a threshold key in [0, 2**31), got {threshold}")
+        plan = self._plan(layout)
+        if plan.masked is None:
+            return layout.empty_mask()
+        with _device_guard(layout.device):
+            return histogram.mask_from_threshold(plan.masked, scores, square, threshold, quotas, layout.mask_bytes)
 
     def select_nm_mask(self, layout: ParamLayout, scores, n: int, m: int, square: bool, support=None) -> torch.Tensor:
         from ..triton_kernels import nm_mask

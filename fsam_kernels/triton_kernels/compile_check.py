@@ -26,7 +26,7 @@ _ARG_TYPES = dict(
     info=_P, sample=_P32, quota=_P, prefix=_P, aux_prefix=_P, mask="*u8", rhos=_PF, adaptive=_P32,
     partials=_PF, extra=_PF, out=_PF, norm_ptr=_PF, applied=_P32, n_chunks="i32", capacity="i64",
     n_tensors="i32", n_total="i64", n_samples="i32", n_search="i32", rank_hi="i32", rank_lo="i32", k="i64",
-    n="i32", dense_total="i64", eps="fp32",
+    n="i32", dense_total="i64", eps="fp32", shift="i32", high_shift="i32",
 )
 
 
@@ -43,7 +43,7 @@ def _compile(fn, constexprs: dict, target: GPUTarget, num_warps: int = 8, exact:
 
 def compile_all(arch: int = 90) -> list[str]:
     """Compile every kernel; return one line per compiled variant."""
-    from . import fisher, norm, perturb, select
+    from . import fisher, histogram, nm_mask, norm, perturb, select
 
     target = GPUTarget("cuda", arch, 32)
     done = []
@@ -63,6 +63,14 @@ def compile_all(arch: int = 90) -> list[str]:
         saved = "*" + _TYPE_NAMES[dt]
         run(perturb._perturb_kernel, dict(W_DTYPE=dt, G_DTYPE=dt, BLOCK=CHUNK), exact=True, saved=saved)
         run(perturb._restore_kernel, dict(W_DTYPE=dt, BLOCK=CHUNK), saved=saved)
+        run(histogram._histogram_kernel, dict(DTYPE=dt, SQUARE=True, TOP=False, BINS=256, BLOCK=CHUNK),
+            out=_P, prefix="i32")
+        run(nm_mask._nm_mask_kernel, dict(M=4, SQUARE=True, HAS_SUPPORT=True, BLOCK_BYTES=nm_mask.BLOCK_BYTES),
+            score_ptr="*" + _TYPE_NAMES[dt], support_ptr="*" + _TYPE_NAMES[dt], bits_ptr="*u8", numel="i64")
+    run(histogram._histogram_kernel, dict(DTYPE=tl.float32, SQUARE=False, TOP=True, BINS=256, BLOCK=CHUNK),
+        out=_P, prefix="i32")
+    run(nm_mask._nm_mask_kernel, dict(M=16, SQUARE=False, HAS_SUPPORT=False, BLOCK_BYTES=nm_mask.BLOCK_BYTES),
+        score_ptr="*fp32", support_ptr="*fp32", bits_ptr="*u8", numel="i64")
     run(select._count_kernel, dict(DTYPE=tl.float32, SQUARE=False, BLOCK=CHUNK))
     run(select._bracket_kernel, dict(BLOCK=CHUNK), num_warps=16)
     run(select._resolve_kernel, dict(BLOCK=CHUNK), num_warps=16)
