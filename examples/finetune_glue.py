@@ -93,6 +93,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help=f"fsam-nm: keep N of every M consecutive weights along the last dimension "
                         f"(default {DEFAULT_STRUCTURE}; only with --optimizer ... fsam-nm)")
     p.add_argument("--mask-update-interval", type=int, default=10)
+    p.add_argument("--no-perturb-embeddings", dest="perturb_embeddings", action="store_false",
+                   help="SAM/FSAM leave the nn.Embedding weights unperturbed (a group with perturb=False), so "
+                        "the mask chooses among the encoder's weights only")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -159,10 +162,16 @@ def batches(features: list[dict[str, Any]], tokenizer: Any, batch_size: int, reg
 
 # --------------------------------------------------------------------------- training
 def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
-    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay, frozen_embeddings = [], [], []
     for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
+        if not args.perturb_embeddings and id(p) in embeddings and name != "adam":
+            frozen_embeddings.append(p)
+        else:
+            (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if frozen_embeddings:  # trained by AdamW as usual, never perturbed, outside the mask
+        groups.append({"params": frozen_embeddings, "weight_decay": args.weight_decay, "perturb": False})
     if name == "adam":
         return torch.optim.AdamW(groups, lr=args.lr)
     from fsam_kernels import FSAM
@@ -247,6 +256,7 @@ def run_one(opt_name: str, seed: int, args, tokenizer, train_f, dev_f, model_dir
         sparsity, structure = mask_description(opt_name, args)
         row = {"optimizer": opt_name, "seed": seed, "epoch": epoch, "steps": step,
                "sparsity": sparsity, "structure": structure,
+               "perturb_embeddings": args.perturb_embeddings if two_pass else "",
                "backend": getattr(opt, "backend", "") if two_pass else "",
                "train_loss": running / max(n + 1, 1), "wall_s": time.perf_counter() - start, **metrics}
         if two_pass:  # bytes FSAM holds (mask, saved originals at their peak, ...), not the AdamW moments

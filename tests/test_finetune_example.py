@@ -189,3 +189,23 @@ def test_finetune_script_structure_options():
     assert (opts["fsam"].sparsity, opts["fsam"].structure) == (0.5, None)
     assert (opts["fsam-nm"].sparsity, opts["fsam-nm"].structure) == (0.5, (2, 4))
     assert [script.mask_description(n, args) for n in args.optimizer] == [("", ""), (0.0, ""), (0.5, ""), (0.5, "2:4")]
+
+
+def test_finetune_script_can_leave_embeddings_unperturbed():
+    import torch
+
+    script = _load_script()
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 8), "fc": torch.nn.Linear(8, 4)})
+    base = ["--task", "cb", "--data-dir", "x", "--optimizer", "adam", "fsam", "--sparsity", "0.5"]
+    for flag, perturbed in (([], True), (["--no-perturb-embeddings"], False)):
+        args = script.parse_args(base + flag)
+        assert args.perturb_embeddings is perturbed
+        fsam = script.make_optimizer("fsam", model, args)
+        # every parameter is stepped either way; only the embedding's perturbation changes
+        assert sum(len(g["params"]) for g in fsam.param_groups) == 3
+        emb_group = next(g for g in fsam.param_groups if any(p is model["emb"].weight for p in g["params"]))
+        assert emb_group.get("perturb", True) is perturbed and emb_group["weight_decay"] == args.weight_decay
+        n_masked = sum(p.numel() for g in fsam.param_groups if g.get("perturb", True) for p in g["params"])
+        assert n_masked == (80 + 36 if perturbed else 36)
+        adam = script.make_optimizer("adam", model, args)  # AdamW has nothing to perturb: unchanged
+        assert [len(g["params"]) for g in adam.param_groups] == [2, 1]
