@@ -4,17 +4,19 @@
 #   1. environment (nvidia-smi, versions)     20 s
 #   2. build the native extension             150 s   pip install --no-build-isolation --no-deps -e .
 #   3. GPU tests                              90 s    pytest tests -m gpu
-#   4. full benchmarks                        what is left of the 8 minutes, less 70 s (at least 90 s);
+#   4. full benchmarks                        what is left of the 8 minutes, less 85 s (at least 90 s);
 #                                                     benchmarks/run.py --full skips the cases past its budget
 #   5. plots                                  30 s
+#   6. tables (README tables and the targets) 15 s
 # Each stage runs under `timeout`, so a hang costs its own slot only, and a failed stage does not stop
 # the next. Everything lands in the output folder (at most 8 files, no subfolders):
-#   gpu_check.log (every stage's output), summary.txt (stage, exit code, seconds), <gpu>-full.csv, PNGs.
+#   gpu_check.log (every stage's output), summary.txt (stage, exit code, seconds), <gpu>-full.csv, PNGs,
+#   tables.md (benchmarks/table.py: per-op, end-to-end, memory, launches, and each backend vs the targets).
 #
 #   bash benchmarks/gpu_check.sh "$OUT"
 #
 # Environment: PYTHON (default python3), FSAM_CHECK_TOTAL (seconds for the whole check, default 470),
-# FSAM_CHECK_BENCH_BUDGET (seconds of benchmarking; default: what is left of the total, less 70),
+# FSAM_CHECK_BENCH_BUDGET (seconds of benchmarking; default: what is left of the total, less 85),
 # FSAM_CHECK_SKIP_BUILD=1 (use the installed package as is), FSAM_CHECK_MODE (full; quick or tiny to try the plumbing on a CPU).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTPUT_FOLDER}
@@ -58,13 +60,14 @@ stage tests 90 $PY -m pytest tests -m gpu -q -p no:cacheprovider -o addopts="" -
 
 GPU=$($PY -c 'import torch; print(torch.cuda.get_device_name(0).lower().replace("nvidia ", "nvidia-").replace(" ", "-") if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo gpu)
 CSV="$OUT/$GPU-$MODE.csv"
-# the benchmark gets what the earlier stages left: 40 s of slack for the case in flight, 30 s for the plots
-LEFT=$(( TOTAL - ($(date +%s) - T0) - 70 ))
+# the benchmark gets what the earlier stages left: 40 s of slack for the case in flight, 45 s for plots and tables
+LEFT=$(( TOTAL - ($(date +%s) - T0) - 85 ))
 BUDGET=${FSAM_CHECK_BENCH_BUDGET:-$(( LEFT > 90 ? LEFT : 90 ))}
 stage bench $(( BUDGET + 40 )) $PY benchmarks/run.py --"$MODE" --csv "$CSV" --budget "$BUDGET"
 
 if [ -s "$CSV" ]; then
   stage plots 30 bash -c "$PY benchmarks/plot.py '$CSV' --out '$OUT' && $PY benchmarks/plot.py '$CSV' --out '$OUT' --dtype bfloat16"
+  stage tables 15 bash -c "$PY benchmarks/table.py '$CSV' > '$OUT/tables.md'"
 fi
 cat "$SUMMARY"
 ls -la "$OUT"

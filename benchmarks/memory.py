@@ -1,5 +1,6 @@
 """Memory per method: optimizer state kept between steps, values saved during a step, and (CUDA only)
-the peak extra device memory of one mask build + perturb + restore.
+the peak extra device memory of one mask build + perturb + restore and, for FSAM, of one mask build
+alone beyond the packed mask it returns (its temporaries: the issue's target is at most 64 MB).
 
 FSAM's numbers come from :meth:`fsam_kernels.FSAM.memory_stats`; the baselines count the tensors
 they hold. The base optimizer's own state (e.g. AdamW's moments) is the same for every method and is
@@ -35,9 +36,25 @@ def _with_baseline(wl: Workload, method: str):
     return opt.state_nbytes(), saved
 
 
+def _mask_peak_extra(wl: Workload, backend: str) -> int:
+    """Peak device memory of one ``select_mask`` call beyond the mask it returns."""
+    from fsam_kernels.backends import get_backend
+
+    impl = get_backend(backend, wl.device)
+    impl.select_mask(wl.layout, wl.grads, wl.k, True)  # warm: compiled kernels, cached tables
+    gc.collect()
+    torch.cuda.synchronize(wl.device)
+    torch.cuda.reset_peak_memory_stats(wl.device)
+    base = torch.cuda.memory_allocated(wl.device)
+    with torch.no_grad():
+        bits = impl.select_mask(wl.layout, wl.grads, wl.k, True)
+    torch.cuda.synchronize(wl.device)
+    return torch.cuda.max_memory_allocated(wl.device) - base - bits.numel() * bits.element_size()
+
+
 def memory_rows(wl: Workload, method: str, mode: str) -> list[Row]:
-    """Rows ``state_bytes``, ``saved_bytes`` and, on CUDA, ``peak_extra_bytes`` for ``method``
-    (``fsam[<backend>]`` or a dense/naive baseline)."""
+    """Rows ``state_bytes``, ``saved_bytes`` and, on CUDA, ``peak_extra_bytes`` (and for FSAM
+    ``mask_peak_extra_bytes``) for ``method`` (``fsam[<backend>]`` or a dense/naive baseline)."""
     cuda = wl.device.type == "cuda"
     gc.collect()
     if cuda:
@@ -54,6 +71,8 @@ def memory_rows(wl: Workload, method: str, mode: str) -> list[Row]:
     if cuda:
         torch.cuda.synchronize(wl.device)
         values["peak_extra_bytes"] = torch.cuda.max_memory_allocated(wl.device) - base
+        if method.startswith("fsam["):
+            values["mask_peak_extra_bytes"] = _mask_peak_extra(wl, backend)
     rows = []
     for op, value in values.items():
         rows.append(Row(op=op, method=method, backend=backend, shapes=wl.shape_set.name, size=wl.numel,

@@ -8,7 +8,8 @@ The four ops of one FSAM step, as the optimizer calls them through the Backend i
 * ``restore`` - writing the originals back.
 
 Baselines (see :mod:`benchmarks.baselines`) run the same ops their own way; a baseline that has no
-such op (dense SAM has no mask) has no case for it.
+such op (dense SAM has no mask) has no case for it. ``device_copy`` (op ``copy``) is the yardstick of
+the bandwidth-bound ops: one ``copy_`` of a buffer as large as the parameter set.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .harness import Row, dtype_name, run_rounds, timed_row
 from .shapes import ShapeSet
 
 OPS = ("fisher_accumulate", "select_mask", "norm_perturb", "restore")
-BASELINES = ("sam_loop", "sam_foreach", "fsam_naive", "foreach_addcmul")
+BASELINES = ("sam_loop", "sam_foreach", "fsam_naive", "foreach_addcmul", "device_copy")
 SPARSITY = 0.9
 RHO = 0.05
 EPS = 1e-12
@@ -63,7 +64,7 @@ class Workload:
         """Rough device memory of the worst case: weights, grads, fp32 Fisher, a dense mask and a copy,
         plus ``torch.cat`` + ``topk`` temporaries of the naive baseline."""
         e = torch.empty((), dtype=dtype).element_size()
-        return shape_set.numel * (6 * e + 4 + 8)
+        return shape_set.numel * (6 * e + 4 + 8) + 2 * shape_set.numel * e  # + the device_copy buffers
 
 
 # --------------------------------------------------------------------------- methods
@@ -210,14 +211,37 @@ class ForeachAddcmul(Method):
         return 3 * self.wl.numel * self.wl.elem
 
 
+class DeviceCopy(Method):
+    """``dst.copy_(src)`` of one contiguous buffer with as many elements as the parameter set: the
+    memory bandwidth the issue's Fisher target (>= 90 % of it) is measured against."""
+
+    name = "device_copy"
+    ops = ("copy",)
+
+    def __init__(self, wl: Workload) -> None:
+        super().__init__(wl)
+        self.src = torch.ones(wl.numel, dtype=wl.dtype, device=wl.device)
+        self.dst = torch.empty_like(self.src)
+
+    @torch.no_grad()
+    def copy(self) -> None:
+        self.dst.copy_(self.src)
+
+    def bytes_moved(self, op: str) -> int:
+        return 2 * self.wl.numel * self.wl.elem  # read + write
+
+
+_BASELINE_CLASSES = {"sam_loop": SamLoop, "sam_foreach": SamForeach, "fsam_naive": FsamNaive,
+                     "foreach_addcmul": ForeachAddcmul, "device_copy": DeviceCopy}
+
+
 def make_method(name: str, wl: Workload) -> Method:
     """``name``: a baseline of :data:`BASELINES` or ``fsam[<backend>]``."""
     if name.startswith("fsam[") and name.endswith("]"):
         return BackendFSAM(wl, name[5:-1])
-    table = {"sam_loop": SamLoop, "sam_foreach": SamForeach, "fsam_naive": FsamNaive, "foreach_addcmul": ForeachAddcmul}
-    if name not in table:
-        raise ValueError(f"Invalid method: {name!r}; expected one of {list(table)} or 'fsam[<backend>]'")
-    return table[name](wl)
+    if name not in _BASELINE_CLASSES:
+        raise ValueError(f"Invalid method: {name!r}; expected one of {list(_BASELINE_CLASSES)} or 'fsam[<backend>]'")
+    return _BASELINE_CLASSES[name](wl)
 
 
 def benchmark_backends(device: torch.device) -> list[str]:
@@ -238,8 +262,7 @@ def method_names(backends: list[str]) -> list[str]:
 def method_ops(name: str) -> tuple[str, ...]:
     if name.startswith("fsam["):
         return OPS
-    return {"sam_loop": SamLoop.ops, "sam_foreach": SamForeach.ops, "fsam_naive": FsamNaive.ops,
-            "foreach_addcmul": ForeachAddcmul.ops}[name]
+    return _BASELINE_CLASSES[name].ops
 
 
 @dataclass

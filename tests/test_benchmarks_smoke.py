@@ -109,7 +109,7 @@ def test_op_rows_are_well_formed_and_leave_the_weights_unchanged(dtype):
             seen.add(op)
         for j, (p, b) in enumerate(zip(wl.params, before)):
             assert torch.equal(p.detach(), b), f"{name} left tensor {j} changed: {_first_mismatch(p.detach(), b)}"
-    assert seen == set(OPS)
+    assert seen == set(OPS) | {"copy"}  # device_copy: the bandwidth yardstick
     with pytest.raises(ValueError, match="method"):
         make_method("sam_magic", wl)
 
@@ -198,3 +198,35 @@ def test_baseline_state_counts_only_memory_kept_between_steps():
     # davda54/sam rebinds p.data to its copy: afterwards the "copy" is the weights themselves
     assert loop.state_nbytes() == 0
     assert foreach.state_nbytes() == n_bytes  # a persistent copy buffer, reused every step
+
+
+def test_targets_table_reads_each_target_from_the_rows(tmp_path):
+    from benchmarks.table import targets_table
+
+    shapes, model = "roberta-large", "roberta-large b16 s128"
+
+    def row(op, method, shapes=shapes, p50=float("nan"), gbps=float("nan"), nbytes=0):
+        return Row(op=op, method=method, backend="", shapes=shapes, size=355_000_000, n_tensors=393,
+                   dtype="float32", p50_ms=p50, gbps=gbps, bytes=nbytes)
+
+    rows = [
+        row("copy", "device_copy", gbps=3000.0),
+        row("fisher_accumulate", "fsam[a]", gbps=2800.0), row("fisher_accumulate", "fsam[b]", gbps=2600.0),
+        row("select_mask", "fsam[a]", p50=0.8), row("select_mask", "fsam[b]", p50=2.1),
+        row("mask_peak_extra_bytes", "fsam[a]", nbytes=17_000_000), row("mask_peak_extra_bytes", "fsam[b]", nbytes=90_000_000),
+        row("norm_perturb", "fsam[a]", p50=0.9), row("restore", "fsam[a]", p50=0.5),
+        row("norm_perturb", "fsam[b]", p50=1.0), row("restore", "fsam[b]", p50=0.6),
+        row("e2e_step", "sam_loop", shapes=model, p50=115.0), row("e2e_step", "sam_foreach", shapes=model, p50=110.0),
+        row("e2e_step_amortized", "fsam[a]", shapes=model, p50=105.0),
+        row("e2e_step_amortized", "fsam[b]", shapes=model, p50=112.0),
+    ]
+    csv = tmp_path / "gpu.csv"
+    append_rows(csv, rows)
+    lines = targets_table(read_rows(csv), shapes).splitlines()
+    a = next(line for line in lines if line.startswith("| fsam[a]"))
+    b = next(line for line in lines if line.startswith("| fsam[b]"))
+    assert a.count("(met)") == 5 and "missed" not in a
+    assert "2800, 93% (met)" in a and "17.0 (met)" in a and "1.400 (met)" in a and "0.91 / 0.95 (met)" in a
+    assert "2600, 87% (missed)" in b and "2.100 (missed)" in b and "90.0 (missed)" in b
+    assert "1.600 (missed)" in b and "0.97 / 1.02 (missed)" in b
+    assert targets_table(read_rows(csv), "another-model") == ""
