@@ -28,6 +28,7 @@ bf16 autocast needs no scaler: use the plain ``first_step``/``second_step``.
 """
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Any, Callable, Optional
@@ -63,7 +64,7 @@ def first_step(optimizer: FSAM, scaler: torch.amp.GradScaler, zero_grad: bool = 
         # An overflow is routine under a loss scaler: no warning, the step is skipped below.
         warnings.filterwarnings("ignore", message="FSAM.first_step: non-finite", category=RuntimeWarning)
         norm = optimizer.first_step(zero_grad=zero_grad)
-    perturbed = bool(torch.isfinite(norm))
+    perturbed = math.isfinite(norm.item())  # (torch.isfinite would add kernel launches)
     if not perturbed:
         optimizer.restore()  # leaves the optimizer idle; there is nothing to undo
     _perturbed[optimizer] = perturbed

@@ -300,13 +300,21 @@ class FSAM(torch.optim.Optimizer):
             scores = self._fisher_from_argument(fisher, masked)
             self._build_mask(layout, scores, square=False)
         elif self._fisher_accum is not None:
+            if not self._finite_everywhere(self._fisher_accum):
+                self._fisher_accum, self._fisher_count = None, 0
+                raise RuntimeError(
+                    "update_mask: the accumulated Fisher is not finite (a gradient overflowed?); it was discarded "
+                    "and the mask left unchanged; accumulate_fisher() again")
             self._build_mask(layout, self._fisher_accum, square=False)
             self._fisher_accum, self._fisher_count = None, 0
         elif self.fisher == "batch":
             grads = self._grads(layout)
             if all(g is None for g in grads):
                 raise RuntimeError("update_mask: no gradient and no accumulated Fisher to build the mask from")
-            self._build_mask(layout, [self._score_or_zero(layout, i, grads) for i in layout.masked_index], square=True)
+            scores = [self._score_or_zero(layout, i, grads) for i in layout.masked_index]
+            if not self._finite_everywhere(scores):
+                raise ValueError("update_mask: the gradients hold NaN or inf; the mask was left unchanged")
+            self._build_mask(layout, scores, square=True)
         else:
             raise RuntimeError(
                 "update_mask: no Fisher information; call accumulate_fisher() after backward passes on "
@@ -333,6 +341,16 @@ class FSAM(torch.optim.Optimizer):
             # + 0.0 turns -0.0 into +0.0: keys compare as int32 bit patterns.
             out.append(f.detach().to(device=p.device, dtype=torch.float32).contiguous() + 0.0)
         return out
+
+    def _finite_everywhere(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether every element of ``tensors`` is finite, on every rank when sharded (so all ranks take
+        the same branch); one host synchronisation."""
+        nonempty = [t for t in tensors if t.numel()]
+        largest = (torch.stack([n.float() for n in torch._foreach_norm(nonempty, float("inf"))]).max() if nonempty
+                   else torch.zeros((), device=self._layout.device))
+        if self._shards is not None:
+            largest = self._shards.global_norm(largest)  # non-finite on any rank -> on every rank
+        return math.isfinite(largest.item())
 
     @staticmethod
     def _score_or_zero(layout: ParamLayout, i: int, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -379,7 +397,7 @@ class FSAM(torch.optim.Optimizer):
         norm = backend.grad_norm(layout, grads)
         if self._shards is not None:
             norm = self._shards.global_norm(norm)
-        if not bool(torch.isfinite(norm)):
+        if not math.isfinite(norm.item()):  # one sync; torch.isfinite would add 4 kernel launches
             warnings.warn(
                 f"FSAM.first_step: non-finite gradient norm ({float(norm)}); weights left unchanged and the "
                 "mask not updated",
@@ -398,8 +416,17 @@ class FSAM(torch.optim.Optimizer):
             elif self.fisher == "batch":
                 self._build_mask(layout, [self._score_or_zero(layout, i, grads) for i in layout.masked_index], square=True)
             elif self._fisher_accum is not None:
-                self._build_mask(layout, self._fisher_accum, square=False)
+                finite = self._finite_everywhere(self._fisher_accum)
+                if finite:
+                    self._build_mask(layout, self._fisher_accum, square=False)
                 self._fisher_accum, self._fisher_count = None, 0
+                if not finite and self._bits is None:
+                    raise RuntimeError("first_step: the accumulated Fisher is not finite (a gradient overflowed?) "
+                                       "and there is no mask to perturb with; it was discarded and the weights left "
+                                       "unchanged; accumulate_fisher() again")
+                if not finite:
+                    warnings.warn("FSAM.first_step: the accumulated Fisher is not finite (a gradient overflowed?); "
+                                  "discarded, the mask is kept", RuntimeWarning, stacklevel=2)
         self._pending = self._perturbation_plan(layout, backend)
         p_layout, p_bits, p_aux = self._pending
         self._saved = backend.perturb(p_layout, grads, p_bits, p_aux, norm, self.eps)

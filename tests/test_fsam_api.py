@@ -411,6 +411,63 @@ def test_empirical_mode_accumulates_and_updates(tiny_net, batches):
         assert torch.equal(a, b)
 
 
+def _poison_grad(model, value=float("nan")):
+    model.fc1.weight.grad[0, 0] = value
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_accumulated_fisher_is_discarded_never_used(tiny_net, batches, value):
+    # e.g. an fp16 step whose gradients overflowed was accumulated: the mask must not be built from it
+    opt = FSAM(tiny_net.parameters(), torch.optim.SGD, fisher="empirical", sparsity=0.75, mask_update_interval=1,
+               lr=0.1)
+    loss_of(tiny_net, batches[0]).backward()
+    _poison_grad(tiny_net, value)
+    opt.accumulate_fisher()
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="not finite.*discarded"):
+        opt.update_mask()
+    assert opt._fisher_accum is None and opt._bits is None
+    # the same at a mask-update step with no mask yet: an error, weights untouched
+    loss_of(tiny_net, batches[0]).backward()
+    _poison_grad(tiny_net, value)
+    opt.accumulate_fisher()
+    opt.zero_grad()
+    loss_of(tiny_net, batches[1]).backward()
+    snap = snapshot(tiny_net)
+    with pytest.raises(RuntimeError, match="no mask to perturb with"):
+        opt.first_step()
+    assert_unchanged(tiny_net, snap)
+    # with a mask: warn, keep it, and perturb as usual
+    opt.zero_grad()
+    loss_of(tiny_net, batches[2]).backward()
+    opt.accumulate_fisher()
+    opt.update_mask()
+    kept = [m.clone() for m in opt.masks()]
+    loss_of(tiny_net, batches[3]).backward()
+    _poison_grad(tiny_net, value)
+    opt.accumulate_fisher()
+    opt.zero_grad()
+    loss_of(tiny_net, batches[4]).backward()
+    with pytest.warns(RuntimeWarning, match="accumulated Fisher is not finite"):
+        opt.first_step()
+    assert opt._phase == "perturbed" and opt._fisher_accum is None
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), kept))
+    opt.restore()
+
+
+def test_update_mask_refuses_non_finite_gradients_in_batch_mode(tiny_net, batches):
+    opt = FSAM(tiny_net.parameters(), torch.optim.SGD, sparsity=0.5, lr=0.1)
+    loss_of(tiny_net, batches[0]).backward()
+    opt.update_mask()
+    kept = [m.clone() for m in opt.masks()]
+    opt.zero_grad()
+    loss_of(tiny_net, batches[1]).backward()
+    _poison_grad(tiny_net)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        opt.update_mask()
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), kept))
+
+
 def test_update_mask_with_given_fisher(tiny_net, batches):
     from fsam_kernels import empirical_fisher
 
