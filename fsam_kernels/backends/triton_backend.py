@@ -30,7 +30,7 @@ from .. import distributed_select
 from .. import reference as ref
 from ..layout import ParamLayout
 from ..triton_kernels import CHUNK, N_GROUPS, interpret_env, interpreted, mode_conflict
-from ..triton_kernels.tables import DTYPE_CODES, TableCache, chunk_table, pointer_table, triton_dtype
+from ..triton_kernels.tables import DTYPE_CODES, TableCache, chunk_table, pointer_table, triton_dtype, upload
 from .base import Backend, tensors_nbytes
 
 
@@ -103,12 +103,13 @@ class _Saved:
 
 class TritonBackend(Backend):
     name = "triton"
-    # Threshold search: keys sampled for the bracket, and the candidate buffer (int32 keys; 16 MiB).
+    # Threshold search: keys sampled for the bracket, and the candidate buffer (int32 keys).
     sample_size = 1 << 18
-    candidate_capacity = 1 << 22
+    candidate_capacity = 1 << 22  # the least; grown to the bracket's expected count, up to the most:
+    max_candidate_capacity = 1 << 24  # 64 MiB (the mask's memory budget)
 
     def __init__(self) -> None:
-        self._plans: dict[object, _LayoutPlan] = {}
+        self._plans = TableCache(4)  # tensors_key -> _LayoutPlan
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._last_mask: Optional[tuple] = None  # (weakref to bits, version, layout.tensors_key, aux)
         self.select_fallbacks = 0  # masks the sampled bracket missed (built by the reference instead)
@@ -145,15 +146,10 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ caches
     def _plan(self, layout: ParamLayout) -> _LayoutPlan:
-        # Keyed by the tensors_key token (held by the dict, so its id is never reused): layouts that differ
-        # only in rho share one plan.
-        plan = self._plans.get(layout.tensors_key)
-        if plan is not None:
-            return plan
-        if len(self._plans) >= 4:
-            self._plans.clear()
-        plan = self._plans[layout.tensors_key] = _LayoutPlan(layout)
-        return plan
+        # Keyed by the tensors_key token (held by the cache, so its id is never reused): layouts that
+        # differ only in rho share one plan. Least recently used out: a transient layout (an N:M
+        # mask's fallback tensors) must not evict the optimizer's own.
+        return self._plans.get(layout.tensors_key, lambda: _LayoutPlan(layout))
 
     def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a dummy mask, dummy prefix counts, a one-element fp32 zero), allocated once per device: the
@@ -191,7 +187,7 @@ class TritonBackend(Backend):
         values = tuple(layout.rho[i] for i in group.params)
         rhos = plan.rhos.get(
             (tuple(group.params), values),
-            lambda: torch.tensor(values, dtype=torch.float32).to(layout.device),
+            lambda: upload(torch.tensor(values, dtype=torch.float32), layout.device),
         )
         return dataclasses.replace(group, rhos=rhos)
 
@@ -224,13 +220,13 @@ class TritonBackend(Backend):
                 params=idx,
                 w_ptrs=pointer_table([layout.params[i] for i in idx], device),
                 g_ptrs=None,
-                numels=torch.tensor(numels, dtype=torch.int64).to(device),
-                bit_offsets=torch.tensor(bit_offsets, dtype=torch.int64).to(device),
+                numels=upload(torch.tensor(numels, dtype=torch.int64), device),
+                bit_offsets=upload(torch.tensor(bit_offsets, dtype=torch.int64), device),
                 rhos=None,
-                adaptive=torch.tensor([int(layout.adaptive[i]) for i in idx], dtype=torch.int32).to(device),
-                chunk_slot=slot.to(device),
-                chunk_start=start.to(device),
-                chunk_ref=chunk_ref.to(device),
+                adaptive=upload(torch.tensor([int(layout.adaptive[i]) for i in idx], dtype=torch.int32), device),
+                chunk_slot=upload(slot, device),
+                chunk_start=upload(start, device),
+                chunk_ref=upload(chunk_ref, device),
                 n_chunks=slot.numel(),
             ))
         return groups, fallback
@@ -317,7 +313,8 @@ class TritonBackend(Backend):
             return bits
         with _device_guard(layout.device):
             result = _kernels()[3].select_mask(
-                plan.masked, scores, k, square, layout.mask_bytes, self.sample_size, self.candidate_capacity
+                plan.masked, scores, k, square, layout.mask_bytes, self.sample_size, self.candidate_capacity,
+                self.max_candidate_capacity,
             )
         if result is None:  # the sampled bracket missed the k-th key: exact but slow path
             self.select_fallbacks += 1

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from . import CHUNK, interpret_env
-from .tables import DTYPE_CODES, TableCache, chunk_table, pointer_table, triton_dtype
+from .tables import DTYPE_CODES, TableCache, chunk_table, pointer_table, triton_dtype, upload
 
 INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
@@ -31,20 +31,18 @@ def _fisher_accumulate_kernel(
     tl.store(acc + offs, a + sq, mask=inside)
 
 
-_tables = TableCache()
+_chunk_tables = TableCache()  # by the tensors' sizes (and device)
+_pointer_tables = TableCache(16)  # by the tensors' addresses: gradients may move every backward pass
 
 
-def _build(accum: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]):
-    device = accum[0].device
-    numels = [a.numel() for a in accum]
+def _chunks(numels: Sequence[int], device: torch.device):
     slot, start, _ = chunk_table(numels)
-    return (
-        pointer_table(accum, device),
-        pointer_table(grads, device),
-        torch.tensor(numels, dtype=torch.int64).to(device),
-        slot.to(device),
-        start.to(device),
-    )
+    return upload(torch.tensor(numels, dtype=torch.int64), device), upload(slot, device), upload(start, device)
+
+
+def _pointers(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    key = (tensors[0].device, tuple(t.data_ptr() for t in tensors))
+    return _pointer_tables.get(key, lambda: pointer_table(tensors, tensors[0].device))
 
 
 def fisher_accumulate(accum: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> list[int]:
@@ -60,12 +58,12 @@ def fisher_accumulate(accum: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     for dtype, idx in by_dtype.items():
         acc = [accum[i] for i in idx]
         grd = [grads[i] for i in idx]
-        key = tuple((a.data_ptr(), g.data_ptr(), a.numel()) for a, g in zip(acc, grd))
-        acc_ptrs, grad_ptrs, numels, slot, start = _tables.get(key, lambda: _build(acc, grd))
+        sizes = tuple(a.numel() for a in acc)
+        numels, slot, start = _chunk_tables.get((acc[0].device, sizes), lambda: _chunks(sizes, acc[0].device))
         n_chunks = slot.numel()
         if n_chunks:
             _fisher_accumulate_kernel[(n_chunks,)](
-                acc_ptrs, grad_ptrs, numels, slot, start,
+                _pointers(acc), _pointers(grd), numels, slot, start,
                 GRAD_DTYPE=triton_dtype(dtype), BLOCK=CHUNK, num_warps=8, enable_fp_fusion=False,
             )
     return rest

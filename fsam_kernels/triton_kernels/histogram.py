@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import CHUNK
 from .select import MaskedPlan, _fixup_kernel, _load_keys, _write_kernel
-from .tables import pointer_table, triton_dtype
+from .tables import pointer_table, triton_dtype, upload
 
 MAX_RADIX_BITS = 8  # wider histograms cost far more than a streaming read in Triton
 
@@ -47,8 +47,10 @@ def key_histogram(plan: MaskedPlan, scores: Sequence[torch.Tensor], square: bool
     """int64 ``(n_masked_tensors, 2**radix_bits)`` digit counts; scores share one kernel dtype."""
     bins = 1 << radix_bits
     out = torch.zeros((plan.n_tensors, bins), dtype=torch.int64, device=plan.device)
+    high_shift = shift + radix_bits
+    if high_shift >= 32 and prefix != 0:  # keys (< 2**31) have no bits above the top digit: none matches
+        return out
     if plan.n_chunks:
-        high_shift = shift + radix_bits
         _histogram_kernel[(plan.n_chunks,)](
             pointer_table(scores, plan.device), plan.numels, plan.chunk_slot, plan.chunk_start, out,
             prefix, shift, min(high_shift, 31), DTYPE=triton_dtype(scores[0].dtype), SQUARE=bool(square),
@@ -67,7 +69,7 @@ def mask_from_threshold(plan: MaskedPlan, scores: Sequence[torch.Tensor], square
         return bits.zero_()
     n_chunks = plan.n_chunks
     score_ptrs = pointer_table(scores, device)
-    params = torch.tensor([0, 0, threshold, 0], dtype=torch.int32).to(device)
+    params = upload(torch.tensor([0, 0, threshold, 0], dtype=torch.int32), device)
     counts = torch.empty(3 * n_chunks, dtype=torch.int32, device=device)
     common = dict(DTYPE=triton_dtype(scores[0].dtype), SQUARE=bool(square), BLOCK=CHUNK, num_warps=8)
     _write_kernel[(n_chunks,)](score_ptrs, plan.numels, plan.bit_offsets, plan.chunk_slot, plan.chunk_start, params,
@@ -77,9 +79,9 @@ def mask_from_threshold(plan: MaskedPlan, scores: Sequence[torch.Tensor], square
     before = torch.cumsum(ties, 0) - ties
     slot = plan.chunk_slot.long()
     # (an empty tensor's first chunk is its successor's, possibly n_chunks; no chunk refers to it)
-    first = torch.tensor(plan.first_chunk, dtype=torch.int64).clamp(max=n_chunks - 1).to(device)
+    first = upload(torch.tensor(plan.first_chunk, dtype=torch.int64).clamp(max=n_chunks - 1), device)
     before -= before[first][slot]
-    quota = torch.tensor(list(quotas), dtype=torch.int64).to(device)[slot]
+    quota = upload(torch.tensor(list(quotas), dtype=torch.int64), device)[slot]
     chunk_quota = (quota - before).clamp(min=0).minimum(ties)
     _fixup_kernel[(n_chunks,)](score_ptrs, plan.numels, plan.bit_offsets, plan.chunk_slot, plan.chunk_start, params,
                                chunk_quota, bits, **common)

@@ -1,7 +1,7 @@
 """Global gradient norm ``sqrt(sum_i ||a_i * g_i||^2)`` (``a_i = |w_i|`` for ASAM groups, else 1).
 
 One launch per (weight dtype, gradient dtype) group writes one fp32 partial sum per chunk; one
-single-program launch adds the partials in a fixed order, so the norm is deterministic.
+single-program launch adds the partials in fp64 in a fixed order, so the norm is deterministic.
 """
 from __future__ import annotations
 
@@ -37,13 +37,15 @@ def _sumsq_kernel(w_ptrs, g_ptrs, numels, adaptive, chunk_slot, chunk_start, par
 
 @triton.jit
 def _sqrt_of_sum_kernel(partials, n, extra, out, BLOCK: tl.constexpr):
-    acc = tl.full([BLOCK], 0, tl.float32)
+    # fp64: a billion-parameter model has ~300 partials per lane, more than fp32 sums keep exactly
+    acc = tl.full([BLOCK], 0, tl.float64)
     i = tl.full([], 0, tl.int64)
     while i < n:
         offs = i + tl.arange(0, BLOCK)
-        acc += tl.load(partials + offs, mask=offs < n, other=0.0)
+        acc += tl.load(partials + offs, mask=offs < n, other=0.0).to(tl.float64)
         i += BLOCK
-    tl.store(out, tl.sqrt_rn(_sum(acc, 0) + tl.load(extra)))
+    total = _sum(acc, 0) + tl.load(extra).to(tl.float64)
+    tl.store(out, tl.sqrt_rn(total.to(tl.float32)))
 
 
 def grad_norm(groups, device: torch.device, extra_sumsq: torch.Tensor) -> torch.Tensor:

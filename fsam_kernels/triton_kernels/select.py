@@ -41,7 +41,7 @@ import triton.language as tl
 
 from . import CHUNK, N_GROUPS, interpret_env
 from .reductions import _cumsum, _min, _sum
-from .tables import chunk_table, pointer_table, triton_dtype
+from .tables import chunk_table, pointer_table, triton_dtype, upload
 
 INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
@@ -293,17 +293,17 @@ class MaskedPlan:
         numels = [layout.numel[i] for i in idx]
         self.n_tensors = len(idx)
         self.n_total = sum(numels)
-        self.numels = torch.tensor(numels, dtype=torch.int64).to(device)
-        self.bit_offsets = torch.tensor(layout.bit_offset, dtype=torch.int64).to(device)
-        self.elem_offsets = torch.tensor([0, *itertools.accumulate(numels)], dtype=torch.int64).to(device)
+        self.numels = upload(torch.tensor(numels, dtype=torch.int64), device)
+        self.bit_offsets = upload(torch.tensor(layout.bit_offset, dtype=torch.int64), device)
+        self.elem_offsets = upload(torch.tensor([0, *itertools.accumulate(numels)], dtype=torch.int64), device)
         slot, start, local = chunk_table(numels)
         self.n_chunks = slot.numel()
-        self.chunk_slot = slot.to(device)
-        self.chunk_start = start.to(device)
+        self.chunk_slot = upload(slot, device)
+        self.chunk_start = upload(start, device)
         counts = [(n + CHUNK - 1) // CHUNK for n in numels]
         self.first_chunk = [0, *itertools.accumulate(counts)][: len(counts)]
         groups = torch.tensor([group_of_param[i] for i in idx], dtype=torch.int32)
-        self.chunk_group = (groups[slot.long()] if self.n_chunks else torch.zeros(0, dtype=torch.int32)).to(device)
+        self.chunk_group = upload(groups[slot.long()] if self.n_chunks else torch.zeros(0, dtype=torch.int32), device)
         self.n_search = max(1, math.ceil(math.log2(max(1, self.n_tensors)))) + 1
         self.device = device
 
@@ -316,8 +316,17 @@ def bracket_ranks(n_total: int, k: int, n_samples: int) -> tuple[int, int]:
     return math.floor(r - margin), math.ceil(r + margin) + 1
 
 
+def candidate_capacity(n_total: int, n_samples: int, rank_hi: int, rank_lo: int, floor: int, ceiling: int) -> int:
+    """Candidate buffer size for a bracket: the keys expected strictly inside it (its sample ranks
+    times N / S) plus a quarter, within ``[floor, ceiling]`` and at most N. The count grows like
+    ``10 N sqrt(q (1 - q) / S)``: a fixed buffer would overflow (and fall back) on billion-value models."""
+    span = max(0, min(rank_lo, n_samples + 1) - max(rank_hi, 0) - 1)
+    expected = span * -(-n_total // n_samples)
+    return min(n_total, max(floor, min(ceiling, expected + expected // 4)))
+
+
 def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square: bool, mask_bytes: int,
-                sample_size: int, capacity: int):
+                sample_size: int, capacity: int, max_capacity: int):
     """Packed mask of the ``k`` (1 <= k <= N) largest keys, with the per-chunk prefix counts and the
     per-group totals of the mask; ``None`` if the sampled bracket missed (the caller falls back)."""
     device = plan.device
@@ -325,12 +334,13 @@ def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square
     n_chunks = plan.n_chunks
     score_ptrs = pointer_table(scores, device)
     n_total = plan.n_total
-    cap = min(capacity, n_total)
-    if n_total <= capacity:  # every key fits the candidate buffer: no sampling needed
+    if n_total <= min(capacity, sample_size):  # as few keys as a sample: all are candidates, no sampling
         n_samples, rank_hi, rank_lo = 0, 0, 1
+        cap = n_total
     else:
         n_samples = min(sample_size, n_total)
         rank_hi, rank_lo = bracket_ranks(n_total, k, n_samples)
+        cap = candidate_capacity(n_total, n_samples, rank_hi, rank_lo, capacity, max(capacity, max_capacity))
     sample = torch.empty(max(n_samples, 1), dtype=torch.int32, device=device)
     params = torch.empty(4, dtype=torch.int32, device=device)
     info = torch.empty(2 + N_GROUPS, dtype=torch.int64, device=device)
@@ -343,7 +353,8 @@ def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square
     common = dict(DTYPE=tdt, SQUARE=bool(square), BLOCK=CHUNK)
     if n_samples:
         _sample_kernel[(triton.cdiv(n_samples, CHUNK),)](
-            score_ptrs, plan.elem_offsets, plan.n_tensors, n_total, n_samples, plan.n_search, sample, **common)
+            score_ptrs, plan.elem_offsets, plan.n_tensors, n_total, n_samples, plan.n_search, sample, **common,
+            num_warps=16)
     _bracket_kernel[(1,)](sample, n_samples, rank_hi, rank_lo, params, info, BLOCK=CHUNK, num_warps=16)
     grid = (n_chunks,)
     _count_kernel[grid](score_ptrs, plan.numels, plan.chunk_slot, plan.chunk_start, params, counts, n_chunks,

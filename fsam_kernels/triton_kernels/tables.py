@@ -18,8 +18,18 @@ def triton_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor copied to ``device`` without stalling the host: torch synchronises the
+    stream after a copy from pageable memory, while a copy from pinned memory is queued like a kernel
+    (the pinned buffer is kept until the copy has run)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
+    return upload(torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64), device)
 
 
 def chunk_table(numels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
