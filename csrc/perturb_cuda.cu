@@ -48,10 +48,12 @@ __device__ __forceinline__ void load8_any(const T* p, int64_t i, int64_t numel, 
 }
 
 __global__ void __launch_bounds__(kThreads) grad_norm_partial_kernel(const NormInfo* infos, int n_tensors,
-                                                                      int64_t n_units, float* partial) {
-  using Reduce = cub::BlockReduce<float, kThreads>;
+                                                                      int64_t n_units, double* partial) {
+  // fp32 sums of 8 squares, accumulated in fp64: a thread may cover thousands of elements of a
+  // billion-parameter model, and fp32 running sums that long lose digits the reference keeps.
+  using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
-  float acc = 0.f;
+  double acc = 0.0;
   for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
     const NormInfo info = infos[find_tensor(infos, n_tensors, u)];
     const int64_t i = (u - info.unit_start) * kNormUnit + threadIdx.x * 8;
@@ -70,14 +72,16 @@ __global__ void __launch_bounds__(kThreads) grad_norm_partial_kernel(const NormI
 #pragma unroll
       for (int j = 0; j < 8; ++j) g[j] = __fmul_rn(fabsf(w[j]), g[j]);
     }
+    float sum8 = 0.f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc = __fmaf_rn(g[j], g[j], acc);  // order is free here; fma is more accurate
+    for (int j = 0; j < 8; ++j) sum8 = __fmaf_rn(g[j], g[j], sum8);  // order is free here; fma is more accurate
+    acc += static_cast<double>(sum8);
   }
-  const float total = Reduce(storage).Sum(acc);
+  const double total = Reduce(storage).Sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
-__global__ void __launch_bounds__(kThreads) grad_norm_final_kernel(const float* partial, int n, float* out) {
+__global__ void __launch_bounds__(kThreads) grad_norm_final_kernel(const double* partial, int n, float* out) {
   using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
   double acc = 0.0;
@@ -107,12 +111,12 @@ at::Tensor grad_norm_cuda(at::TensorList params, at::TensorList grads, c10::List
   if (infos.empty()) return out;
   const at::Tensor table = upload_table(infos, device);
   const int grid = grid_for(units);
-  at::Tensor partial = at::empty({grid}, opts.dtype(at::kFloat));
+  at::Tensor partial = at::empty({grid}, opts.dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   grad_norm_partial_kernel<<<grid, kThreads, 0, stream>>>(table_ptr<NormInfo>(table), static_cast<int>(infos.size()),
-                                                          units, partial.data_ptr<float>());
+                                                          units, partial.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  grad_norm_final_kernel<<<1, kThreads, 0, stream>>>(partial.data_ptr<float>(), grid, out.data_ptr<float>());
+  grad_norm_final_kernel<<<1, kThreads, 0, stream>>>(partial.data_ptr<double>(), grid, out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
