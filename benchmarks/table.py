@@ -153,6 +153,27 @@ def targets_table(rows, shapes: str, dtype: str = "float32", e2e_model: str = "r
     return "\n".join(lines)
 
 
+def backend_ranking(rows, shapes: str, dtype: str = "float32", e2e_model: str = "roberta-large") -> str:
+    """Which compiled backend was faster (what ``AUTO_ORDER`` should say for this device): by the
+    amortized end-to-end step when measured, else by the sum of the per-op p50s."""
+    names = [m for m in dict.fromkeys(r["method"] for r in rows) if m in ("fsam[triton]", "fsam[native]")]
+    if len(names) < 2:
+        return ""
+    e2e = [r for r in rows if r["shapes"].startswith(e2e_model + " ")]
+    steps = {m: _last(e2e, "e2e_step_amortized", m) for m in names}
+    if all(steps.values()):
+        cost = {m: steps[m]["p50_ms"] for m in names}
+        basis = f"amortized {e2e_model} step, ms"
+    else:
+        per_op = {m: [_last(rows, op, m, shapes, dtype) for op in OPS] for m in names}
+        if not all(all(v) for v in per_op.values()):
+            return ""
+        cost = {m: sum(r["p50_ms"] for r in per_op[m]) for m in names}
+        basis = f"sum of the 4 ops' p50, {shapes} {dtype}, ms"
+    order = sorted(names, key=lambda m: cost[m])
+    return f"faster first ({basis}): " + ", ".join(f"{m[5:-1]} {_ms(cost[m])}" for m in order)
+
+
 def main(argv=None) -> int:
     from benchmarks.harness import read_rows
     from benchmarks.plot import latest
@@ -175,6 +196,9 @@ def main(argv=None) -> int:
     tt = targets_table(rows, shapes, args.dtype)
     if tt:
         print(f"Targets, {shapes}, {args.dtype} (one GPU run; p50 of the timed rounds):\n\n{tt}\n")
+    ranking = backend_ranking(rows, shapes, args.dtype)
+    if ranking:
+        print(f"Backends, {ranking}\n")
     return 0
 
 

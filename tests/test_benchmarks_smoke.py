@@ -230,3 +230,21 @@ def test_targets_table_reads_each_target_from_the_rows(tmp_path):
     assert "2600, 87% (missed)" in b and "2.100 (missed)" in b and "90.0 (missed)" in b
     assert "1.600 (missed)" in b and "0.97 / 1.02 (missed)" in b
     assert targets_table(read_rows(csv), "another-model") == ""
+
+
+def test_backend_ranking_prefers_the_end_to_end_step(tmp_path):
+    from benchmarks.table import backend_ranking
+
+    def row(op, method, shapes="roberta-large", p50=1.0):
+        return Row(op=op, method=method, backend="", shapes=shapes, size=1, n_tensors=1, dtype="float32", p50_ms=p50)
+
+    per_op = [row(op, m, p50=p) for op in OPS for m, p in (("fsam[triton]", 2.0), ("fsam[native]", 1.0))]
+    csv = tmp_path / "r.csv"
+    append_rows(csv, per_op)
+    assert backend_ranking(read_rows(csv), "roberta-large") == (
+        "faster first (sum of the 4 ops' p50, roberta-large float32, ms): native 4.000, triton 8.000")
+    append_rows(csv, [row("e2e_step_amortized", "fsam[triton]", "roberta-large b16 s128", 100.0),
+                      row("e2e_step_amortized", "fsam[native]", "roberta-large b16 s128", 101.5)])
+    assert backend_ranking(read_rows(csv), "roberta-large") == (
+        "faster first (amortized roberta-large step, ms): triton 100.0, native 101.5")
+    assert backend_ranking([r for r in read_rows(csv) if r["method"] == "fsam[triton]"], "roberta-large") == ""
