@@ -53,7 +53,8 @@ import torch
 import fsam_kernels._C as C
 
 assert C.with_cuda == 1, "the extension was built without its CUDA kernels"
-for op in ("fisher_accumulate", "select_mask", "select_nm_mask", "mask_block_prefix", "grad_norm", "masked_perturb",
+for op in ("fisher_accumulate", "select_mask", "select_nm_mask", "key_histogram", "mask_from_threshold",
+           "mask_block_prefix", "grad_norm", "masked_perturb",
            "masked_restore"):
     getattr(torch.ops.fsam_kernels, op)
 print(f"cuda-build-check: fsam_kernels._C imports ({C.cuda_build}, archs {C.cuda_archs.replace('/', ';')}, "

@@ -88,6 +88,34 @@ int64_t validate_select_mask(const char* op, at::TensorList scores, at::IntArray
   return n;
 }
 
+void validate_key_histogram(const char* op, at::TensorList scores, int64_t prefix, int64_t shift, int64_t radix_bits,
+                            bool allow_double) {
+  TORCH_CHECK_VALUE(0 < radix_bits && radix_bits <= 16 && 0 <= shift && shift + radix_bits <= 32, op,
+                    ": expected 0 < radix_bits <= 16 and 0 <= shift <= 32 - radix_bits, got shift=", shift,
+                    ", radix_bits=", radix_bits);
+  TORCH_CHECK_VALUE(prefix >= 0, op, ": expected prefix >= 0, got ", prefix);
+  TORCH_CHECK_VALUE(!scores.empty(), op, ": expected at least one scores tensor");
+  const at::Device dev = scores[0].device();
+  for (size_t i = 0; i < scores.size(); ++i) {
+    check_on(op, "scores", i, scores[i], dev);
+    check_float(op, "scores", i, scores[i], allow_double);
+  }
+}
+
+void validate_mask_from_threshold(const char* op, at::TensorList scores, at::IntArrayRef bit_offsets,
+                                  int64_t mask_bytes, int64_t threshold, at::IntArrayRef quotas, bool allow_double) {
+  TORCH_CHECK_VALUE(!scores.empty(), op, ": expected at least one scores tensor");
+  validate_select_mask(op, scores, bit_offsets, mask_bytes, /*k=*/0, allow_double);
+  TORCH_CHECK_VALUE(0 <= threshold && threshold <= INT32_MAX, op, ": expected a threshold key in [0, 2**31), got ",
+                    threshold);
+  TORCH_CHECK_VALUE(quotas.size() == scores.size(), op, ": expected one quota per scores tensor (", scores.size(),
+                    "), got ", quotas.size());
+  for (size_t i = 0; i < quotas.size(); ++i) {
+    TORCH_CHECK_VALUE(0 <= quotas[i] && quotas[i] <= scores[i].numel(), op, ": expected quotas[", i, "] in [0, ",
+                      scores[i].numel(), "], got ", quotas[i]);
+  }
+}
+
 void validate_mask_bits(const char* op, const at::Tensor& bits) {
   TORCH_CHECK_VALUE(bits.defined(), op, ": bits is undefined");
   TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, op, ": expected bits of dtype uint8, got ", bits.scalar_type());

@@ -23,6 +23,14 @@ bool is_kernel_float(at::ScalarType t, bool allow_double);
 int64_t validate_select_mask(const char* op, at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes,
                              int64_t k, bool allow_double);
 
+// key_histogram: 0 < radix_bits <= 16, shift >= 0, shift + radix_bits <= 32, prefix >= 0.
+void validate_key_histogram(const char* op, at::TensorList scores, int64_t prefix, int64_t shift, int64_t radix_bits,
+                            bool allow_double);
+
+// mask_from_threshold: as select_mask, plus 0 <= threshold < 2**31 and 0 <= quotas[i] <= numel(scores[i]).
+void validate_mask_from_threshold(const char* op, at::TensorList scores, at::IntArrayRef bit_offsets,
+                                  int64_t mask_bytes, int64_t threshold, at::IntArrayRef quotas, bool allow_double);
+
 void validate_fisher_accumulate(const char* op, at::TensorList accum, at::TensorList grads, bool allow_double);
 
 void validate_mask_bits(const char* op, const at::Tensor& bits);

@@ -5,6 +5,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <mutex>
 
@@ -108,6 +109,71 @@ at::Tensor select_mask_cpu(at::TensorList scores, at::IntArrayRef bit_offsets, i
   return bits;
 }
 
+// ---------------------------------------------------------------------------- sharded top-k primitives
+// Keys here are the reference's int32 keys: key = int32(u ^ 0x80000000) for a selection key u.
+constexpr const char* kHistogramOp = "fsam_kernels::key_histogram";
+constexpr const char* kThresholdOp = "fsam_kernels::mask_from_threshold";
+
+at::Tensor key_histogram_cpu(at::TensorList scores, bool square, int64_t prefix, int64_t shift, int64_t radix_bits) {
+  validate_key_histogram(kHistogramOp, scores, prefix, shift, radix_bits, /*allow_double=*/true);
+  const int64_t bins = int64_t{1} << radix_bits;
+  const int64_t high = shift + radix_bits;
+  at::Tensor out = at::zeros({static_cast<int64_t>(scores.size()), bins}, at::TensorOptions().dtype(at::kLong));
+  if (high >= 32 && prefix != 0) return out;  // keys (< 2**31) have no bits above the top digit
+  int64_t* rows = out.data_ptr<int64_t>();
+  const auto chunks = make_chunks(scores);
+  std::mutex merge;
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    std::vector<int64_t> local(bins);
+    for (int64_t c = b; c < e; ++c) {
+      std::fill(local.begin(), local.end(), 0);
+      for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) {
+        const int64_t key = static_cast<int32_t>(u ^ 0x80000000u);
+        if (key >= 0 && (high >= 32 || (key >> high) == prefix)) ++local[(key >> shift) & (bins - 1)];
+      });
+      std::lock_guard<std::mutex> lock(merge);
+      int64_t* row = rows + chunks[c].t * bins;
+      for (int64_t d = 0; d < bins; ++d) row[d] += local[d];
+    }
+  });
+  return out;
+}
+
+at::Tensor mask_from_threshold_cpu(at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes, bool square,
+                                   int64_t threshold, at::IntArrayRef quotas) {
+  validate_mask_from_threshold(kThresholdOp, scores, bit_offsets, mask_bytes, threshold, quotas, /*allow_double=*/true);
+  at::Tensor bits = at::zeros({mask_bytes}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* out = bits.data_ptr<uint8_t>();
+  const uint32_t thr = static_cast<uint32_t>(threshold) ^ 0x80000000u;  // in the selection-key order
+  const auto chunks = make_chunks(scores);
+  // Keys equal to the threshold before each chunk, counted from the start of its tensor.
+  std::vector<int64_t> ties_before(chunks.size(), 0);
+  for_each_chunk(chunks, [&](int64_t c) {
+    int64_t count = 0;
+    for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) { count += (u == thr); });
+    ties_before[c] = count;
+  });
+  int64_t running = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    if (c == 0 || chunks[c].t != chunks[c - 1].t) running = 0;
+    const int64_t here = ties_before[c];
+    ties_before[c] = running;
+    running += here;
+  }
+  for_each_chunk(chunks, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    int64_t rank = ties_before[c];
+    const int64_t quota = quotas[ch.t];
+    for_each_key(scores, square, ch, [&](int64_t i, uint32_t u) {
+      if (u > thr || (u == thr && rank++ < quota)) {
+        const int64_t b = bit_offsets[ch.t] + i;
+        out[b >> 3] |= static_cast<uint8_t>(1u << (b & 7));  // chunks own whole bytes: no race
+      }
+    });
+  });
+  return bits;
+}
+
 at::Tensor mask_block_prefix_cpu(const at::Tensor& bits) {
   validate_mask_bits("fsam_kernels::mask_block_prefix", bits);
   const int64_t n_blocks = bits.numel() / kMaskAlignBytes;
@@ -135,6 +201,8 @@ at::Tensor mask_block_prefix_cpu(const at::Tensor& bits) {
 
 TORCH_LIBRARY_IMPL(fsam_kernels, CPU, m) {
   m.impl("select_mask", &select_mask_cpu);
+  m.impl("key_histogram", &key_histogram_cpu);
+  m.impl("mask_from_threshold", &mask_from_threshold_cpu);
   m.impl("mask_block_prefix", &mask_block_prefix_cpu);
 }
 

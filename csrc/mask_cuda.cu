@@ -10,6 +10,9 @@
 //   write: each warp ballots 32 keys into one 32-bit word of the packed mask.
 // The mask must equal the reference's bit for bit, ties, all-zero scores and k = N included
 // (tests/test_native_gpu.py); the CPU version in mask_cpu.cpp is the same algorithm.
+//
+// The sharded top-k's primitives (key_histogram, mask_from_threshold) reuse the key loads, the tie
+// count and the mask writer, with per-tensor tie quotas instead of a global one.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_scan.cuh>
@@ -177,18 +180,21 @@ __global__ void __launch_bounds__(kThreads) tie_count_kernel(const KeyInfo* info
 }
 
 // Warp w of a block writes elements [w*256, (w+1)*256) of the unit: 8 words of 32 bits, in order.
-template <bool kSquare>
+// Ties: the first `state->remaining` in the global order or, with kPerTensorQuota, the first quotas[t]
+// of each tensor t (ties_before is then rebased to the tensor's first unit).
+template <bool kSquare, bool kPerTensorQuota = false>
 __global__ void __launch_bounds__(kThreads) write_mask_kernel(const KeyInfo* infos, int n_tensors, int64_t n_units,
                                                                const SelectState* state, const long long* ties_before,
-                                                               uint8_t* bits) {
+                                                               uint8_t* bits, const long long* quotas = nullptr) {
   constexpr int kWords = kUnit / kWarps / 32;
   __shared__ long long warp_ties[kWarps];
   const uint32_t threshold = state->prefix;
-  const long long need = state->remaining;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const unsigned below = lanemask_lt();
   for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
-    const KeyInfo info = infos[find_tensor(infos, n_tensors, u)];
+    const int t = find_tensor(infos, n_tensors, u);
+    const KeyInfo info = infos[t];
+    const long long need = kPerTensorQuota ? quotas[t] : state->remaining;
     const int64_t base = (u - info.unit_start) * kUnit + warp * (kUnit / kWarps);
     uint32_t keys[kWords];
     int my_ties = 0;
@@ -200,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) write_mask_kernel(const KeyInfo* inf
     }
     if (lane == 0) warp_ties[warp] = my_ties;
     __syncthreads();
-    long long rank = ties_before[u];
+    long long rank = ties_before[u] - (kPerTensorQuota ? ties_before[info.unit_start] : 0);
     for (int w = 0; w < warp; ++w) rank += warp_ties[w];
 #pragma unroll
     for (int s = 0; s < kWords; ++s) {
@@ -256,6 +262,139 @@ void launch_select(const KeyInfo* infos, int n_tensors, int64_t units, int64_t n
   write_mask_kernel<kSquare><<<grid, kThreads, 0, stream>>>(
       infos, n_tensors, units, state, reinterpret_cast<const long long*>(ties_before.data_ptr<int64_t>()), bits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------- sharded top-k primitives
+// Keys here are the reference's int32 keys: key = int32(u ^ 0x80000000) for a selection key u.
+constexpr const char* kHistogramOp = "fsam_kernels::key_histogram";
+constexpr const char* kThresholdOp = "fsam_kernels::mask_from_threshold";
+
+// Digit counts per tensor row, added to global memory with warp-aggregated atomics (all lanes of a
+// unit belong to one tensor). Runs once per radix pass of a sharded mask update.
+template <bool kSquare>
+__global__ void __launch_bounds__(kThreads) key_histogram_kernel(const KeyInfo* infos, const int64_t* rows,
+                                                                  int n_tensors, int64_t n_units, int32_t prefix,
+                                                                  int shift, int high, int width,
+                                                                  unsigned long long* out) {
+  const uint32_t digit_mask = (1u << width) - 1u;
+  const int lane = threadIdx.x & 31;
+  for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
+    const int t = find_tensor(infos, n_tensors, u);
+    const KeyInfo info = infos[t];
+    unsigned long long* row = out + rows[t] * (int64_t{1} << width);
+    const int64_t i = (u - info.unit_start) * kUnit + threadIdx.x * 8;
+    uint32_t keys[8];
+    bool valid[8];
+    load_keys8<kSquare>(info, i, keys, valid);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int32_t key = static_cast<int32_t>(keys[j] ^ 0x80000000u);
+      const bool take = valid[j] && key >= 0 && (high >= 32 || (key >> high) == prefix);
+      const uint32_t digit = (static_cast<uint32_t>(key) >> shift) & digit_mask;
+      const unsigned active = __ballot_sync(0xffffffffu, take);
+      if (take) {
+        const unsigned peers = __match_any_sync(active, digit);
+        if (lane == __ffs(peers) - 1) atomicAdd(row + digit, static_cast<unsigned long long>(__popc(peers)));
+      }
+    }
+  }
+}
+
+at::Tensor key_histogram_cuda(at::TensorList scores, bool square, int64_t prefix, int64_t shift, int64_t radix_bits) {
+  validate_key_histogram(kHistogramOp, scores, prefix, shift, radix_bits, /*allow_double=*/false);
+  const at::Device device = scores[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto opts = at::TensorOptions().device(device);
+  const int64_t high = shift + radix_bits;
+  at::Tensor out = at::zeros({static_cast<int64_t>(scores.size()), int64_t{1} << radix_bits}, opts.dtype(at::kLong));
+  if (high >= 32 && prefix != 0) return out;  // keys (< 2**31) have no bits above the top digit
+  std::vector<KeyInfo> infos;
+  std::vector<int64_t> rows;
+  int64_t units = 0;
+  for (size_t t = 0; t < scores.size(); ++t) {
+    const int64_t numel = scores[t].numel();
+    if (numel == 0) continue;
+    const void* p = scores[t].data_ptr();
+    infos.push_back({p, numel, units, 0, dtype_code(scores[t].scalar_type()), aligned16(p)});
+    rows.push_back(static_cast<int64_t>(t));
+    units += (numel + kUnit - 1) / kUnit;
+  }
+  if (infos.empty()) return out;
+  const at::Tensor table = upload_table(infos, device);
+  const at::Tensor row_table = upload_table(rows, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto* o = reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>());
+  const auto* info_ptr = table_ptr<KeyInfo>(table);
+  const auto* row_ptr = table_ptr<int64_t>(row_table);
+  const int count = static_cast<int>(infos.size());
+  const int grid = grid_for(units);
+  if (square) {
+    key_histogram_kernel<true><<<grid, kThreads, 0, stream>>>(info_ptr, row_ptr, count, units, static_cast<int32_t>(prefix),
+                                                              static_cast<int>(shift), static_cast<int>(high),
+                                                              static_cast<int>(radix_bits), o);
+  } else {
+    key_histogram_kernel<false><<<grid, kThreads, 0, stream>>>(info_ptr, row_ptr, count, units, static_cast<int32_t>(prefix),
+                                                               static_cast<int>(shift), static_cast<int>(high),
+                                                               static_cast<int>(radix_bits), o);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+template <bool kSquare>
+void launch_threshold_mask(const KeyInfo* infos, const long long* quotas, int n_tensors, int64_t units,
+                           SelectState* state, uint32_t threshold, uint8_t* bits, const at::TensorOptions& opts) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int grid = grid_for(units);
+  init_state_kernel<<<1, 1, 0, stream>>>(state, threshold, 0xffffffffu, 0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor ties = at::empty({units}, opts.dtype(at::kLong));
+  auto* t = reinterpret_cast<long long*>(ties.data_ptr<int64_t>());
+  tie_count_kernel<kSquare><<<grid, kThreads, 0, stream>>>(infos, n_tensors, units, state, t);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor ties_before = at::empty({units}, opts.dtype(at::kLong));
+  auto* before = reinterpret_cast<long long*>(ties_before.data_ptr<int64_t>());
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, t, before, units, stream));
+  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, opts.dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.data_ptr(), temp_bytes, t, before, units, stream));
+  write_mask_kernel<kSquare, true><<<grid, kThreads, 0, stream>>>(infos, n_tensors, units, state, before, bits, quotas);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor mask_from_threshold_cuda(at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes, bool square,
+                                    int64_t threshold, at::IntArrayRef quotas) {
+  validate_mask_from_threshold(kThresholdOp, scores, bit_offsets, mask_bytes, threshold, quotas, /*allow_double=*/false);
+  const at::Device device = scores[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto opts = at::TensorOptions().device(device);
+  at::Tensor bits = at::zeros({mask_bytes}, opts.dtype(at::kByte));
+  std::vector<KeyInfo> infos;
+  std::vector<long long> tensor_quotas;
+  int64_t units = 0;
+  for (size_t t = 0; t < scores.size(); ++t) {
+    const int64_t numel = scores[t].numel();
+    if (numel == 0) continue;
+    const void* p = scores[t].data_ptr();
+    infos.push_back({p, numel, units, bit_offsets[t], dtype_code(scores[t].scalar_type()), aligned16(p)});
+    tensor_quotas.push_back(static_cast<long long>(quotas[t]));
+    units += (numel + kUnit - 1) / kUnit;
+  }
+  if (infos.empty()) return bits;
+  const at::Tensor table = upload_table(infos, device);
+  const at::Tensor quota_table = upload_table(tensor_quotas, device);
+  at::Tensor state = at::empty({static_cast<int64_t>(sizeof(SelectState))}, opts.dtype(at::kByte));
+  auto* st = reinterpret_cast<SelectState*>(state.data_ptr<uint8_t>());
+  const uint32_t thr = static_cast<uint32_t>(threshold) ^ 0x80000000u;  // in the selection-key order
+  const auto* info_ptr = table_ptr<KeyInfo>(table);
+  const auto* quota_ptr = table_ptr<long long>(quota_table);
+  const int count = static_cast<int>(infos.size());
+  if (square) {
+    launch_threshold_mask<true>(info_ptr, quota_ptr, count, units, st, thr, bits.data_ptr<uint8_t>(), opts);
+  } else {
+    launch_threshold_mask<false>(info_ptr, quota_ptr, count, units, st, thr, bits.data_ptr<uint8_t>(), opts);
+  }
+  return bits;
 }
 
 at::Tensor select_mask_cuda(at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t k,
@@ -328,6 +467,8 @@ at::Tensor mask_block_prefix_cuda(const at::Tensor& bits_in) {
 
 TORCH_LIBRARY_IMPL(fsam_kernels, CUDA, m) {
   m.impl("select_mask", &select_mask_cuda);
+  m.impl("key_histogram", &key_histogram_cuda);
+  m.impl("mask_from_threshold", &mask_from_threshold_cuda);
   m.impl("mask_block_prefix", &mask_block_prefix_cuda);
 }
 

@@ -23,6 +23,14 @@ TORCH_LIBRARY(fsam_kernels, m) {
   m.def("fisher_accumulate(Tensor(a!)[] accum, Tensor[] grads) -> ()");
   // Packed uint8 mask of the k largest keys over all scores (tie: lowest global bit index).
   m.def("select_mask(Tensor[] scores, int[] bit_offsets, int mask_bytes, int k, bool square) -> Tensor");
+  // The sharded top-k's primitives (fsam_kernels/distributed_select.py), keys in the reference's int32
+  // space: int64 (n_tensors, 2**radix_bits) counts of digit (key >> shift) of the keys >= 0 whose bits
+  // above shift + radix_bits equal prefix; and the packed mask of the keys > threshold plus, per tensor,
+  // the first quotas[i] keys == threshold (row-major).
+  m.def("key_histogram(Tensor[] scores, bool square, int prefix, int shift, int radix_bits) -> Tensor");
+  m.def(
+      "mask_from_threshold(Tensor[] scores, int[] bit_offsets, int mask_bytes, bool square, int threshold, "
+      "int[] quotas) -> Tensor");
   // int64 exclusive prefix count of set bits per 512-bit block, plus the total at the end.
   m.def("mask_block_prefix(Tensor bits) -> Tensor");
   // Global L2 norm of the (ASAM-weighted) gradients, 0-dim fp32.

@@ -91,6 +91,36 @@ def _select_mask_fake(scores, bit_offsets, mask_bytes, k, square):
     return scores[0].new_empty((mask_bytes,), dtype=torch.uint8)
 
 
+def _key_histogram_fake(scores, square, prefix, shift, radix_bits):
+    if not (0 < radix_bits <= 16 and 0 <= shift and shift + radix_bits <= 32):
+        raise ValueError(f"{_NS}::key_histogram: expected 0 < radix_bits <= 16 and 0 <= shift <= 32 - radix_bits, "
+                         f"got shift={shift}, radix_bits={radix_bits}")
+    if prefix < 0:
+        raise ValueError(f"{_NS}::key_histogram: expected prefix >= 0, got {prefix}")
+    if not scores:
+        raise ValueError(f"{_NS}::key_histogram: expected at least one scores tensor")
+    _check_list("key_histogram", "scores", scores, scores[0].device, _FLOATS)
+    return scores[0].new_empty((len(scores), 1 << radix_bits), dtype=torch.int64)
+
+
+def _mask_from_threshold_fake(scores, bit_offsets, mask_bytes, square, threshold, quotas):
+    op = "mask_from_threshold"
+    if not scores:
+        raise ValueError(f"{_NS}::{op}: expected at least one scores tensor")
+    if len(bit_offsets) != len(scores):
+        raise ValueError(f"{_NS}::{op}: expected one bit offset per tensor ({len(scores)}), got {len(bit_offsets)}")
+    _check_list(op, "scores", scores, scores[0].device, _FLOATS)
+    _check_offsets(op, bit_offsets, scores, mask_bytes * 8, allow_dense=False)
+    if not 0 <= threshold < 1 << 31:
+        raise ValueError(f"{_NS}::{op}: expected a threshold key in [0, 2**31), got {threshold}")
+    if len(quotas) != len(scores):
+        raise ValueError(f"{_NS}::{op}: expected one quota per scores tensor ({len(scores)}), got {len(quotas)}")
+    for i, (q, t) in enumerate(zip(quotas, scores)):
+        if not 0 <= q <= t.numel():
+            raise ValueError(f"{_NS}::{op}: expected quotas[{i}] in [0, {t.numel()}], got {q}")
+    return scores[0].new_empty((mask_bytes,), dtype=torch.uint8)
+
+
 def _mask_block_prefix_fake(bits):
     if bits.dtype != torch.uint8 or bits.dim() != 1:
         raise ValueError(f"{_NS}::mask_block_prefix: expected a 1-D uint8 bits tensor, got {bits.dtype} {tuple(bits.shape)}")
@@ -162,6 +192,8 @@ def _masked_restore_fake(params, saved, bits, block_prefix, bit_offsets, saved_c
 _FAKES = {
     "fisher_accumulate": _fisher_accumulate_fake,
     "select_mask": _select_mask_fake,
+    "key_histogram": _key_histogram_fake,
+    "mask_from_threshold": _mask_from_threshold_fake,
     "mask_block_prefix": _mask_block_prefix_fake,
     "grad_norm": _grad_norm_fake,
     "masked_perturb": _masked_perturb_fake,

@@ -416,11 +416,13 @@ def opcheck_cases():
         "masked_perturb": (w, gr, saved, bits, prefix, [0, 512, -1], counts, [0.1, 0.2, 0.3], [False, True, False], norm,
                            1e-12),
         "masked_restore": (w, saved, bits, prefix, [0, 512, -1], counts, norm),
+        "key_histogram": ([gr[0], gr[1].half(), torch.empty(0)], True, 0x3F, 16, 8),
+        "mask_from_threshold": ([gr[0], gr[1]], [0, 512], 192, False, 0x3E000000, [0, 3]),
     }
 
 
 @pytest.mark.parametrize("op", ["fisher_accumulate", "select_mask", "mask_block_prefix", "grad_norm",
-                                "masked_perturb", "masked_restore"])
+                                "masked_perturb", "masked_restore", "key_histogram", "mask_from_threshold"])
 def test_opcheck(native, op):
     args = opcheck_cases()[op]
     torch.library.opcheck(getattr(torch.ops.fsam_kernels, op), args)
@@ -453,3 +455,60 @@ def test_nm_mask_goes_through_the_native_op(native):
     lay = layout_of([torch.zeros(s.shape) for s in scores])
     got = native.select_nm_mask(lay, scores, 2, 4, True)
     assert_same_bits(got, select_nm_mask_reference(lay, scores, 2, 4, True), lay)
+
+
+# ------------------------------------------------------------------------------------------ sharded top-k
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("square", [True, False], ids=["batch", "accum"])
+def test_key_histogram_matches_reference(native, dtype, square):
+    from fsam_kernels import distributed_select as ds
+
+    scores = random_tensors([1, 7, 0, 123, 40000, 4097], dtype, seed=13)
+    if not square:
+        scores = [s.abs() for s in scores]
+    scores[4][:5000] = 0  # a tie block
+    lay = layout_of([torch.zeros(s.shape) for s in scores])
+    keys = torch.cat([ref.fisher_key(s, square) for s in scores]).to(torch.int64)
+    cases = [(0, 24, 8), (0, 16, 16), (0, 28, 4), (5, 24, 8)]  # the last: a top pass with a prefix matches nothing
+    for key in (int(keys.max()), int(keys.median()), 0):
+        cases += [(key >> 24, 16, 8), (key >> 16, 8, 8), (key >> 8, 0, 8), (key >> 20, 9, 11), (12345, 0, 8)]
+    for prefix, shift, bits in cases:
+        want = ds.key_histogram_reference(lay, scores, square, prefix, shift, bits)
+        got = native.key_histogram(lay, scores, square, prefix, shift, bits)
+        assert got.dtype == torch.int64 and torch.equal(got, want), (prefix, shift, bits)
+    with pytest.raises(ValueError, match="key_histogram: expected 0 < radix_bits"):
+        ops().key_histogram(scores, square, 0, 30, 8)
+    with pytest.raises(ValueError, match="key_histogram: expected prefix >= 0"):
+        ops().key_histogram(scores, square, -1, 0, 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_mask_from_threshold_matches_reference(native, dtype):
+    from fsam_kernels import distributed_select as ds
+
+    scores = random_tensors([40000, 0, 7, 70000, 1], dtype, seed=14)
+    lay = layout_of([torch.zeros(s.shape) for s in scores])
+    keys = [ref.fisher_key(s, True).to(torch.int64) for s in scores]
+    flat = torch.cat(keys)
+    for threshold in (int(flat.median()), int(flat.max()), int(flat.min()), int(flat.max()) + 1):
+        ties = [int((k == threshold).sum()) for k in keys]
+        for quotas in ([0] * len(keys), ties, [t // 3 for t in ties], [min(t, 1) for t in ties]):
+            want = ds.mask_from_threshold_reference(lay, scores, True, threshold, quotas)
+            assert_same_bits(native.mask_from_threshold(lay, scores, True, threshold, quotas), want, lay)
+    with pytest.raises(ValueError, match="quotas"):
+        native.mask_from_threshold(lay, scores, True, 0, [0])
+    with pytest.raises(ValueError, match=r"mask_from_threshold: expected quotas\[0\] in \[0, 40000\]"):
+        ops().mask_from_threshold(scores, list(lay.bit_offset), lay.mask_bytes, True, 0, [40001, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="threshold key"):
+        ops().mask_from_threshold(scores, list(lay.bit_offset), lay.mask_bytes, True, -1, [0] * 5)
+
+
+def test_histogram_select_through_the_native_ops_equals_select_mask(native):
+    from fsam_kernels import distributed_select as ds
+
+    scores = random_tensors([600, 7, 70000, 2049], seed=15)
+    lay = layout_of([torch.zeros(s.shape) for s in scores])
+    n = lay.n_masked
+    for k in (1, 500, n // 10, n // 2, n - 1, n):
+        want = ref.select_mask_reference(lay, scores, k, True)
+        assert_same_bits(ds.select_mask_by_histogram(native, lay, scores, k, True), want, lay)

@@ -141,6 +141,21 @@ class NativeBackend(Backend):
             [s.detach().contiguous() for s in scores], list(layout.bit_offset), layout.mask_bytes, k, square
         )
 
+    def key_histogram(self, layout, scores, square, prefix, shift, radix_bits) -> torch.Tensor:
+        if not scores or not hasattr(self._op, "key_histogram") or _needs_reference(scores):
+            return super().key_histogram(layout, scores, square, prefix, shift, radix_bits)
+        return self._op.key_histogram([s.detach().contiguous() for s in scores], square, prefix, shift, radix_bits)
+
+    def mask_from_threshold(self, layout, scores, square, threshold, quotas) -> torch.Tensor:
+        if len(quotas) != len(scores):
+            raise ValueError(f"mask_from_threshold: expected {len(scores)} quotas (one per masked tensor), "
+                             f"got {len(quotas)}")
+        if (not scores or layout.mask_bytes == 0 or not hasattr(self._op, "mask_from_threshold")
+                or _needs_reference(scores)):
+            return super().mask_from_threshold(layout, scores, square, threshold, quotas)
+        return self._op.mask_from_threshold([s.detach().contiguous() for s in scores], list(layout.bit_offset),
+                                            layout.mask_bytes, square, int(threshold), [int(q) for q in quotas])
+
     def select_nm_mask(self, layout: ParamLayout, scores, n: int, m: int, square: bool, support=None) -> torch.Tensor:
         if (not hasattr(self._op, "select_nm_mask") or _needs_reference(scores)
                 or (support is not None and _needs_reference(support))):
