@@ -169,3 +169,30 @@ def test_sharded_select_primitives_match_the_reference(quantized):
     bits = backend.mask_from_threshold(layout, grads, True, prefix, quotas)
     assert torch.equal(bits, ds.mask_from_threshold_reference(layout, grads, True, prefix, quotas))
     assert torch.equal(bits, ref.select_mask_reference(layout, grads, layout.k_for(0.9), True))
+
+
+@pytest.mark.gpu
+def test_single_and_parallel_threshold_search_agree_and_their_times():
+    # The bracket and the candidates' threshold by one program each or by radix passes over many
+    # programs (the default from TritonBackend.parallel_select_min values on): same mask; times printed.
+    backend = _backend()
+    layout = _layout(roberta_large_shapes())
+    grads = _grads(layout, quantized=False)
+    k = layout.k_for(0.9)
+    want = ref.select_mask_reference(layout, grads, k, True)
+    saved_min = backend.parallel_select_min
+    try:
+        for name, minimum in (("parallel", 0), ("single", layout.n_masked + 1)):
+            backend.parallel_select_min = minimum
+            assert torch.equal(backend.select_mask(layout, grads, k, True), want), name
+            times = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                backend.select_mask(layout, grads, k, True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            print(f"{torch.cuda.get_device_name()}, select_mask ({name} threshold search), 393 tensors, "
+                  f"N={layout.n_masked}: {1e3 * sorted(times)[2]:.2f} ms")
+    finally:
+        backend.parallel_select_min = saved_min

@@ -156,6 +156,50 @@ def test_select_mask_sampled_bracket(backend, monkeypatch):
     assert backend.select_fallbacks == before
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["all-candidates", "sampled"])
+def test_select_mask_parallel_radix_path(backend, monkeypatch, sampled):
+    # The bracket and the threshold among the candidates by radix passes over several programs (what
+    # large models take): the same masks as the reference, ties and k = 1 / N included.
+    monkeypatch.setattr(backend, "parallel_select_min", 0)
+    if sampled:
+        monkeypatch.setattr(backend, "candidate_capacity", 3000)
+        monkeypatch.setattr(backend, "sample_size", 2048)
+    layout = make_layout([4097, 123, 4097, 7, 5000])
+    before = backend.select_fallbacks
+    cases = [(rand_like_list(layout.masked_params), True), (_ties(layout, seed=5), False),
+             ([torch.zeros(n) for n in layout.numel], True)]
+    for scores, square in cases:
+        for k in (1, 900, layout.n_masked // 2, layout.n_masked - 5, layout.n_masked):
+            got = backend.select_mask(layout, scores, k, square)
+            assert_same_mask(layout, got, ref.select_mask_reference(layout, scores, k, square))
+            assert ref.mask_popcount(got) == k
+    assert backend.select_fallbacks == before
+
+
+def test_radix_passes_find_order_statistics():
+    # Two selections at once over a buffer spread across several programs, bounds that share leading bytes.
+    from fsam_kernels.triton_kernels import radix
+
+    g = torch.Generator().manual_seed(9)
+    keys = torch.randint(-(1 << 31), (1 << 31) - 1, (20000,), generator=g, dtype=torch.int64)
+    keys[:3000] = 0x3F80_1234  # a block of ties
+    keys[3000:6000] = torch.randint(0x3F80_0000, 0x3F80_FFFF, (3000,), generator=g)
+    keys = keys.to(torch.int32)
+    ordered = keys.sort(descending=True).values.tolist()
+    near = keys[(keys >= 0x3F80_0000) & (keys <= 0x3F80_FFFF)].sort(descending=True).values.tolist()
+    for rank_a, rank_b in ((1, 20000), (2999, 10000), (4567, 3001)):
+        sel = torch.tensor([1, rank_a, -(1 << 31), (1 << 31) - 1, 1, rank_b, 0x3F80_0000, 0x3F80_FFFF, keys.numel()])
+        sel[5] = min(rank_b, len(near))
+        hist = torch.zeros(radix.PASSES * 2 * 256, dtype=torch.int32)
+        radix.launch_passes(keys, sel[8:], sel, hist, 2, 3, 4096)
+        counts = hist.view(radix.PASSES, 2, 256).sum(-1)
+        assert int(counts[0, 0]) == keys.numel()  # pass 0 of the full-range selection sees every key
+        assert int(counts[0, 1]) == 0 and int(counts[1, 1]) == 0  # bytes the narrow bounds share: skipped
+        out = torch.zeros(2, dtype=torch.int32)
+        radix._store_selected_kernel[(1,)](sel, hist, out, R=2)
+        assert out.tolist() == [ordered[rank_a - 1], near[int(sel[5]) - 1]]
+
+
 def test_select_mask_falls_back_when_candidates_overflow(backend, monkeypatch):
     monkeypatch.setattr(backend, "candidate_capacity", 4)
     monkeypatch.setattr(backend, "max_candidate_capacity", 4)

@@ -6,7 +6,9 @@ dtype) group; a model usually has one group):
 * ``fisher_accumulate``: 1 per gradient dtype.
 * ``grad_norm``: 1 per group + 1 final reduction.
 * ``select_mask``: 7 (see :mod:`fsam_kernels.triton_kernels.select`), one host synchronisation; it
-  also yields the mask's per-chunk prefix counts, so the following ``mask_aux`` costs nothing.
+  also yields the mask's per-chunk prefix counts, so the following ``mask_aux`` costs nothing. From
+  ``parallel_select_min`` masked values on, 17: the two single-program searches become radix passes
+  over many programs (:mod:`fsam_kernels.triton_kernels.radix`).
 * ``perturb`` and ``restore``: 1 per group each.
 * under FSDP2 (sharded scores), ``key_histogram``: 1 per radix pass; ``mask_from_threshold``: 2 and a
   few small torch ops (see :mod:`fsam_kernels.triton_kernels.histogram`).
@@ -107,6 +109,10 @@ class TritonBackend(Backend):
     sample_size = 1 << 18
     candidate_capacity = 1 << 22  # the least; grown to the bracket's expected count, up to the most:
     max_candidate_capacity = 1 << 24  # 64 MiB (the mask's memory budget)
+    # From this many masked values on, the bracket and the threshold among the candidates are found by
+    # radix passes over many programs (9 more launches) rather than by one program each, whose single
+    # SM takes milliseconds over millions of candidates.
+    parallel_select_min = 1 << 24
 
     def __init__(self) -> None:
         self._plans = TableCache(4)  # tensors_key -> _LayoutPlan
@@ -314,7 +320,7 @@ class TritonBackend(Backend):
         with _device_guard(layout.device):
             result = _kernels()[3].select_mask(
                 plan.masked, scores, k, square, layout.mask_bytes, self.sample_size, self.candidate_capacity,
-                self.max_candidate_capacity,
+                self.max_candidate_capacity, parallel=plan.masked.n_total >= self.parallel_select_min,
             )
         if result is None:  # the sampled bracket missed the k-th key: exact but slow path
             self.select_fallbacks += 1

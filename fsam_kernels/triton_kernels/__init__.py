@@ -26,7 +26,7 @@ CHUNK = 4096
 # Saved-buffer groups by weight dtype: fp32, fp16, bf16, and "other" (done by the reference).
 N_GROUPS = 4
 
-KERNEL_MODULES = ("fisher", "norm", "perturb", "reductions", "select")
+KERNEL_MODULES = ("fisher", "histogram", "norm", "perturb", "radix", "reductions", "select")
 
 
 def interpret_env() -> bool:

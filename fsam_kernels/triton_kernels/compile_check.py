@@ -26,7 +26,7 @@ _ARG_TYPES = dict(
     info=_P, sample=_P32, quota=_P, prefix=_P, aux_prefix=_P, mask="*u8", rhos=_PF, adaptive=_P32,
     partials=_PF, extra=_PF, out=_PF, norm_ptr=_PF, applied=_P32, n_chunks="i32", capacity="i64",
     n_tensors="i32", n_total="i64", n_samples="i32", n_search="i32", rank_hi="i32", rank_lo="i32", k="i64",
-    n="i32", dense_total="i64", eps="fp32", shift="i32", high_shift="i32",
+    n="i32", dense_total="i64", eps="fp32", shift="i32", high_shift="i32", keys=_P32, n_ptr=_P, sel=_P, hist=_P32,
 )
 
 
@@ -43,7 +43,7 @@ def _compile(fn, constexprs: dict, target: GPUTarget, num_warps: int = 8, exact:
 
 def compile_all(arch: int = 90) -> list[str]:
     """Compile every kernel; return one line per compiled variant."""
-    from . import fisher, histogram, nm_mask, norm, perturb, select
+    from . import fisher, histogram, nm_mask, norm, perturb, radix, select
 
     target = GPUTarget("cuda", arch, 32)
     done = []
@@ -76,6 +76,13 @@ def compile_all(arch: int = 90) -> list[str]:
     run(select._resolve_kernel, dict(BLOCK=CHUNK), num_warps=16)
     run(select._scan_kernel, dict(BLOCK=select._SCAN_BLOCK, N_GROUPS=N_GROUPS))
     run(select._popcount_kernel, dict(BLOCK=CHUNK))
+    for rows in (1, 2):
+        for p in range(radix.PASSES):
+            run(radix._radix_hist_kernel, dict(R=rows, PASS=p, BLOCK=CHUNK))
+        run(radix._store_selected_kernel, dict(R=rows), out=_P32)
+    run(select._bracket_finish_kernel, {})
+    run(select._resolve_pre_kernel, dict(BLOCK=CHUNK), num_warps=16)
+    run(select._candidate_finish_kernel, {})
     run(norm._sqrt_of_sum_kernel, dict(BLOCK=norm._FINAL_BLOCK))
     return done
 

@@ -20,9 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CHUNK
+from . import CHUNK, interpret_env
 from .select import MaskedPlan, _fixup_kernel, _load_keys, _write_kernel
 from .tables import pointer_table, triton_dtype, upload
+
+INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
 MAX_RADIX_BITS = 8  # wider histograms cost far more than a streaming read in Triton
 

@@ -24,6 +24,11 @@ sample) or the candidates overflow, the status flag says so and the caller falls
 reference. Seven launches (six when N fits the candidate buffer: no sampling), one host
 synchronisation (status and buffer sizes).
 
+The parallel variant (``parallel=True``, what the backend uses for large models): steps 2 and 4 run
+as four radix passes each over a persistent grid (:mod:`.radix`) with small finishing kernels, since
+one program (one SM) takes milliseconds over millions of candidates at 256-bin ``tl.histogram``
+speed. Seventeen launches instead of seven.
+
 Where the time should go on a GPU (to be measured): the count and write passes stream all keys
 once each; the two single-program stages cost ~8 histogram passes over the sample and up to 4 over
 the candidates (fewer when ``lo`` and ``hi`` share their leading bytes), which is what
@@ -40,12 +45,14 @@ import triton
 import triton.language as tl
 
 from . import CHUNK, N_GROUPS, interpret_env
+from .radix import PASSES, launch_passes, selected_key
 from .reductions import _cumsum, _min, _sum
 from .tables import chunk_table, pointer_table, triton_dtype, upload
 
 INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
 _SCAN_BLOCK = 1024
+_I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -203,6 +210,72 @@ def _resolve_kernel(counts, n_chunks, cand, info, capacity, params, k, BLOCK: tl
     tl.store(info + 1, ok)
 
 
+# ----------------------------------------------------------------------------- the parallel variant
+# The same stages with the two order statistics of the sample and the one among the candidates found
+# by :mod:`.radix` (four launches over many programs each) instead of one program (see select_mask).
+@triton.jit
+def _bracket_finish_kernel(sel, hist, params, info):
+    lo = tl.full([], -2147483648, tl.int32)
+    hi = tl.full([], 2147483647, tl.int32)
+    if tl.load(sel + 0) != 0:
+        hi = selected_key(sel, hist, 0, 2)
+    if tl.load(sel + 4) != 0:
+        lo = selected_key(sel, hist, 1, 2)
+    tl.store(params + 0, lo)
+    tl.store(params + 1, hi)
+    tl.store(info + 0, 0)  # candidate counter
+
+
+@triton.jit
+def _resolve_pre_kernel(counts, n_chunks, info, capacity, params, k, sel, BLOCK: tl.constexpr):
+    """As ``_resolve_kernel``, except that a threshold strictly inside the bracket is left to the
+    parallel radix select over the candidates: its selection row (active, rank, lo, hi) goes to
+    ``sel[0:4]`` and the number of candidates to ``sel[4]``."""
+    n_gt = tl.full([], 0, tl.int64)
+    n_hi = tl.full([], 0, tl.int64)
+    n_lo = tl.full([], 0, tl.int64)
+    i = tl.full([], 0, tl.int64)
+    while i < n_chunks:
+        offs = i + tl.arange(0, BLOCK)
+        valid = offs < n_chunks
+        n_gt += _sum(tl.load(counts + offs, mask=valid, other=0).to(tl.int64), 0)
+        n_hi += _sum(tl.load(counts + n_chunks + offs, mask=valid, other=0).to(tl.int64), 0)
+        n_lo += _sum(tl.load(counts + 2 * n_chunks + offs, mask=valid, other=0).to(tl.int64), 0)
+        i += BLOCK
+    n_inner = tl.load(info + 0)
+    lo = tl.load(params + 0)
+    hi = tl.load(params + 1)
+    t = hi
+    ok = tl.full([], 1, tl.int64)
+    active = tl.full([], 0, tl.int64)
+    if k <= n_gt:
+        ok = tl.full([], 0, tl.int64)
+    elif k <= n_gt + n_hi:
+        t = hi
+    elif k <= n_gt + n_hi + n_inner:
+        if n_inner <= capacity:
+            active = tl.full([], 1, tl.int64)
+        else:
+            ok = tl.full([], 0, tl.int64)
+    elif k <= n_gt + n_hi + n_inner + n_lo:
+        t = lo
+    else:
+        ok = tl.full([], 0, tl.int64)
+    tl.store(sel + 0, active)
+    tl.store(sel + 1, k - n_gt - n_hi)
+    tl.store(sel + 2, lo.to(tl.int64))
+    tl.store(sel + 3, hi.to(tl.int64))
+    tl.store(sel + 4, tl.minimum(n_inner, capacity))  # how many candidates the passes read
+    tl.store(params + 2, t)
+    tl.store(info + 1, ok)
+
+
+@triton.jit
+def _candidate_finish_kernel(sel, hist, params):
+    if tl.load(sel + 0) != 0:
+        tl.store(params + 2, selected_key(sel, hist, 0, 1))
+
+
 @triton.jit
 def _write_kernel(score_ptrs, numels, bit_offsets, chunk_slot, chunk_start, params, counts, n_chunks, mask,
                   DTYPE: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr):
@@ -306,6 +379,12 @@ class MaskedPlan:
         self.chunk_group = upload(groups[slot.long()] if self.n_chunks else torch.zeros(0, dtype=torch.int32), device)
         self.n_search = max(1, math.ceil(math.log2(max(1, self.n_tensors)))) + 1
         self.device = device
+        # programs of a radix pass: a few per SM (a few in the interpreter: several, to test the atomics)
+        self.max_radix_programs = (4 * torch.cuda.get_device_properties(device).multi_processor_count
+                                   if device.type == "cuda" else 3)
+
+    def radix_grid(self, n_keys: int) -> int:
+        return max(1, min(triton.cdiv(n_keys, CHUNK), self.max_radix_programs))
 
 
 def bracket_ranks(n_total: int, k: int, n_samples: int) -> tuple[int, int]:
@@ -326,9 +405,12 @@ def candidate_capacity(n_total: int, n_samples: int, rank_hi: int, rank_lo: int,
 
 
 def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square: bool, mask_bytes: int,
-                sample_size: int, capacity: int, max_capacity: int):
+                sample_size: int, capacity: int, max_capacity: int, parallel: bool = False):
     """Packed mask of the ``k`` (1 <= k <= N) largest keys, with the per-chunk prefix counts and the
-    per-group totals of the mask; ``None`` if the sampled bracket missed (the caller falls back)."""
+    per-group totals of the mask; ``None`` if the sampled bracket missed (the caller falls back).
+
+    ``parallel``: find the bracket and the threshold among the candidates with :mod:`.radix` (9 more
+    launches, each over many programs) instead of one program each (one SM)."""
     device = plan.device
     dtype = scores[0].dtype
     n_chunks = plan.n_chunks
@@ -351,15 +433,31 @@ def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square
     bits = torch.empty(mask_bytes, dtype=torch.uint8, device=device)
     tdt = triton_dtype(dtype)
     common = dict(DTYPE=tdt, SQUARE=bool(square), BLOCK=CHUNK)
+    if parallel:
+        hist = torch.zeros(3 * PASSES * 256, dtype=torch.int32, device=device)  # bracket: 2 x 4 passes; candidates: 4
+        bracket_hist, cand_hist = hist[: 2 * PASSES * 256], hist[2 * PASSES * 256 :]
+        rows = [int(rank_hi >= 1), rank_hi, _I32_MIN, _I32_MAX, int(rank_lo <= n_samples), rank_lo, _I32_MIN, _I32_MAX]
+        bracket_sel = upload(torch.tensor(rows + [n_samples], dtype=torch.int64), device)
+        cand_sel = torch.empty(5, dtype=torch.int64, device=device)
     if n_samples:
         _sample_kernel[(triton.cdiv(n_samples, CHUNK),)](
             score_ptrs, plan.elem_offsets, plan.n_tensors, n_total, n_samples, plan.n_search, sample, **common,
             num_warps=16)
-    _bracket_kernel[(1,)](sample, n_samples, rank_hi, rank_lo, params, info, BLOCK=CHUNK, num_warps=16)
+    if parallel:
+        if n_samples:
+            launch_passes(sample, bracket_sel[8:], bracket_sel, bracket_hist, 2, plan.radix_grid(n_samples), CHUNK)
+        _bracket_finish_kernel[(1,)](bracket_sel, bracket_hist, params, info)
+    else:
+        _bracket_kernel[(1,)](sample, n_samples, rank_hi, rank_lo, params, info, BLOCK=CHUNK, num_warps=16)
     grid = (n_chunks,)
     _count_kernel[grid](score_ptrs, plan.numels, plan.chunk_slot, plan.chunk_start, params, counts, n_chunks,
                         cand, info, cap, **common, num_warps=8)
-    _resolve_kernel[(1,)](counts, n_chunks, cand, info, cap, params, k, BLOCK=CHUNK, num_warps=16)
+    if parallel:
+        _resolve_pre_kernel[(1,)](counts, n_chunks, info, cap, params, k, cand_sel, BLOCK=CHUNK, num_warps=16)
+        launch_passes(cand, cand_sel[4:], cand_sel, cand_hist, 1, plan.radix_grid(cap), CHUNK)
+        _candidate_finish_kernel[(1,)](cand_sel, cand_hist, params)
+    else:
+        _resolve_kernel[(1,)](counts, n_chunks, cand, info, cap, params, k, BLOCK=CHUNK, num_warps=16)
     _write_kernel[grid](score_ptrs, plan.numels, plan.bit_offsets, plan.chunk_slot, plan.chunk_start, params,
                         counts, n_chunks, bits, **common, num_warps=8)
     _scan_kernel[(1,)](counts, n_chunks, plan.chunk_group, k, quota, prefix, info, BLOCK=_SCAN_BLOCK,
