@@ -50,3 +50,24 @@ def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> str:
         return "equal"
     i = int(diff[0])
     return f"first mismatch at flat index {i}: {a.reshape(-1)[i].item()} vs {b.reshape(-1)[i].item()} ({diff.numel()} differ)"
+
+
+def check_sharded_select(backend, layout, scores, k):
+    """The sharded top-k's primitives of ``backend`` against the reference, pass by pass (batch keys),
+    with the threshold's tie quotas and half of them; the full quotas give select_mask's mask."""
+    from fsam_kernels import distributed_select as ds
+    from fsam_kernels import reference as ref
+
+    prefix, remaining = 0, k
+    for shift in ds.PASS_SHIFTS:
+        rows = backend.key_histogram(layout, scores, True, prefix, shift, ds.RADIX_BITS)
+        want = ds.key_histogram_reference(layout, scores, True, prefix, shift, ds.RADIX_BITS)
+        assert torch.equal(rows, want), f"key histogram at shift {shift}"
+        digit, remaining = ds.next_digit(rows.sum(dim=0).cpu(), remaining)
+        prefix = (prefix << ds.RADIX_BITS) | digit
+    quotas = ds.tie_quotas(rows[:, digit].unsqueeze(0).cpu(), remaining)[0].tolist()
+    for qs in (quotas, [q // 2 for q in quotas]):  # the second stops inside some tensors' ties
+        bits = backend.mask_from_threshold(layout, scores, True, prefix, qs)
+        assert torch.equal(bits, ds.mask_from_threshold_reference(layout, scores, True, prefix, qs)), qs
+    assert torch.equal(backend.mask_from_threshold(layout, scores, True, prefix, quotas),
+                       ref.select_mask_reference(layout, scores, k, True))

@@ -12,7 +12,7 @@ from fsam_kernels import FSAM
 from fsam_kernels import reference as ref
 from fsam_kernels.layout import ParamLayout
 
-from conftest import first_mismatch
+from conftest import check_sharded_select, first_mismatch
 
 
 def _backend():
@@ -153,22 +153,9 @@ def test_launch_counts_with_hundreds_of_tensors():
 @pytest.mark.parametrize("quantized", [False, True], ids=["continuous", "quantized"])
 def test_sharded_select_primitives_match_the_reference(quantized):
     # FSDP2's top-k: per-pass key histograms and the mask from a threshold, one launch each.
-    from fsam_kernels import distributed_select as ds
-
     backend = _backend()
     layout = _layout(roberta_large_shapes()[:60])
-    grads = _grads(layout, quantized)
-    prefix, remaining = 0, layout.k_for(0.9)
-    for shift in ds.PASS_SHIFTS:
-        rows = backend.key_histogram(layout, grads, True, prefix, shift, ds.RADIX_BITS)
-        want = ds.key_histogram_reference(layout, grads, True, prefix, shift, ds.RADIX_BITS)
-        assert torch.equal(rows, want), f"shift {shift}"
-        digit, remaining = ds.next_digit(rows.sum(dim=0).cpu(), remaining)
-        prefix = (prefix << ds.RADIX_BITS) | digit
-    quotas = ds.tie_quotas(rows[:, digit].unsqueeze(0).cpu(), remaining)[0].tolist()
-    bits = backend.mask_from_threshold(layout, grads, True, prefix, quotas)
-    assert torch.equal(bits, ds.mask_from_threshold_reference(layout, grads, True, prefix, quotas))
-    assert torch.equal(bits, ref.select_mask_reference(layout, grads, layout.k_for(0.9), True))
+    check_sharded_select(backend, layout, _grads(layout, quantized), layout.k_for(0.9))
 
 
 @pytest.mark.gpu
@@ -181,6 +168,7 @@ def test_single_and_parallel_threshold_search_agree_and_their_times():
     k = layout.k_for(0.9)
     want = ref.select_mask_reference(layout, grads, k, True)
     saved_min = backend.parallel_select_min
+    fallbacks = backend.select_fallbacks  # a search that failed would fall back silently: not here
     try:
         for name, minimum in (("parallel", 0), ("single", layout.n_masked + 1)):
             backend.parallel_select_min = minimum
@@ -196,3 +184,4 @@ def test_single_and_parallel_threshold_search_agree_and_their_times():
                   f"N={layout.n_masked}: {1e3 * sorted(times)[2]:.2f} ms")
     finally:
         backend.parallel_select_min = saved_min
+    assert backend.select_fallbacks == fallbacks, "a threshold search fell back to the reference"

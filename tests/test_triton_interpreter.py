@@ -546,3 +546,11 @@ def test_select_by_histogram_equals_the_reference_mask(backend, levels):
     for k in (1, 500, 1328, 2656):
         want = ref.select_mask_reference(layout, scores, k, True)
         assert_same_mask(layout, ds.select_mask_by_histogram(backend, layout, scores, k, True), want)
+
+
+def test_sharded_select_pass_by_pass(backend):
+    from conftest import check_sharded_select
+
+    layout = make_layout([600, 7, 5000, 2049])
+    check_sharded_select(backend, layout, _tied_scores([600, 7, 5000, 2049], torch.float32, 4, seed=17),
+                         layout.k_for(0.9))

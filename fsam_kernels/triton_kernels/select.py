@@ -176,7 +176,10 @@ def _count_kernel(score_ptrs, numels, chunk_slot, chunk_start, params, counts, n
 
 
 @triton.jit
-def _resolve_kernel(counts, n_chunks, cand, info, capacity, params, k, BLOCK: tl.constexpr):
+def _threshold_case(counts, n_chunks, info, capacity, params, k, BLOCK: tl.constexpr):
+    """From the count pass's per-chunk counts: the threshold when it is a bracket key (``t``), or
+    ``inside`` when it lies strictly between them (its rank among the candidates is ``rank``), and
+    ``ok`` = 0 when the bracket missed or the candidates overflowed."""
     n_gt = tl.full([], 0, tl.int64)
     n_hi = tl.full([], 0, tl.int64)
     n_lo = tl.full([], 0, tl.int64)
@@ -193,19 +196,28 @@ def _resolve_kernel(counts, n_chunks, cand, info, capacity, params, k, BLOCK: tl
     hi = tl.load(params + 1)
     t = hi
     ok = tl.full([], 1, tl.int64)
+    inside = tl.full([], 0, tl.int64)
     if k <= n_gt:
         ok = tl.full([], 0, tl.int64)
     elif k <= n_gt + n_hi:
         t = hi
     elif k <= n_gt + n_hi + n_inner:
         if n_inner <= capacity:
-            t = _kth_largest(cand, n_inner, k - n_gt - n_hi, lo, hi, BLOCK)
+            inside = tl.full([], 1, tl.int64)
         else:
             ok = tl.full([], 0, tl.int64)
     elif k <= n_gt + n_hi + n_inner + n_lo:
         t = lo
     else:
         ok = tl.full([], 0, tl.int64)
+    return t, ok, inside, k - n_gt - n_hi, n_inner, lo, hi
+
+
+@triton.jit
+def _resolve_kernel(counts, n_chunks, cand, info, capacity, params, k, BLOCK: tl.constexpr):
+    t, ok, inside, rank, n_inner, lo, hi = _threshold_case(counts, n_chunks, info, capacity, params, k, BLOCK)
+    if inside != 0:
+        t = _kth_largest(cand, n_inner, rank, lo, hi, BLOCK)
     tl.store(params + 2, t)
     tl.store(info + 1, ok)
 
@@ -231,38 +243,9 @@ def _resolve_pre_kernel(counts, n_chunks, info, capacity, params, k, sel, BLOCK:
     """As ``_resolve_kernel``, except that a threshold strictly inside the bracket is left to the
     parallel radix select over the candidates: its selection row (active, rank, lo, hi) goes to
     ``sel[0:4]`` and the number of candidates to ``sel[4]``."""
-    n_gt = tl.full([], 0, tl.int64)
-    n_hi = tl.full([], 0, tl.int64)
-    n_lo = tl.full([], 0, tl.int64)
-    i = tl.full([], 0, tl.int64)
-    while i < n_chunks:
-        offs = i + tl.arange(0, BLOCK)
-        valid = offs < n_chunks
-        n_gt += _sum(tl.load(counts + offs, mask=valid, other=0).to(tl.int64), 0)
-        n_hi += _sum(tl.load(counts + n_chunks + offs, mask=valid, other=0).to(tl.int64), 0)
-        n_lo += _sum(tl.load(counts + 2 * n_chunks + offs, mask=valid, other=0).to(tl.int64), 0)
-        i += BLOCK
-    n_inner = tl.load(info + 0)
-    lo = tl.load(params + 0)
-    hi = tl.load(params + 1)
-    t = hi
-    ok = tl.full([], 1, tl.int64)
-    active = tl.full([], 0, tl.int64)
-    if k <= n_gt:
-        ok = tl.full([], 0, tl.int64)
-    elif k <= n_gt + n_hi:
-        t = hi
-    elif k <= n_gt + n_hi + n_inner:
-        if n_inner <= capacity:
-            active = tl.full([], 1, tl.int64)
-        else:
-            ok = tl.full([], 0, tl.int64)
-    elif k <= n_gt + n_hi + n_inner + n_lo:
-        t = lo
-    else:
-        ok = tl.full([], 0, tl.int64)
-    tl.store(sel + 0, active)
-    tl.store(sel + 1, k - n_gt - n_hi)
+    t, ok, inside, rank, n_inner, lo, hi = _threshold_case(counts, n_chunks, info, capacity, params, k, BLOCK)
+    tl.store(sel + 0, inside)
+    tl.store(sel + 1, rank)
     tl.store(sel + 2, lo.to(tl.int64))
     tl.store(sel + 3, hi.to(tl.int64))
     tl.store(sel + 4, tl.minimum(n_inner, capacity))  # how many candidates the passes read
