@@ -119,7 +119,8 @@ at::Tensor key_histogram_cpu(at::TensorList scores, bool square, int64_t prefix,
   const int64_t bins = int64_t{1} << radix_bits;
   const int64_t high = shift + radix_bits;
   at::Tensor out = at::zeros({static_cast<int64_t>(scores.size()), bins}, at::TensorOptions().dtype(at::kLong));
-  if (high >= 32 && prefix != 0) return out;  // keys (< 2**31) have no bits above the top digit
+  // keys are < 2**31: no key has bits above the top digit, nor a prefix of 2**(31 - high) or more
+  if (high >= 32 ? prefix != 0 : prefix >= (int64_t{1} << (31 - high))) return out;
   int64_t* rows = out.data_ptr<int64_t>();
   const auto chunks = make_chunks(scores);
   std::mutex merge;

@@ -81,6 +81,28 @@ __device__ __forceinline__ uint32_t load_key(const KeyInfo& info, int64_t e) {
   return select_key<kSquare>(v);
 }
 
+// The non-empty score tensors as a key table (their units numbered in order), with each entry's
+// index in `scores`. `bit_offsets` may be empty (nothing is written to a mask).
+struct KeyTable {
+  std::vector<KeyInfo> infos;
+  std::vector<int64_t> tensor;
+  int64_t units = 0;
+};
+
+KeyTable key_table(at::TensorList scores, at::IntArrayRef bit_offsets) {
+  KeyTable table;
+  for (size_t t = 0; t < scores.size(); ++t) {
+    const int64_t numel = scores[t].numel();
+    if (numel == 0) continue;
+    const void* p = scores[t].data_ptr();
+    const int64_t offset = bit_offsets.empty() ? 0 : bit_offsets[t];
+    table.infos.push_back({p, numel, table.units, offset, dtype_code(scores[t].scalar_type()), aligned16(p)});
+    table.tensor.push_back(static_cast<int64_t>(t));
+    table.units += (numel + kUnit - 1) / kUnit;
+  }
+  return table;
+}
+
 __global__ void init_state_kernel(SelectState* state, uint32_t prefix, uint32_t prefix_mask, long long remaining) {
   state->prefix = prefix;
   state->prefix_mask = prefix_mask;
@@ -269,19 +291,42 @@ void launch_select(const KeyInfo* infos, int n_tensors, int64_t units, int64_t n
 constexpr const char* kHistogramOp = "fsam_kernels::key_histogram";
 constexpr const char* kThresholdOp = "fsam_kernels::mask_from_threshold";
 
-// Digit counts per tensor row, added to global memory with warp-aggregated atomics (all lanes of a
-// unit belong to one tensor). Runs once per radix pass of a sharded mask update.
+// Digit counts per tensor row. A block counts in shared memory (warp-aggregated atomics: Fisher keys
+// crowd into a few bins, zeros above all) and flushes to its tensor's row whenever its grid-stride
+// loop moves on to the next tensor (block-uniform: all threads share the unit). Digits wider than
+// kMaxBins bins go straight to global memory.
 template <bool kSquare>
 __global__ void __launch_bounds__(kThreads) key_histogram_kernel(const KeyInfo* infos, const int64_t* rows,
                                                                   int n_tensors, int64_t n_units, int32_t prefix,
                                                                   int shift, int high, int width,
                                                                   unsigned long long* out) {
-  const uint32_t digit_mask = (1u << width) - 1u;
+  __shared__ uint32_t bins[kMaxBins];
+  const int n_bins = 1 << width;
+  const bool in_shared = n_bins <= kMaxBins;
+  const uint32_t digit_mask = static_cast<uint32_t>(n_bins - 1);
   const int lane = threadIdx.x & 31;
+  for (int d = threadIdx.x; d < kMaxBins; d += kThreads) bins[d] = 0;
+  __syncthreads();
+  int current = -1;
+  auto flush = [&](int t) {
+    __syncthreads();
+    unsigned long long* row = out + rows[t] * n_bins;
+    for (int d = threadIdx.x; d < n_bins; d += kThreads) {
+      if (bins[d] != 0) {
+        atomicAdd(row + d, static_cast<unsigned long long>(bins[d]));
+        bins[d] = 0;
+      }
+    }
+    __syncthreads();
+  };
   for (int64_t u = blockIdx.x; u < n_units; u += gridDim.x) {
     const int t = find_tensor(infos, n_tensors, u);
+    if (in_shared && t != current) {
+      if (current >= 0) flush(current);
+      current = t;
+    }
     const KeyInfo info = infos[t];
-    unsigned long long* row = out + rows[t] * (int64_t{1} << width);
+    unsigned long long* row = out + rows[t] * n_bins;
     const int64_t i = (u - info.unit_start) * kUnit + threadIdx.x * 8;
     uint32_t keys[8];
     bool valid[8];
@@ -294,10 +339,17 @@ __global__ void __launch_bounds__(kThreads) key_histogram_kernel(const KeyInfo* 
       const unsigned active = __ballot_sync(0xffffffffu, take);
       if (take) {
         const unsigned peers = __match_any_sync(active, digit);
-        if (lane == __ffs(peers) - 1) atomicAdd(row + digit, static_cast<unsigned long long>(__popc(peers)));
+        if (lane == __ffs(peers) - 1) {
+          if (in_shared) {
+            atomicAdd(&bins[digit], static_cast<uint32_t>(__popc(peers)));
+          } else {
+            atomicAdd(row + digit, static_cast<unsigned long long>(__popc(peers)));
+          }
+        }
       }
     }
   }
+  if (in_shared && current >= 0) flush(current);
 }
 
 at::Tensor key_histogram_cuda(at::TensorList scores, bool square, int64_t prefix, int64_t shift, int64_t radix_bits) {
@@ -307,21 +359,14 @@ at::Tensor key_histogram_cuda(at::TensorList scores, bool square, int64_t prefix
   const auto opts = at::TensorOptions().device(device);
   const int64_t high = shift + radix_bits;
   at::Tensor out = at::zeros({static_cast<int64_t>(scores.size()), int64_t{1} << radix_bits}, opts.dtype(at::kLong));
-  if (high >= 32 && prefix != 0) return out;  // keys (< 2**31) have no bits above the top digit
-  std::vector<KeyInfo> infos;
-  std::vector<int64_t> rows;
-  int64_t units = 0;
-  for (size_t t = 0; t < scores.size(); ++t) {
-    const int64_t numel = scores[t].numel();
-    if (numel == 0) continue;
-    const void* p = scores[t].data_ptr();
-    infos.push_back({p, numel, units, 0, dtype_code(scores[t].scalar_type()), aligned16(p)});
-    rows.push_back(static_cast<int64_t>(t));
-    units += (numel + kUnit - 1) / kUnit;
-  }
-  if (infos.empty()) return out;
+  // keys are < 2**31: no key has bits above the top digit, nor a prefix of 2**(31 - high) or more
+  if (high >= 32 ? prefix != 0 : prefix >= (int64_t{1} << (31 - high))) return out;
+  const KeyTable keys = key_table(scores, {});
+  if (keys.infos.empty()) return out;
+  const std::vector<KeyInfo>& infos = keys.infos;
+  const int64_t units = keys.units;
   const at::Tensor table = upload_table(infos, device);
-  const at::Tensor row_table = upload_table(rows, device);
+  const at::Tensor row_table = upload_table(keys.tensor, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto* o = reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>());
   const auto* info_ptr = table_ptr<KeyInfo>(table);
@@ -369,18 +414,12 @@ at::Tensor mask_from_threshold_cuda(at::TensorList scores, at::IntArrayRef bit_o
   const c10::cuda::CUDAGuard guard(device);
   const auto opts = at::TensorOptions().device(device);
   at::Tensor bits = at::zeros({mask_bytes}, opts.dtype(at::kByte));
-  std::vector<KeyInfo> infos;
+  const KeyTable keys = key_table(scores, bit_offsets);
+  if (keys.infos.empty()) return bits;
+  const std::vector<KeyInfo>& infos = keys.infos;
+  const int64_t units = keys.units;
   std::vector<long long> tensor_quotas;
-  int64_t units = 0;
-  for (size_t t = 0; t < scores.size(); ++t) {
-    const int64_t numel = scores[t].numel();
-    if (numel == 0) continue;
-    const void* p = scores[t].data_ptr();
-    infos.push_back({p, numel, units, bit_offsets[t], dtype_code(scores[t].scalar_type()), aligned16(p)});
-    tensor_quotas.push_back(static_cast<long long>(quotas[t]));
-    units += (numel + kUnit - 1) / kUnit;
-  }
-  if (infos.empty()) return bits;
+  for (const int64_t t : keys.tensor) tensor_quotas.push_back(static_cast<long long>(quotas[t]));
   const at::Tensor table = upload_table(infos, device);
   const at::Tensor quota_table = upload_table(tensor_quotas, device);
   at::Tensor state = at::empty({static_cast<int64_t>(sizeof(SelectState))}, opts.dtype(at::kByte));
@@ -406,15 +445,9 @@ at::Tensor select_mask_cuda(at::TensorList scores, at::IntArrayRef bit_offsets, 
   const auto opts = at::TensorOptions().device(device);
   at::Tensor bits = at::zeros({mask_bytes}, opts.dtype(at::kByte));
   if (k == 0) return bits;
-  std::vector<KeyInfo> infos;
-  int64_t units = 0;
-  for (size_t t = 0; t < scores.size(); ++t) {
-    const int64_t numel = scores[t].numel();
-    if (numel == 0) continue;
-    const void* p = scores[t].data_ptr();
-    infos.push_back({p, numel, units, bit_offsets[t], dtype_code(scores[t].scalar_type()), aligned16(p)});
-    units += (numel + kUnit - 1) / kUnit;
-  }
+  const KeyTable keys = key_table(scores, bit_offsets);
+  const std::vector<KeyInfo>& infos = keys.infos;
+  const int64_t units = keys.units;
   const at::Tensor table = upload_table(infos, device);
   at::Tensor state = at::empty({static_cast<int64_t>(sizeof(SelectState))}, opts.dtype(at::kByte));
   auto* st = reinterpret_cast<SelectState*>(state.data_ptr<uint8_t>());

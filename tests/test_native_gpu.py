@@ -12,7 +12,7 @@ import torch
 from fsam_kernels import FSAM
 from fsam_kernels import reference as ref
 from fsam_kernels.layout import ParamLayout
-from conftest import first_mismatch
+from conftest import check_sharded_select, first_mismatch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 pytestmark = pytest.mark.gpu
@@ -160,24 +160,10 @@ def test_opcheck_cuda(native):
 @pytest.mark.parametrize("quantize", [False, True], ids=["continuous", "quantized"])
 def test_sharded_select_primitives_match_the_reference(native, quantize):
     # FSDP2's top-k: per-pass key histograms and the mask from a threshold with per-tensor tie quotas.
-    from fsam_kernels import distributed_select as ds
-
     sizes = model_like_sizes(8_000_000, seed=5)
     scores = tensors(sizes, torch.float32, seed=6, quantize=quantize)
     lay = layout_of([torch.empty(s, device="cuda") for s in sizes])
-    prefix, remaining = 0, lay.k_for(0.9)
-    for shift in ds.PASS_SHIFTS:
-        rows = native.key_histogram(lay, scores, True, prefix, shift, ds.RADIX_BITS)
-        assert torch.equal(rows, ds.key_histogram_reference(lay, scores, True, prefix, shift, ds.RADIX_BITS)), shift
-        digit, remaining = ds.next_digit(rows.sum(dim=0).cpu(), remaining)
-        prefix = (prefix << ds.RADIX_BITS) | digit
-    quotas = ds.tie_quotas(rows[:, digit].unsqueeze(0).cpu(), remaining)[0].tolist()
-    bits = native.mask_from_threshold(lay, scores, True, prefix, quotas)
-    assert torch.equal(bits, ds.mask_from_threshold_reference(lay, scores, True, prefix, quotas))
-    assert torch.equal(bits, ref.select_mask_reference(lay, scores, lay.k_for(0.9), True))
-    half = [q // 2 for q in quotas]  # quotas that stop inside a tensor's ties
-    assert torch.equal(native.mask_from_threshold(lay, scores, True, prefix, half),
-                       ds.mask_from_threshold_reference(lay, scores, True, prefix, half))
+    check_sharded_select(native, lay, scores, lay.k_for(0.9))
 
 
 def test_perturb_scale_rounds_like_the_reference_on_cuda(native):

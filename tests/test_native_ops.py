@@ -476,6 +476,10 @@ def test_key_histogram_matches_reference(native, dtype, square):
         want = ds.key_histogram_reference(lay, scores, square, prefix, shift, bits)
         got = native.key_histogram(lay, scores, square, prefix, shift, bits)
         assert got.dtype == torch.int64 and torch.equal(got, want), (prefix, shift, bits)
+    # a prefix no key can have (keys < 2**31): nothing counted, as in the reference
+    for prefix, shift, bits in ((1 << 8, 16, 8), (1 << 40, 0, 8)):
+        want = ds.key_histogram_reference(lay, scores, square, prefix, shift, bits)
+        assert int(want.sum()) == 0 and torch.equal(native.key_histogram(lay, scores, square, prefix, shift, bits), want)
     with pytest.raises(ValueError, match="key_histogram: expected 0 < radix_bits"):
         ops().key_histogram(scores, square, 0, 30, 8)
     with pytest.raises(ValueError, match="key_histogram: expected prefix >= 0"):
@@ -512,3 +516,11 @@ def test_histogram_select_through_the_native_ops_equals_select_mask(native):
     for k in (1, 500, n // 10, n // 2, n - 1, n):
         want = ref.select_mask_reference(lay, scores, k, True)
         assert_same_bits(ds.select_mask_by_histogram(native, lay, scores, k, True), want, lay)
+
+
+def test_sharded_select_pass_by_pass(native):
+    from conftest import check_sharded_select
+
+    scores = random_tensors([600, 7, 70000, 0, 2049], seed=16)
+    lay = layout_of([torch.zeros(s.shape) for s in scores])
+    check_sharded_select(native, lay, scores, lay.k_for(0.9))
