@@ -110,7 +110,7 @@ class TritonBackend(Backend):
     candidate_capacity = 1 << 22  # the least; grown to the bracket's expected count, up to the most:
     max_candidate_capacity = 1 << 24  # 64 MiB (the mask's memory budget)
     # From this many masked values on, the bracket and the threshold among the candidates are found by
-    # radix passes over many programs (9 more launches) rather than by one program each, whose single
+    # radix passes over many programs (10 more launches) rather than by one program each, whose single
     # SM takes milliseconds over millions of candidates.
     parallel_select_min = 1 << 24
 

@@ -392,7 +392,7 @@ def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square
     """Packed mask of the ``k`` (1 <= k <= N) largest keys, with the per-chunk prefix counts and the
     per-group totals of the mask; ``None`` if the sampled bracket missed (the caller falls back).
 
-    ``parallel``: find the bracket and the threshold among the candidates with :mod:`.radix` (9 more
+    ``parallel``: find the bracket and the threshold among the candidates with :mod:`.radix` (10 more
     launches, each over many programs) instead of one program each (one SM)."""
     device = plan.device
     dtype = scores[0].dtype
