@@ -159,11 +159,13 @@ def test_sharded_select_primitives_match_the_reference(quantized):
 
 
 @pytest.mark.gpu
-def test_single_and_parallel_threshold_search_agree_and_their_times():
+@pytest.mark.parametrize("first,last", [(0, 393), (5, 69), (5, 21)], ids=["355M", "50M-4-layers", "12.6M-1-layer"])
+def test_single_and_parallel_threshold_search_agree_and_their_times(first, last):
     # The bracket and the candidates' threshold by one program each or by radix passes over many
-    # programs (the default from TritonBackend.parallel_select_min values on): same mask; times printed.
+    # programs (the default from TritonBackend.parallel_select_min values on): same mask; times printed
+    # at three sizes, to place parallel_select_min.
     backend = _backend()
-    layout = _layout(roberta_large_shapes())
+    layout = _layout(roberta_large_shapes()[first:last])
     grads = _grads(layout, quantized=False)
     k = layout.k_for(0.9)
     want = ref.select_mask_reference(layout, grads, k, True)
@@ -180,7 +182,7 @@ def test_single_and_parallel_threshold_search_agree_and_their_times():
                 backend.select_mask(layout, grads, k, True)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            print(f"{torch.cuda.get_device_name()}, select_mask ({name} threshold search), 393 tensors, "
+            print(f"{torch.cuda.get_device_name()}, select_mask ({name} threshold search), {last - first} tensors, "
                   f"N={layout.n_masked}: {1e3 * sorted(times)[2]:.2f} ms")
     finally:
         backend.parallel_select_min = saved_min
