@@ -4,6 +4,7 @@ the semi-structured export."""
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -164,6 +165,32 @@ def test_triton_kernel_matches_reference(n, m, dtype, monkeypatch):
             want = select_nm_mask_reference(layout, s, n, m, square, support)
             got = nm_mask.select_nm_mask(layout, s, n, m, square, support)
             assert torch.equal(got, want), first_bit_mismatch(got, want)
+
+
+def test_triton_kernel_many_tensors_in_one_launch(monkeypatch):
+    # Tensors spanning several programs each, one too small for a whole program, mixed score dtypes
+    # (a launch per dtype pair) and a float32 support for bf16 scores.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    nm_mask = _interpreted_triton_module()
+    shapes = [(40, 64), (7,), (3, 8), (17, 32), (2, 2, 300), (5, 1024)]
+    layout, params, scores = make_case(torch.float32, seed=3, zeros=True, shapes=shapes)
+    scores[3], scores[5] = scores[3].bfloat16(), scores[5].bfloat16()
+    launches = []
+    real = nm_mask._nm_mask_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(nm_mask, "_nm_mask_kernel", Counting())
+    for support in (None, params):
+        launches.clear()
+        want = select_nm_mask_reference(layout, scores, 2, 4, True, support)
+        got = nm_mask.select_nm_mask(layout, scores, 2, 4, True, support)
+        assert torch.equal(got, want), first_bit_mismatch(got, want)
+        assert len(launches) == 2  # fp32 and bf16 scores; (7,) is not eligible, (2, 2, 300) is
+    assert sum(g[0] for g in launches) == sum(math.ceil(layout.numel[i] / 512) for i in (0, 2, 3, 4, 5))  # 512 per program
 
 
 def _native_op():

@@ -187,3 +187,18 @@ def test_single_and_parallel_threshold_search_agree_and_their_times(first, last)
     finally:
         backend.parallel_select_min = saved_min
     assert backend.select_fallbacks == fallbacks, "a threshold search fell back to the reference"
+
+
+@pytest.mark.gpu
+def test_nm_mask_at_size_matches_the_reference():
+    # 2:4 over RoBERTa-large's first 40 tensors (79M values) in one launch, with a weight support.
+    _backend()
+    from fsam_kernels.structured import select_nm_mask_reference
+    from fsam_kernels.triton_kernels import nm_mask
+
+    layout = _layout(roberta_large_shapes()[:40])
+    grads = _grads(layout, quantized=True)
+    support = [p.masked_fill(p.abs() < 0.3, 0) for p in layout.params]
+    for sup in (None, support):
+        got = nm_mask.select_nm_mask(layout, grads, 2, 4, True, sup)
+        assert torch.equal(got, select_nm_mask_reference(layout, grads, 2, 4, True, sup))

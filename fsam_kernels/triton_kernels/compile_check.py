@@ -30,6 +30,10 @@ _ARG_TYPES = dict(
 )
 
 
+_NM_TYPES = dict(score_ptrs=_P, support_ptrs=_P, byte_offsets=_P, prog_start=_P, n_tensors="i32", n_search="i32",
+                 bits_ptr="*u8")
+
+
 def _compile(fn, constexprs: dict, target: GPUTarget, num_warps: int = 8, exact: bool = False, **types) -> str:
     names = fn.arg_names
     signature = {a: "constexpr" if a in constexprs else types.get(a, _ARG_TYPES.get(a)) for a in names}
@@ -65,12 +69,12 @@ def compile_all(arch: int = 90) -> list[str]:
         run(perturb._restore_kernel, dict(W_DTYPE=dt, BLOCK=CHUNK), saved=saved)
         run(histogram._histogram_kernel, dict(DTYPE=dt, SQUARE=True, TOP=False, BINS=256, BLOCK=CHUNK),
             out=_P, prefix="i32")
-        run(nm_mask._nm_mask_kernel, dict(M=4, SQUARE=True, HAS_SUPPORT=True, BLOCK_BYTES=nm_mask.BLOCK_BYTES),
-            score_ptr="*" + _TYPE_NAMES[dt], support_ptr="*" + _TYPE_NAMES[dt], bits_ptr="*u8", numel="i64")
+        run(nm_mask._nm_mask_kernel, dict(M=4, SQUARE=True, HAS_SUPPORT=True, S_DTYPE=dt, W_DTYPE=tl.float32,
+                                          BLOCK_BYTES=nm_mask.BLOCK_BYTES), **_NM_TYPES)
     run(histogram._histogram_kernel, dict(DTYPE=tl.float32, SQUARE=False, TOP=True, BINS=256, BLOCK=CHUNK),
         out=_P, prefix="i32")
-    run(nm_mask._nm_mask_kernel, dict(M=16, SQUARE=False, HAS_SUPPORT=False, BLOCK_BYTES=nm_mask.BLOCK_BYTES),
-        score_ptr="*fp32", support_ptr="*fp32", bits_ptr="*u8", numel="i64")
+    run(nm_mask._nm_mask_kernel, dict(M=16, SQUARE=False, HAS_SUPPORT=False, S_DTYPE=tl.float32, W_DTYPE=tl.float32,
+                                      BLOCK_BYTES=nm_mask.BLOCK_BYTES), **_NM_TYPES)
     run(select._count_kernel, dict(DTYPE=tl.float32, SQUARE=False, BLOCK=CHUNK))
     run(select._bracket_kernel, dict(BLOCK=CHUNK), num_warps=16)
     run(select._resolve_kernel, dict(BLOCK=CHUNK), num_warps=16)

@@ -1,12 +1,15 @@
 """N:M structured mask: keep the N largest Fisher keys of every M consecutive elements.
 
-Reference: :func:`fsam_kernels.structured.select_nm_mask_reference`. One launch per eligible tensor
-(the op runs only when the mask is rebuilt). Each program writes ``BLOCK_BYTES`` whole mask bytes
-(8 elements each); every element computes its own rank inside its group by comparing its key with the
-group's M keys, so groups may straddle programs and bytes without any communication.
+Reference: :func:`fsam_kernels.structured.select_nm_mask_reference`. One launch for all eligible
+tensors (per pair of score and support dtypes): each program finds its tensor in a table of program
+starts and writes ``BLOCK_BYTES`` whole mask bytes (8 elements each); every element computes its own
+rank inside its group by comparing its key with the group's M keys, so groups may straddle programs
+and bytes without any communication.
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -15,8 +18,14 @@ import triton.language as tl
 
 from ..layout import ParamLayout
 from ..structured import _check_nm_op, nm_eligible
+from .tables import pointer_table, upload
 
 BLOCK_BYTES = 64  # 512 elements per program: one mask alignment block
+
+
+def _element_type(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float64: tl.float64}[dtype]
 
 
 @triton.jit
@@ -33,18 +42,37 @@ def _key(score_ptr, support_ptr, idx, inside, SQUARE: tl.constexpr, HAS_SUPPORT:
 
 @triton.jit
 def _nm_mask_kernel(
-    score_ptr,
-    support_ptr,
+    score_ptrs,
+    support_ptrs,
+    numels,
+    byte_offsets,
+    prog_start,
+    n_tensors,
+    n_search,
     bits_ptr,
-    numel,
     n,
     M: tl.constexpr,
     SQUARE: tl.constexpr,
     HAS_SUPPORT: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
     BLOCK_BYTES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    # The tensor of this program: prog_start[slot] <= pid < prog_start[slot + 1] (binary search).
+    lo = pid * 0
+    hi = lo + n_tensors
+    it = lo * 0
+    while it < n_search:
+        mid = (lo + hi) // 2
+        go = tl.load(prog_start + mid) <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+        it += 1
+    numel = tl.load(numels + lo)
+    score_ptr = tl.load(score_ptrs + lo).to(tl.pointer_type(S_DTYPE))
+    support_ptr = tl.load(support_ptrs + lo).to(tl.pointer_type(W_DTYPE))
+    byte = (pid - tl.load(prog_start + lo)) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     # Plain element-wise ops only (no tl.zeros / tl.sum): the kernel then also runs in the interpreter
     # when Triton itself was imported before TRITON_INTERPRET=1 was set.
     packed = (byte * 0).to(tl.int32)
@@ -65,7 +93,7 @@ def _nm_mask_kernel(
             w = tl.load(support_ptr + elem, mask=inside, other=0.0)
             chosen = chosen & (w != 0)
         packed = packed | (chosen.to(tl.int32) << bit)
-    tl.store(bits_ptr + byte, packed.to(tl.uint8), mask=byte * 8 < numel)
+    tl.store(bits_ptr + tl.load(byte_offsets + lo) + byte, packed.to(tl.uint8), mask=byte * 8 < numel)
 
 
 def select_nm_mask(
@@ -79,26 +107,37 @@ def select_nm_mask(
     """Packed N:M mask, bit-identical to the reference. Tensors must be contiguous, on one device."""
     _check_nm_op("select_nm_mask", layout, scores, n, m, support)
     bits = layout.empty_mask()
+    groups: dict[tuple, list[int]] = {}  # (score dtype, support dtype) -> masked positions: one launch each
     for j, i in enumerate(layout.masked_index):
-        numel = layout.numel[i]
-        if numel == 0 or not nm_eligible(layout.params[i].shape, m):
+        if layout.numel[i] == 0 or not nm_eligible(layout.params[i].shape, m):
             continue
-        score = scores[j].detach()
-        sup = None if support is None else support[j].detach()
+        score = scores[j]
+        sup = None if support is None else support[j]
         for name, t in (("scores", score), ("support", sup)):
             if t is not None and (not t.is_contiguous() or t.device != bits.device):
                 raise ValueError(f"select_nm_mask: expected {name}[{j}] contiguous on {bits.device}, got {t.device}")
-        out = bits[layout.bit_offset[j] // 8 :]
-        grid = (triton.cdiv(triton.cdiv(numel, 8), BLOCK_BYTES),)
-        _nm_mask_kernel[grid](
-            score,
-            score if sup is None else sup,
-            out,
-            numel,
+        groups.setdefault((score.dtype, None if sup is None else sup.dtype), []).append(j)
+    device = bits.device
+    for (s_dtype, w_dtype), js in groups.items():
+        numels = [layout.numel[layout.masked_index[j]] for j in js]
+        prog_start = [0, *itertools.accumulate(triton.cdiv(triton.cdiv(x, 8), BLOCK_BYTES) for x in numels)]
+        score_list = [scores[j].detach() for j in js]
+        support_list = score_list if support is None else [support[j].detach() for j in js]
+        _nm_mask_kernel[(prog_start[-1],)](
+            pointer_table(score_list, device),
+            pointer_table(support_list, device),
+            upload(torch.tensor(numels, dtype=torch.int64), device),
+            upload(torch.tensor([layout.bit_offset[j] // 8 for j in js], dtype=torch.int64), device),
+            upload(torch.tensor(prog_start, dtype=torch.int64), device),
+            len(js),
+            max(1, math.ceil(math.log2(len(js)))) + 1,
+            bits,
             n,
             M=m,
             SQUARE=bool(square),
-            HAS_SUPPORT=sup is not None,
+            HAS_SUPPORT=support is not None,
+            S_DTYPE=_element_type(s_dtype),
+            W_DTYPE=_element_type(s_dtype if w_dtype is None else w_dtype),
             BLOCK_BYTES=BLOCK_BYTES,
         )
     return bits
