@@ -462,15 +462,25 @@ class FSAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One FSAM step, davda54/sam style: the first backward is already done by the caller;
-        ``closure`` does the second forward/backward (gradients zeroed before it) and its loss is
-        returned. When the first gradient's norm is not finite the step is skipped (weights, base
-        optimizer and mask untouched, one warning) and ``None`` is returned."""
+        """One FSAM step with ``closure`` (a function that computes the loss, calls ``backward()`` and
+        returns the loss).
+
+        davda54/sam style, when the caller has already done the first backward: ``closure`` does the
+        second forward/backward (gradients zeroed before it) and its loss is returned. The
+        ``torch.optim`` convention (e.g. PyTorch Lightning's automatic optimization), when no perturbed
+        parameter has a gradient yet (``zero_grad()`` sets them to ``None``): the closure runs first for
+        the gradient at ``w`` too, and that first loss is returned. When the first gradient's norm is
+        not finite the step is skipped (weights, base optimizer and mask untouched, one warning) and
+        ``None`` is returned."""
         if closure is None:
             raise RuntimeError(
                 "FSAM.step needs a closure that recomputes the loss and calls backward(); or call "
                 "first_step() and second_step() yourself"
             )
+        first_loss = None
+        if self._phase == "idle" and all(g is None for g in self._grads(self._current_layout())):
+            with torch.enable_grad():
+                first_loss = closure()
         self.first_step(zero_grad=True)
         if self._phase == "skipped":  # non-finite gradient norm: no second pass, no base step
             self._phase = "idle"
@@ -482,7 +492,7 @@ class FSAM(torch.optim.Optimizer):
             self.restore()  # never leave the model perturbed
             raise
         self.second_step()
-        return loss
+        return loss if first_loss is None else first_loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

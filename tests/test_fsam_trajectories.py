@@ -179,6 +179,31 @@ def test_closure_form_matches_two_steps(tiny_net, batches):
     assert all(isinstance(l, torch.Tensor) and l.ndim == 0 for l in losses)
 
 
+def test_closure_form_runs_the_first_pass_when_no_gradient_exists(tiny_net, batches):
+    # The torch.optim convention (PyTorch Lightning's automatic optimization): step(closure) with no
+    # backward before it calls the closure for the gradient at w too, and returns that first loss.
+    m1, m2 = clone_model(tiny_net), clone_model(tiny_net)
+    o1 = FSAM(m1.parameters(), torch.optim.AdamW, rho=0.05, sparsity=0.9, mask_update_interval=2, lr=1e-2)
+    o2 = FSAM(m2.parameters(), torch.optim.AdamW, rho=0.05, sparsity=0.9, mask_update_interval=2, lr=1e-2)
+    for batch in batches:
+        calls = []
+
+        def closure():
+            calls.append(1)
+            o1.zero_grad()
+            loss = loss_of(m1, batch)
+            loss.backward()
+            return loss
+
+        with torch.no_grad():
+            at_w = loss_of(m1, batch)
+        o1.zero_grad()
+        loss = o1.step(closure)
+        assert len(calls) == 2 and torch.equal(loss.detach(), at_w)
+    run_fsam(m2, batches, o2)
+    assert_same_params(m1, m2, exact=True)
+
+
 def test_lr_scheduler_on_fsam_or_base(tiny_net, batches):
     import warnings
 
