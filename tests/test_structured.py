@@ -252,6 +252,7 @@ def test_native_op_passes_opcheck():
     torch.library.opcheck(op, (scores, [torch.randn(4, 8), torch.randn(2, 16)], [0, 512], 128, 1, 4, False))
 
 
+@pytest.mark.gpu
 def test_gpu_kernels_match_reference():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -466,6 +467,7 @@ def test_export_rejects_dense_tensors():
         to_semi_structured(torch.ones(4, 8), "2:4")
 
 
+@pytest.mark.gpu
 def test_export_on_gpu_round_trips():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
