@@ -121,6 +121,7 @@ class FSAM(torch.optim.Optimizer):
         self._saved: Any = None
         self._pending: Any = None  # (layout, bits, aux) of the pending perturbation, for restore
         self._phase = "idle"  # idle | perturbed | skipped
+        self._closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
         # FSDP2 (DTensor) parameters: the layout holds their local shards; norm and mask are global.
         self._shards = ShardedParams.detect(p for g in self.param_groups for p in g["params"])
         if self._shards is not None and (self.structure is not None or self.preserve_zeros):
@@ -467,20 +468,37 @@ class FSAM(torch.optim.Optimizer):
 
         davda54/sam style, when the caller has already done the first backward: ``closure`` does the
         second forward/backward (gradients zeroed before it) and its loss is returned. The
-        ``torch.optim`` convention (e.g. PyTorch Lightning's automatic optimization), when no perturbed
-        parameter has a gradient yet (``zero_grad()`` sets them to ``None``): the closure runs first for
-        the gradient at ``w`` too, and that first loss is returned. When the first gradient's norm is
-        not finite the step is skipped (weights, base optimizer and mask untouched, one warning) and
-        ``None`` is returned."""
+        ``torch.optim`` convention (e.g. PyTorch Lightning's automatic optimization, whose closure
+        zeroes the gradients itself), when no perturbed parameter has a gradient at the first such
+        call (``zero_grad()`` sets them to ``None``): the closure runs first for the gradient at ``w``
+        too, and that first loss is returned; once taken, this way sticks for later steps, whose
+        leftover gradients (from ``w + e``) are then not mistaken for a first pass. A first closure that
+        computes no gradient (e.g. a skipped batch) skips the step and returns ``None``.
+
+        When the first gradient's norm is not finite the step is skipped (weights, base optimizer and
+        mask untouched, one warning) and ``None`` is returned. If the closure raises, the weights, the
+        mask, the step count and the Fisher accumulator are as before the call and the gradients are
+        cleared."""
         if closure is None:
             raise RuntimeError(
                 "FSAM.step needs a closure that recomputes the loss and calls backward(); or call "
                 "first_step() and second_step() yourself"
             )
-        first_loss = None
-        if self._phase == "idle" and all(g is None for g in self._grads(self._current_layout())):
-            with torch.enable_grad():
-                first_loss = closure()
+        if self._phase == "perturbed":
+            raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
+        state = (self._step_count, self._bits, self._aux, self._fisher_accum, self._fisher_count)
+        first_loss, closure_first = None, False
+        layout = self._current_layout()
+        if self._closure_first or all(g is None for g in self._grads(layout)):
+            self._closure_first = closure_first = True
+            try:
+                with torch.enable_grad():
+                    first_loss = closure()
+            except BaseException:
+                self.zero_grad()  # no partial gradient may pass for a first pass later
+                raise
+            if all(g is None for g in self._grads(layout)):
+                return None
         self.first_step(zero_grad=True)
         if self._phase == "skipped":  # non-finite gradient norm: no second pass, no base step
             self._phase = "idle"
@@ -489,10 +507,13 @@ class FSAM(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         except BaseException:
-            self.restore()  # never leave the model perturbed
+            self.restore()  # never leave the model perturbed ...
+            self.zero_grad()
+            # ... nor the optimizer half-updated: first_step replaced these, it changed none in place
+            self._step_count, self._bits, self._aux, self._fisher_accum, self._fisher_count = state
             raise
         self.second_step()
-        return loss if first_loss is None else first_loss
+        return first_loss if closure_first else loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

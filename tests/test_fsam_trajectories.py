@@ -204,6 +204,56 @@ def test_closure_form_runs_the_first_pass_when_no_gradient_exists(tiny_net, batc
     assert_same_params(m1, m2, exact=True)
 
 
+def test_closure_form_lightning_style_zero_grad_inside_the_closure(tiny_net, batches):
+    # Lightning zeroes the gradients inside the closure and never outside: after the first step the
+    # gradients of w + e are still there, and must not be taken for a first pass.
+    m1, m2 = clone_model(tiny_net), clone_model(tiny_net)
+    o1 = FSAM(m1.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, mask_update_interval=2, lr=0.1, momentum=0.9)
+    o2 = FSAM(m2.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, mask_update_interval=2, lr=0.1, momentum=0.9)
+    calls = []
+    for batch in batches:
+        def closure():
+            calls.append(1)
+            o1.zero_grad()
+            loss = loss_of(m1, batch)
+            loss.backward()
+            return loss
+
+        o1.step(closure)
+    assert len(calls) == 2 * len(batches)
+    run_fsam(m2, batches, o2)
+    assert_same_params(m1, m2, exact=True)
+
+
+def test_closure_failures_leave_weights_mask_and_counters_as_they_were(tiny_net, batches):
+    opt = FSAM(tiny_net.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, mask_update_interval=1, lr=0.1)
+    run_fsam(tiny_net, batches[:1], opt)
+    snap = [p.detach().clone() for p in tiny_net.parameters()]
+    mask, count = [m.clone() for m in opt.masks()], opt.step_count
+
+    def failing(at):
+        calls = []
+
+        def closure():
+            calls.append(1)
+            loss = loss_of(tiny_net, batches[2])
+            loss.backward()  # a partial gradient is left behind when it fails afterwards
+            if len(calls) == at:
+                raise KeyError("data loader broke")
+            return loss
+        return closure
+
+    for at in (1, 2):  # the first closure (gradient at w) or the second (at w + e)
+        opt.zero_grad()
+        with pytest.raises(KeyError):
+            opt.step(failing(at))
+        assert all(torch.equal(p, s) for p, s in zip(tiny_net.parameters(), snap))
+        assert opt.step_count == count and all(torch.equal(a, b) for a, b in zip(opt.masks(), mask))
+        assert all(p.grad is None for p in tiny_net.parameters())
+    # a first closure that computes no gradient (a skipped batch) skips the step
+    assert opt.step(lambda: None) is None and opt.step_count == count
+
+
 def test_lr_scheduler_on_fsam_or_base(tiny_net, batches):
     import warnings
 
