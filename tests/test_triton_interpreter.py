@@ -505,7 +505,7 @@ def test_key_histogram_matches_the_reference(backend, dtype, square):
     cases = [(0, 24)]
     for key in (int(keys.max()), int(keys.sort().values[keys.numel() // 2])):
         cases += [(key >> 24, 16), (key >> 16, 8), (key >> 8, 0)]
-    cases.append((0x7F, 16))
+    cases += [(0x7F, 16), (1 << 8, 16), (1 << 40, 0)]  # prefixes no key can have (keys < 2**31)
     for prefix, shift in cases:
         want = ds.key_histogram_reference(layout, scores, square, prefix, shift, 8)
         got = backend.key_histogram(layout, scores, square, prefix, shift, 8)

@@ -50,7 +50,8 @@ def key_histogram(plan: MaskedPlan, scores: Sequence[torch.Tensor], square: bool
     bins = 1 << radix_bits
     out = torch.zeros((plan.n_tensors, bins), dtype=torch.int64, device=plan.device)
     high_shift = shift + radix_bits
-    if high_shift >= 32 and prefix != 0:  # keys (< 2**31) have no bits above the top digit: none matches
+    # keys are < 2**31: no key has bits above the top digit, nor a prefix of 2**(31 - high_shift) or more
+    if (prefix != 0) if high_shift >= 32 else prefix >= 1 << (31 - high_shift):
         return out
     if plan.n_chunks:
         _histogram_kernel[(plan.n_chunks,)](
