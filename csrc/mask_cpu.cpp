@@ -38,6 +38,53 @@ struct RadixPass {
 };
 constexpr std::array<RadixPass, 3> kPasses = {{{21, 11}, {10, 11}, {0, 10}}};
 
+inline void set_bit(uint8_t* out, at::IntArrayRef bit_offsets, const Chunk& ch, int64_t i) {
+  const int64_t b = bit_offsets[ch.t] + i;
+  out[b >> 3] |= static_cast<uint8_t>(1u << (b & 7));  // chunks own whole bytes: no race
+}
+
+// Keys equal to `threshold` before each chunk (chunks are in global order), counted from the first
+// chunk, or with `per_tensor` from the first chunk of the chunk's tensor.
+std::vector<int64_t> ties_before_chunks(at::TensorList scores, bool square, const std::vector<Chunk>& chunks,
+                                        uint32_t threshold, bool per_tensor) {
+  std::vector<int64_t> ties(chunks.size(), 0);
+  for_each_chunk(chunks, [&](int64_t c) {
+    int64_t count = 0;
+    for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) { count += (u == threshold); });
+    ties[c] = count;
+  });
+  int64_t running = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    if (per_tensor && (c == 0 || chunks[c].t != chunks[c - 1].t)) running = 0;
+    const int64_t here = ties[c];
+    ties[c] = running;
+    running += here;
+  }
+  return ties;
+}
+
+// The bits of the keys above `threshold` and of the ties whose rank, counted from ties_before[c], is
+// below quota_of(chunk): the lowest bit indices win.
+template <typename Quota>
+void write_threshold_mask(at::TensorList scores, bool square, const std::vector<Chunk>& chunks, uint32_t threshold,
+                          const std::vector<int64_t>& ties_before, const Quota& quota_of, at::IntArrayRef bit_offsets,
+                          uint8_t* out) {
+  for_each_chunk(chunks, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    int64_t rank = ties_before[c];
+    const int64_t quota = quota_of(ch);
+    if (rank >= quota) {  // no tie of this chunk is taken
+      for_each_key(scores, square, ch, [&](int64_t i, uint32_t u) {
+        if (u > threshold) set_bit(out, bit_offsets, ch, i);
+      });
+      return;
+    }
+    for_each_key(scores, square, ch, [&](int64_t i, uint32_t u) {
+      if (u > threshold || (u == threshold && rank++ < quota)) set_bit(out, bit_offsets, ch, i);
+    });
+  });
+}
+
 at::Tensor select_mask_cpu(at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t k,
                            bool square) {
   const int64_t n = validate_select_mask(kSelectOp, scores, bit_offsets, mask_bytes, k, /*allow_double=*/true);
@@ -45,13 +92,9 @@ at::Tensor select_mask_cpu(at::TensorList scores, at::IntArrayRef bit_offsets, i
   if (k == 0) return bits;
   uint8_t* out = bits.data_ptr<uint8_t>();
   const auto chunks = make_chunks(scores);
-  auto set_bit = [&](const Chunk& ch, int64_t i) {
-    const int64_t b = bit_offsets[ch.t] + i;
-    out[b >> 3] |= static_cast<uint8_t>(1u << (b & 7));  // chunks own whole bytes: no race
-  };
   if (k == n) {
     for_each_chunk(chunks, [&](int64_t c) {
-      for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) set_bit(chunks[c], i);
+      for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) set_bit(out, bit_offsets, chunks[c], i);
     });
     return bits;
   }
@@ -84,28 +127,10 @@ at::Tensor select_mask_cpu(at::TensorList scores, at::IntArrayRef bit_offsets, i
   const uint32_t threshold = prefix;
   const int64_t need = remaining;
 
-  // Ties at the threshold go to the lowest global bit indices: count them per chunk (chunks are in
-  // global order), then each chunk knows how many earlier ties were taken.
-  std::vector<int64_t> ties_before(chunks.size() + 1, 0);
-  for_each_chunk(chunks, [&](int64_t c) {
-    int64_t count = 0;
-    for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) { count += (u == threshold); });
-    ties_before[c + 1] = count;
-  });
-  for (size_t c = 0; c < chunks.size(); ++c) ties_before[c + 1] += ties_before[c];
-
-  for_each_chunk(chunks, [&](int64_t c) {
-    int64_t rank = ties_before[c];
-    if (rank >= need) {  // no tie of this chunk is taken
-      for_each_key(scores, square, chunks[c], [&](int64_t i, uint32_t u) {
-        if (u > threshold) set_bit(chunks[c], i);
-      });
-      return;
-    }
-    for_each_key(scores, square, chunks[c], [&](int64_t i, uint32_t u) {
-      if (u > threshold || (u == threshold && rank++ < need)) set_bit(chunks[c], i);
-    });
-  });
+  // Ties at the threshold go to the lowest global bit indices: each chunk knows how many come before it.
+  const auto ties_before = ties_before_chunks(scores, square, chunks, threshold, /*per_tensor=*/false);
+  write_threshold_mask(scores, square, chunks, threshold, ties_before, [&](const Chunk&) { return need; }, bit_offsets,
+                       out);
   return bits;
 }
 
@@ -147,31 +172,9 @@ at::Tensor mask_from_threshold_cpu(at::TensorList scores, at::IntArrayRef bit_of
   uint8_t* out = bits.data_ptr<uint8_t>();
   const uint32_t thr = static_cast<uint32_t>(threshold) ^ 0x80000000u;  // in the selection-key order
   const auto chunks = make_chunks(scores);
-  // Keys equal to the threshold before each chunk, counted from the start of its tensor.
-  std::vector<int64_t> ties_before(chunks.size(), 0);
-  for_each_chunk(chunks, [&](int64_t c) {
-    int64_t count = 0;
-    for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) { count += (u == thr); });
-    ties_before[c] = count;
-  });
-  int64_t running = 0;
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    if (c == 0 || chunks[c].t != chunks[c - 1].t) running = 0;
-    const int64_t here = ties_before[c];
-    ties_before[c] = running;
-    running += here;
-  }
-  for_each_chunk(chunks, [&](int64_t c) {
-    const Chunk& ch = chunks[c];
-    int64_t rank = ties_before[c];
-    const int64_t quota = quotas[ch.t];
-    for_each_key(scores, square, ch, [&](int64_t i, uint32_t u) {
-      if (u > thr || (u == thr && rank++ < quota)) {
-        const int64_t b = bit_offsets[ch.t] + i;
-        out[b >> 3] |= static_cast<uint8_t>(1u << (b & 7));  // chunks own whole bytes: no race
-      }
-    });
-  });
+  const auto ties_before = ties_before_chunks(scores, square, chunks, thr, /*per_tensor=*/true);
+  write_threshold_mask(scores, square, chunks, thr, ties_before, [&](const Chunk& ch) { return quotas[ch.t]; },
+                       bit_offsets, out);
   return bits;
 }
 

@@ -248,6 +248,25 @@ __global__ void __launch_bounds__(kThreads) write_mask_kernel(const KeyInfo* inf
   }
 }
 
+// Per unit, the keys equal to the threshold (state->prefix) in all units before it: the global order
+// that decides which ties are taken.
+template <bool kSquare>
+at::Tensor count_ties_before(const KeyInfo* infos, int n_tensors, int64_t units, const SelectState* state, int grid,
+                             const at::TensorOptions& opts) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor ties = at::empty({units}, opts.dtype(at::kLong));
+  auto* t = reinterpret_cast<long long*>(ties.data_ptr<int64_t>());
+  tie_count_kernel<kSquare><<<grid, kThreads, 0, stream>>>(infos, n_tensors, units, state, t);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor ties_before = at::empty({units}, opts.dtype(at::kLong));
+  auto* out = reinterpret_cast<long long*>(ties_before.data_ptr<int64_t>());
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, t, out, units, stream));
+  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, opts.dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.data_ptr(), temp_bytes, t, out, units, stream));
+  return ties_before;
+}
+
 template <bool kSquare>
 void launch_select(const KeyInfo* infos, int n_tensors, int64_t units, int64_t n, int64_t k, SelectState* state,
                    uint8_t* bits, const at::TensorOptions& opts) {
@@ -270,16 +289,7 @@ void launch_select(const KeyInfo* infos, int n_tensors, int64_t units, int64_t n
       radix_pick_kernel<<<1, kThreads, 0, stream>>>(h, state, shifts[p], widths[p]);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    at::Tensor ties = at::empty({units}, opts.dtype(at::kLong));
-    auto* t = reinterpret_cast<long long*>(ties.data_ptr<int64_t>());
-    tie_count_kernel<kSquare><<<grid, kThreads, 0, stream>>>(infos, n_tensors, units, state, t);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ties_before = at::empty({units}, opts.dtype(at::kLong));
-    auto* out = reinterpret_cast<long long*>(ties_before.data_ptr<int64_t>());
-    size_t temp_bytes = 0;
-    C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, t, out, units, stream));
-    at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, opts.dtype(at::kByte));
-    C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.data_ptr(), temp_bytes, t, out, units, stream));
+    ties_before = count_ties_before<kSquare>(infos, n_tensors, units, state, grid, opts);
   }
   write_mask_kernel<kSquare><<<grid, kThreads, 0, stream>>>(
       infos, n_tensors, units, state, reinterpret_cast<const long long*>(ties_before.data_ptr<int64_t>()), bits);
@@ -393,16 +403,8 @@ void launch_threshold_mask(const KeyInfo* infos, const long long* quotas, int n_
   const int grid = grid_for(units);
   init_state_kernel<<<1, 1, 0, stream>>>(state, threshold, 0xffffffffu, 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor ties = at::empty({units}, opts.dtype(at::kLong));
-  auto* t = reinterpret_cast<long long*>(ties.data_ptr<int64_t>());
-  tie_count_kernel<kSquare><<<grid, kThreads, 0, stream>>>(infos, n_tensors, units, state, t);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor ties_before = at::empty({units}, opts.dtype(at::kLong));
-  auto* before = reinterpret_cast<long long*>(ties_before.data_ptr<int64_t>());
-  size_t temp_bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, t, before, units, stream));
-  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, opts.dtype(at::kByte));
-  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.data_ptr(), temp_bytes, t, before, units, stream));
+  const at::Tensor ties_before = count_ties_before<kSquare>(infos, n_tensors, units, state, grid, opts);
+  const auto* before = reinterpret_cast<const long long*>(ties_before.data_ptr<int64_t>());
   write_mask_kernel<kSquare, true><<<grid, kThreads, 0, stream>>>(infos, n_tensors, units, state, before, bits, quotas);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
