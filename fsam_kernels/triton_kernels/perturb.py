@@ -32,8 +32,13 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _selection(mask, bit_offsets, chunk_ref, aux_prefix, dense_total, slot, c, offs, inside):
-    """Which elements of the chunk are perturbed, and where the chunk's saved values start."""
+def _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref, aux_prefix, dense_total, c,
+               BLOCK: tl.constexpr):
+    """Chunk ``c``'s tensor, its elements, which of them are perturbed, and where each of those is
+    saved."""
+    slot = tl.load(chunk_slot + c)
+    offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
+    inside = offs < tl.load(numels + slot)
     bit_base = tl.load(bit_offsets + slot)
     ref = tl.load(chunk_ref + c)
     if bit_base >= 0:  # masked tensor: ref is the chunk's index among all masked chunks
@@ -44,7 +49,8 @@ def _selection(mask, bit_offsets, chunk_ref, aux_prefix, dense_total, slot, c, o
     else:  # dense tensor: ref is the chunk's offset in the saved buffer
         sel = inside
         base = ref
-    return sel, base
+    sel_i = sel.to(tl.int32)
+    return slot, offs, sel, base + _cumsum(sel_i, 0) - sel_i
 
 
 @triton.jit
@@ -57,14 +63,8 @@ def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_s
     if c == 0:
         tl.store(applied, finite.to(tl.int32))
     if finite:
-        slot = tl.load(chunk_slot + c)
-        start = tl.load(chunk_start + c)
-        n = tl.load(numels + slot)
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < n
-        sel, base = _selection(mask, bit_offsets, chunk_ref, aux_prefix, dense_total, slot, c, offs, inside)
-        sel_i = sel.to(tl.int32)
-        rank = _cumsum(sel_i, 0) - sel_i
+        slot, offs, sel, pos = _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref, aux_prefix,
+                                          dense_total, c, BLOCK)
         wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
         gp = tl.load(g_ptrs + slot).to(tl.pointer_type(G_DTYPE))
         w_raw = tl.load(wp + offs, mask=sel, other=0.0)
@@ -77,7 +77,7 @@ def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_s
             e = ((w * w) * g) * scale
         else:
             e = g * scale
-        tl.store(saved + base + rank, w_raw, mask=sel)
+        tl.store(saved + pos, w_raw, mask=sel)
         tl.store(wp + offs, _round_to(w + e, W_DTYPE), mask=sel)
 
 
@@ -86,13 +86,7 @@ def _restore_kernel(w_ptrs, numels, bit_offsets, chunk_slot, chunk_start, chunk_
                     dense_total, saved, applied, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     if tl.load(applied) != 0:
-        slot = tl.load(chunk_slot + c)
-        start = tl.load(chunk_start + c)
-        n = tl.load(numels + slot)
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < n
-        sel, base = _selection(mask, bit_offsets, chunk_ref, aux_prefix, dense_total, slot, c, offs, inside)
-        sel_i = sel.to(tl.int32)
-        rank = _cumsum(sel_i, 0) - sel_i
+        slot, offs, sel, pos = _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref, aux_prefix,
+                                          dense_total, c, BLOCK)
         wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
-        tl.store(wp + offs, tl.load(saved + base + rank, mask=sel), mask=sel)
+        tl.store(wp + offs, tl.load(saved + pos, mask=sel), mask=sel)
