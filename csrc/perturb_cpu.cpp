@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "checks.h"
 #include "cpu_common.h"
@@ -72,9 +73,24 @@ at::Tensor grad_norm_cpu(at::TensorList params, at::TensorList grads, c10::List<
   return out;
 }
 
-// Whether bit b of the packed mask is set.
-inline bool mask_bit(const uint8_t* bits, int64_t b) {
-  return (bits[b >> 3] >> (b & 7)) & 1u;
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the packed mask is read as little-endian 64-bit words");
+
+// Calls f(i, pos) for every set mask bit i in [begin, end) of the tensor at bit offset `bo`, pos being
+// its compact saved slot, counted from `pos`. Bit offsets and chunk starts are multiples of the mask
+// block, so the words are whole; only the set bits are visited (at 10 % density, 6 of 64), with no
+// data-dependent branch per element. Words stay inside the mask: check_offsets keeps every tensor's
+// bits, rounded up to a block, within it.
+template <typename F>
+inline void for_each_set_bit(const uint8_t* mask, int64_t bo, int64_t begin, int64_t end, int64_t pos, const F& f) {
+  for (int64_t base = begin; base < end; base += 64) {
+    uint64_t word;
+    std::memcpy(&word, mask + ((bo + base) >> 3), sizeof(word));
+    if (end - base < 64) word &= (uint64_t{1} << (end - base)) - 1;  // bits past the tensor's end are not its own
+    while (word != 0) {
+      f(base + __builtin_ctzll(word), pos++);
+      word &= word - 1;
+    }
+  }
 }
 
 // First compact saved position of a chunk of a masked tensor.
@@ -131,15 +147,12 @@ void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
           return;
         }
         const int64_t count = saved_counts[ch.t];
-        int64_t pos = saved_start(prefix, bo, ch.begin);
-        for (int64_t i = ch.begin; i < ch.end; ++i) {
-          if (!mask_bit(mask, bo + i)) continue;
+        for_each_set_bit(mask, bo, ch.begin, ch.end, saved_start(prefix, bo, ch.begin), [&](int64_t i, int64_t pos) {
           if (in_saved(pos, count)) {
             s[pos] = w[i];
             move(i);
           }
-          ++pos;
-        }
+        });
       });
     });
   });
@@ -168,11 +181,18 @@ void masked_restore_cpu(at::TensorList params, at::TensorList saved, const at::T
       return;
     }
     const int64_t count = saved_counts[ch.t];
-    int64_t pos = saved_start(prefix, bo, ch.begin);
-    for (int64_t i = ch.begin; i < ch.end; ++i) {
-      if (!mask_bit(mask, bo + i)) continue;
-      if (in_saved(pos, count)) std::memcpy(w + i * size, s + pos * size, size);
-      ++pos;
+    const int64_t start = saved_start(prefix, bo, ch.begin);
+    // A copy of a compile-time size per kept element: one move, where a run-time size is a call.
+    auto copy_kept = [&](auto size_tag) {
+      constexpr int64_t kSize = decltype(size_tag)::value;
+      for_each_set_bit(mask, bo, ch.begin, ch.end, start, [&](int64_t i, int64_t pos) {
+        if (in_saved(pos, count)) std::memcpy(w + i * kSize, s + pos * kSize, kSize);
+      });
+    };
+    switch (size) {
+      case 2: copy_kept(std::integral_constant<int64_t, 2>{}); break;
+      case 4: copy_kept(std::integral_constant<int64_t, 4>{}); break;
+      default: copy_kept(std::integral_constant<int64_t, 8>{}); break;  // fp64 (validated)
     }
   });
 }
