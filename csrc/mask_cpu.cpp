@@ -1,12 +1,15 @@
-// Global top-k mask on the CPU: exact radix select over the selection keys (11 + 11 + 10 bits, one
-// histogram pass each), then one pass that counts the keys equal to the threshold per chunk (their
-// global order decides ties) and one that writes the packed bits. No copy of the scores is made.
+// Global top-k mask on the CPU: exact radix select over the selection keys. One histogram pass over
+// the top 11 bits; then, when that bin holds few keys (the usual case), one pass copies them and the
+// selection finishes in memory, otherwise two more histogram passes (11 + 10 bits) finish it without
+// a copy. A pass that counts the keys equal to the threshold per chunk (their global order decides
+// ties) runs only when some of them are left out; a last pass writes the packed bits.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <functional>
 #include <mutex>
 
 #include "checks.h"
@@ -18,18 +21,33 @@ namespace {
 
 constexpr const char* kSelectOp = "fsam_kernels::select_mask";
 
-// Calls f(i, key) for every element i of chunk `ch` of `scores`.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the packed mask is written as little-endian 64-bit words");
+
+// Calls f(base, keys, len) for the keys of chunk `ch` of `scores` in blocks of up to 64: keys[j] is
+// the key of element base + j. Converting a whole block first lets the compiler vectorise it, and a
+// block is one 64-bit word of the mask: chunks start at mask blocks, so (bit offset + base) is a
+// multiple of 64.
 template <typename F>
-void for_each_key(at::TensorList scores, bool square, const Chunk& ch, const F& f) {
+void for_each_key_block(at::TensorList scores, bool square, const Chunk& ch, const F& f) {
   dispatch_float(scores[ch.t].scalar_type(), kSelectOp, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* s = static_cast<const T*>(scores[ch.t].data_ptr());
-    if (square) {
-      for (int64_t i = ch.begin; i < ch.end; ++i) f(i, select_key<true>(s[i]));
-    } else {
-      for (int64_t i = ch.begin; i < ch.end; ++i) f(i, select_key<false>(s[i]));
+    uint32_t keys[64];
+    for (int64_t base = ch.begin; base < ch.end; base += 64) {
+      const int len = static_cast<int>(std::min<int64_t>(64, ch.end - base));
+      if (square) {
+        for (int j = 0; j < len; ++j) keys[j] = select_key<true>(s[base + j]);
+      } else {
+        for (int j = 0; j < len; ++j) keys[j] = select_key<false>(s[base + j]);
+      }
+      f(base, static_cast<const uint32_t*>(keys), len);
     }
   });
+}
+
+// Stores the mask word of elements [base, base + 64) of chunk `ch`'s tensor (bits past its end are 0).
+inline void store_word(uint8_t* out, at::IntArrayRef bit_offsets, const Chunk& ch, int64_t base, uint64_t word) {
+  std::memcpy(out + ((bit_offsets[ch.t] + base) >> 3), &word, sizeof(word));  // chunks own whole words: no race
 }
 
 struct RadixPass {
@@ -38,11 +56,6 @@ struct RadixPass {
 };
 constexpr std::array<RadixPass, 3> kPasses = {{{21, 11}, {10, 11}, {0, 10}}};
 
-inline void set_bit(uint8_t* out, at::IntArrayRef bit_offsets, const Chunk& ch, int64_t i) {
-  const int64_t b = bit_offsets[ch.t] + i;
-  out[b >> 3] |= static_cast<uint8_t>(1u << (b & 7));  // chunks own whole bytes: no race
-}
-
 // Keys equal to `threshold` before each chunk (chunks are in global order), counted from the first
 // chunk, or with `per_tensor` from the first chunk of the chunk's tensor.
 std::vector<int64_t> ties_before_chunks(at::TensorList scores, bool square, const std::vector<Chunk>& chunks,
@@ -50,7 +63,9 @@ std::vector<int64_t> ties_before_chunks(at::TensorList scores, bool square, cons
   std::vector<int64_t> ties(chunks.size(), 0);
   for_each_chunk(chunks, [&](int64_t c) {
     int64_t count = 0;
-    for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) { count += (u == threshold); });
+    for_each_key_block(scores, square, chunks[c], [&](int64_t, const uint32_t* keys, int len) {
+      for (int j = 0; j < len; ++j) count += (keys[j] == threshold);
+    });
     ties[c] = count;
   });
   int64_t running = 0;
@@ -73,16 +88,82 @@ void write_threshold_mask(at::TensorList scores, bool square, const std::vector<
     const Chunk& ch = chunks[c];
     int64_t rank = ties_before[c];
     const int64_t quota = quota_of(ch);
-    if (rank >= quota) {  // no tie of this chunk is taken
-      for_each_key(scores, square, ch, [&](int64_t i, uint32_t u) {
-        if (u > threshold) set_bit(out, bit_offsets, ch, i);
+    if (rank >= quota) {  // no tie of this chunk is taken: no branch per element
+      for_each_key_block(scores, square, ch, [&](int64_t base, const uint32_t* keys, int len) {
+        uint64_t word = 0;
+        for (int j = 0; j < len; ++j) word |= static_cast<uint64_t>(keys[j] > threshold) << j;
+        store_word(out, bit_offsets, ch, base, word);
       });
       return;
     }
-    for_each_key(scores, square, ch, [&](int64_t i, uint32_t u) {
-      if (u > threshold || (u == threshold && rank++ < quota)) set_bit(out, bit_offsets, ch, i);
+    for_each_key_block(scores, square, ch, [&](int64_t base, const uint32_t* keys, int len) {
+      uint64_t word = 0, equal = 0;
+      for (int j = 0; j < len; ++j) {
+        word |= static_cast<uint64_t>(keys[j] > threshold) << j;
+        equal |= static_cast<uint64_t>(keys[j] == threshold) << j;
+      }
+      for (; equal != 0 && rank < quota; ++rank) {  // the block's ties, lowest index first
+        word |= equal & (~equal + 1);
+        equal &= equal - 1;
+      }
+      store_word(out, bit_offsets, ch, base, word);
     });
   });
+}
+
+// Histogram of digit (u >> shift) & (2**width - 1) over the keys u with (u & prefix_mask) == prefix.
+std::vector<int64_t> radix_histogram(at::TensorList scores, bool square, const std::vector<Chunk>& chunks,
+                                     uint32_t prefix, uint32_t prefix_mask, const RadixPass& pass) {
+  const int64_t n_bins = int64_t{1} << pass.width;
+  const uint32_t digit_mask = static_cast<uint32_t>(n_bins - 1);
+  std::vector<int64_t> hist(n_bins, 0);
+  std::mutex merge;
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    // Four 32-bit sub-histograms (a chunk has < 2**32 keys), element j into lane j % 4: runs of equal
+    // digits (common: scores cluster) then do not wait on each other's increments.
+    std::vector<uint32_t> lanes(4 * n_bins);
+    std::vector<int64_t> local(n_bins, 0);
+    for (int64_t c = b; c < e; ++c) {
+      std::fill(lanes.begin(), lanes.end(), 0u);
+      for_each_key_block(scores, square, chunks[c], [&](int64_t, const uint32_t* keys, int len) {
+        for (int j = 0; j < len; ++j) {
+          const uint32_t u = keys[j];
+          if ((u & prefix_mask) == prefix) ++lanes[(j & 3) * n_bins + ((u >> pass.shift) & digit_mask)];
+        }
+      });
+      for (int64_t d = 0; d < n_bins; ++d) {
+        local[d] += int64_t{lanes[d]} + lanes[n_bins + d] + lanes[2 * n_bins + d] + lanes[3 * n_bins + d];
+      }
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    for (int64_t d = 0; d < n_bins; ++d) hist[d] += local[d];
+  });
+  return hist;
+}
+
+// The keys u with (u >> shift) == top, in no particular order.
+std::vector<uint32_t> gather_keys(at::TensorList scores, bool square, const std::vector<Chunk>& chunks, int shift,
+                                  uint32_t top, int64_t count) {
+  std::vector<uint32_t> keys;
+  keys.reserve(count);
+  std::mutex merge;
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    std::vector<uint32_t> local;
+    for (int64_t c = b; c < e; ++c) {
+      for_each_key_block(scores, square, chunks[c], [&](int64_t, const uint32_t* keys, int len) {
+        uint32_t kept[64];
+        int n_kept = 0;
+        for (int j = 0; j < len; ++j) {  // branch-free: at a few % kept, a branch mispredicts often
+          kept[n_kept] = keys[j];
+          n_kept += ((keys[j] >> shift) == top);
+        }
+        local.insert(local.end(), kept, kept + n_kept);
+      });
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    keys.insert(keys.end(), local.begin(), local.end());
+  });
+  return keys;
 }
 
 at::Tensor select_mask_cpu(at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t k,
@@ -94,39 +175,58 @@ at::Tensor select_mask_cpu(at::TensorList scores, at::IntArrayRef bit_offsets, i
   const auto chunks = make_chunks(scores);
   if (k == n) {
     for_each_chunk(chunks, [&](int64_t c) {
-      for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) set_bit(out, bit_offsets, chunks[c], i);
+      for (int64_t base = chunks[c].begin; base < chunks[c].end; base += 64) {
+        const int64_t len = std::min<int64_t>(64, chunks[c].end - base);
+        store_word(out, bit_offsets, chunks[c], base, len == 64 ? ~uint64_t{0} : (uint64_t{1} << len) - 1);
+      }
     });
     return bits;
   }
 
-  // Radix select: after the passes, `prefix` is the k-th largest key and `remaining` the number of
-  // keys equal to it that belong to the top k.
+  // Radix select: afterwards `threshold` is the k-th largest key, `need` the number of keys equal to
+  // it that belong to the top k and `ties` the number of keys equal to it.
   uint32_t prefix = 0, prefix_mask = 0;
   int64_t remaining = k;
-  for (const RadixPass& pass : kPasses) {
-    const int64_t n_bins = int64_t{1} << pass.width;
-    const uint32_t digit_mask = static_cast<uint32_t>(n_bins - 1);
-    std::vector<int64_t> hist(n_bins, 0);
-    std::mutex merge;
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-      std::vector<int64_t> local(n_bins, 0);
-      for (int64_t c = b; c < e; ++c) {
-        for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) {
-          if ((u & prefix_mask) == prefix) ++local[(u >> pass.shift) & digit_mask];
-        });
-      }
-      std::lock_guard<std::mutex> lock(merge);
-      for (int64_t d = 0; d < n_bins; ++d) hist[d] += local[d];
-    });
-    int64_t above = 0, d = n_bins - 1;
+  auto descend = [&](const RadixPass& pass, const std::vector<int64_t>& hist) {
+    int64_t above = 0, d = static_cast<int64_t>(hist.size()) - 1;
     for (; d > 0 && above + hist[d] < remaining; --d) above += hist[d];
     remaining -= above;
     prefix |= static_cast<uint32_t>(d) << pass.shift;
-    prefix_mask |= digit_mask << pass.shift;
+    prefix_mask |= static_cast<uint32_t>(hist.size() - 1) << pass.shift;
+    return hist[d];
+  };
+  const int64_t in_bin = descend(kPasses[0], radix_histogram(scores, square, chunks, 0, 0, kPasses[0]));
+  uint32_t threshold;
+  int64_t ties = 0;
+  if (in_bin <= std::max<int64_t>(n / 8, int64_t{1} << 16)) {
+    // The usual case: the first digit leaves few keys (for Gaussian-like scores a few %). Copy them
+    // (at most an eighth of the scores' fp32 size) and select among them in memory: one read of the
+    // scores instead of two more histogram passes.
+    std::vector<uint32_t> keys = gather_keys(scores, square, chunks, kPasses[0].shift, prefix >> kPasses[0].shift,
+                                             in_bin);
+    std::nth_element(keys.begin(), keys.begin() + (remaining - 1), keys.end(), std::greater<uint32_t>());
+    threshold = keys[remaining - 1];
+    int64_t above = 0;
+    for (uint32_t u : keys) {
+      above += (u > threshold);
+      ties += (u == threshold);
+    }
+    remaining -= above;
+  } else {  // e.g. an all-zero Fisher: every key in one bin; no copy, two more histogram passes
+    for (size_t p = 1; p < kPasses.size(); ++p) {
+      ties = descend(kPasses[p], radix_histogram(scores, square, chunks, prefix, prefix_mask, kPasses[p]));
+    }
+    threshold = prefix;
   }
-  const uint32_t threshold = prefix;
   const int64_t need = remaining;
-
+  if (need == ties) {
+    // Every key equal to the threshold is taken: the mask is the keys above threshold - 1, no tie
+    // ranks needed (threshold > 0 here, as a threshold of 0 would take every key: k == n).
+    const std::vector<int64_t> no_ties(chunks.size(), 0);
+    write_threshold_mask(scores, square, chunks, threshold - 1, no_ties, [](const Chunk&) { return int64_t{0}; },
+                         bit_offsets, out);
+    return bits;
+  }
   // Ties at the threshold go to the lowest global bit indices: each chunk knows how many come before it.
   const auto ties_before = ties_before_chunks(scores, square, chunks, threshold, /*per_tensor=*/false);
   write_threshold_mask(scores, square, chunks, threshold, ties_before, [&](const Chunk&) { return need; }, bit_offsets,
@@ -153,9 +253,11 @@ at::Tensor key_histogram_cpu(at::TensorList scores, bool square, int64_t prefix,
     std::vector<int64_t> local(bins);
     for (int64_t c = b; c < e; ++c) {
       std::fill(local.begin(), local.end(), 0);
-      for_each_key(scores, square, chunks[c], [&](int64_t, uint32_t u) {
-        const int64_t key = static_cast<int32_t>(u ^ 0x80000000u);
-        if (key >= 0 && (high >= 32 || (key >> high) == prefix)) ++local[(key >> shift) & (bins - 1)];
+      for_each_key_block(scores, square, chunks[c], [&](int64_t, const uint32_t* keys, int len) {
+        for (int j = 0; j < len; ++j) {
+          const int64_t key = static_cast<int32_t>(keys[j] ^ 0x80000000u);
+          if (key >= 0 && (high >= 32 || (key >> high) == prefix)) ++local[(key >> shift) & (bins - 1)];
+        }
       });
       std::lock_guard<std::mutex> lock(merge);
       int64_t* row = rows + chunks[c].t * bins;

@@ -79,6 +79,31 @@ def test_select_mask_matches_sort_oracle(native):
             assert torch.equal(a, b), f"k={k}: {first_mismatch(a.to(torch.uint8), b.to(torch.uint8))}"
 
 
+@pytest.mark.parametrize("scores_kind", ["spread", "clustered"])
+@pytest.mark.parametrize("k_at", ["inside_ties", "tie_boundary"])
+def test_select_mask_on_large_inputs_matches_reference(native, scores_kind, k_at):
+    # Beyond 2**16 keys the CPU op chooses its path by how many keys share the top 11-bit digit with
+    # the threshold: spread scores leave few (copied, selected in memory), clustered ones (a quarter
+    # of the keys equal to the threshold) too many (two more histogram passes). Either way, the ties
+    # at the threshold are split (inside_ties) or all taken (tie_boundary).
+    g = torch.Generator().manual_seed(7)
+    sizes = [300_000, 5, 250_001]
+    scores = [torch.round(torch.randn(n, generator=g) * 64) / 64 for n in sizes]  # ties everywhere
+    lay = layout_of(scores)
+    if scores_kind == "clustered":
+        scores[0][::2] = 1.5
+        level = torch.tensor(2.25)
+    keys = torch.cat(scores).square()
+    if scores_kind == "spread":
+        level = keys.sort(descending=True).values[lay.n_masked // 10]
+    above, at = int((keys > level).sum()), int((keys == level).sum())
+    assert at > 1
+    k = above + at // 2 if k_at == "inside_ties" else above + at
+    got = native.select_mask(lay, scores, k, True)
+    assert_same_bits(got, ref.select_mask_reference(lay, scores, k, True), lay)
+    assert ref.mask_popcount(got) == k
+
+
 def test_tie_rule_is_lowest_global_index_first(native):
     a = torch.tensor([1.0, 2.0, 2.0, 0.0])
     b = torch.tensor([2.0, 3.0, 2.0])
@@ -177,9 +202,10 @@ def test_grad_norm_skips_missing_grads_and_handles_none(native):
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 @pytest.mark.parametrize("keep", [0.0, 0.1, 1.0])
 def test_perturb_and_restore_match_reference(native, dtype, adaptive, keep):
-    sizes = [1, 7, 123, 4097, (3, 50), 20]
-    masked = [True, True, False, True, True, False]  # two dense tensors in between
-    lay, params, grads = perturb_case(sizes, dtype, masked, adaptive, with_grad=[True, True, True, True, False, True])
+    sizes = [1, 7, 123, 4097, (3, 50), 20, 70001]  # the last spans three CPU chunks, the third partial
+    masked = [True, True, False, True, True, False, True]  # two dense tensors in between
+    with_grad = [True, True, True, True, False, True, True]
+    lay, params, grads = perturb_case(sizes, dtype, masked, adaptive, with_grad=with_grad)
     originals = [p.clone() for p in params]
     scores = [grads[i] if grads[i] is not None else torch.zeros_like(params[i]) for i in lay.masked_index]
     k = lay.k_for(1 - keep)
@@ -383,6 +409,41 @@ def test_saved_counts_are_checked_by_the_op_and_its_fake(native, case):
     with pytest.raises(ValueError, match=f"fsam_kernels::{name}: {error}"):
         getattr(_native_ops, f"_{name}_fake")(*args)
     assert all(torch.equal(p, b) for p, b in zip(args[0], before))
+
+
+def test_set_padding_bits_are_not_read_as_elements(native):
+    # Bits between one tensor's end and the next block belong to no element (a mask loaded from a
+    # checkpoint may have them set); the kernels read whole 64-bit words and must ignore them.
+    sizes = [7, 70001, 100]
+    lay, params, grads = perturb_case(sizes, torch.float32, None, False)
+    g = torch.Generator().manual_seed(5)
+    clean = ref.pack_mask(lay, [torch.rand(s, generator=g) < 0.3 for s in sizes])
+    dirty = clean.clone()
+    for t, n in enumerate(sizes):
+        for b in range(lay.bit_offset[t] + n, lay.bit_offset[t] + n + 130):
+            if b < dirty.numel() * 8:
+                dirty[b // 8] |= 1 << (b % 8)
+    assert not torch.equal(dirty, clean)
+    norm = ref.grad_norm_reference(lay, grads)
+    originals = [p.clone() for p in params]
+    aux = native.mask_aux(lay, clean)
+    saved = native.perturb(lay, grads, clean, aux, norm, 1e-12)
+    want = [p.clone() for p in params]
+    native.restore(lay, clean, aux, saved)
+    for p, o in zip(params, originals):
+        assert torch.equal(p, o)
+    # the block prefix counts of the dirty mask include the padding bits, so the op gets counts
+    # (aux) derived from the clean mask, as the optimizer's own checked mask would give them
+    prefix = ops().mask_block_prefix(clean)
+    counts = [int(m.sum()) for m in ref.unpack_mask(lay, clean)]
+    saved = [torch.empty(c) for c in counts]
+    offsets = list(lay.bit_offset)
+    ops().masked_perturb(params, grads, saved, dirty, prefix, offsets, counts, list(lay.rho), [False] * 3, norm, 1e-12)
+    for i, (p, w) in enumerate(zip(params, want)):
+        assert torch.equal(p, w), f"params[{i}] after perturb: {first_mismatch(p, w)}"
+    ops().masked_restore(params, saved, dirty, prefix, offsets, counts, norm)
+    for i, (p, o) in enumerate(zip(params, originals)):
+        assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
 
 
 def test_counts_that_disagree_with_the_mask_stay_inside_saved(native):
