@@ -98,14 +98,26 @@ def second_step(optimizer: FSAM, scaler: torch.amp.GradScaler, zero_grad: bool =
 
 
 def step(optimizer: FSAM, scaler: torch.amp.GradScaler, closure: Callable[[], Any]) -> Optional[Any]:
-    """One scaled FSAM step after the caller's first ``scaler.scale(loss).backward()``.
+    """One scaled FSAM step with ``closure``, which runs the forward under autocast and calls
+    ``scaler.scale(loss).backward()`` (and may zero the gradients first).
 
-    ``closure`` recomputes the loss at the perturbed weights under autocast and calls
-    ``scaler.scale(loss).backward()``; it is skipped after a first-pass overflow (``None`` is then
-    returned). If it raises, the weights are restored before the exception propagates.
+    As :meth:`FSAM.step`: after the caller's own first backward, the closure does the second pass and
+    its loss is returned; when no perturbed parameter has a gradient yet (the ``torch.optim``
+    convention), the closure does the first pass too, that first loss is returned, and this way
+    sticks. After a first-pass overflow the second pass is skipped and ``None`` is returned. If the
+    closure raises, the weights, mask, step count and Fisher accumulator are as before the call, the
+    gradients are cleared and the scaler is ready for the next step.
     """
     if not callable(closure):
         raise TypeError(f"Invalid closure: expected a callable, got {type(closure).__name__}")
+    _check(optimizer, scaler)
+    closure_first = optimizer._closure_gives_first_pass()
+    first_loss = None
+    if closure_first:
+        first_loss = optimizer._first_pass_from(closure)
+        if not optimizer._has_any_grad():  # e.g. a skipped batch: no step
+            return None
+    state = optimizer._step_state()
     loss = None
     if first_step(optimizer, scaler, zero_grad=True):
         try:
@@ -115,9 +127,12 @@ def step(optimizer: FSAM, scaler: torch.amp.GradScaler, closure: Callable[[], An
             optimizer.restore()
             _perturbed.pop(optimizer, None)
             optimizer.zero_grad()
+            optimizer._rewind(state)
             # The scaler recorded an unscale_ of this optimizer; update() clears that record so the
             # next step can unscale again (the failed step is simply not taken).
             scaler.update()
             raise
+    else:
+        first_loss = None  # an overflow: the step is skipped
     second_step(optimizer, scaler)
-    return loss
+    return first_loss if closure_first else loss

@@ -486,18 +486,12 @@ class FSAM(torch.optim.Optimizer):
             )
         if self._phase == "perturbed":
             raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
-        state = (self._step_count, self._bits, self._aux, self._fisher_accum, self._fisher_count)
-        first_loss, closure_first = None, False
-        layout = self._current_layout()
-        if self._closure_first or all(g is None for g in self._grads(layout)):
-            self._closure_first = closure_first = True
-            try:
-                with torch.enable_grad():
-                    first_loss = closure()
-            except BaseException:
-                self.zero_grad()  # no partial gradient may pass for a first pass later
-                raise
-            if all(g is None for g in self._grads(layout)):
+        state = self._step_state()
+        closure_first = self._closure_gives_first_pass()
+        first_loss = None
+        if closure_first:
+            first_loss = self._first_pass_from(closure)
+            if not self._has_any_grad():
                 return None
         self.first_step(zero_grad=True)
         if self._phase == "skipped":  # non-finite gradient norm: no second pass, no base step
@@ -509,11 +503,36 @@ class FSAM(torch.optim.Optimizer):
         except BaseException:
             self.restore()  # never leave the model perturbed ...
             self.zero_grad()
-            # ... nor the optimizer half-updated: first_step replaced these, it changed none in place
-            self._step_count, self._bits, self._aux, self._fisher_accum, self._fisher_count = state
+            self._rewind(state)  # ... nor the optimizer half-updated
             raise
         self.second_step()
         return first_loss if closure_first else loss
+
+    # Pieces of step(closure), shared with fsam_kernels.amp.step.
+    def _closure_gives_first_pass(self) -> bool:
+        """Whether the closure must compute the gradient at ``w`` too: no perturbed parameter has a
+        gradient (the torch.optim convention). Sticky, see :meth:`step`."""
+        if not self._closure_first and all(g is None for g in self._grads(self._current_layout())):
+            self._closure_first = True
+        return self._closure_first
+
+    def _first_pass_from(self, closure: Callable[[], Any]) -> Any:
+        try:
+            with torch.enable_grad():
+                return closure()
+        except BaseException:
+            self.zero_grad()  # no partial gradient may pass for a first pass later
+            raise
+
+    def _has_any_grad(self) -> bool:
+        return any(g is not None for g in self._grads(self._current_layout()))
+
+    def _step_state(self) -> tuple:
+        """What first_step replaces (it changes none of it in place): enough to undo a failed step."""
+        return (self._step_count, self._bits, self._aux, self._fisher_accum, self._fisher_count)
+
+    def _rewind(self, state: tuple) -> None:
+        self._step_count, self._bits, self._aux, self._fisher_accum, self._fisher_count = state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

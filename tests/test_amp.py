@@ -178,6 +178,66 @@ def test_closure_error_restores_weights():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("zero_grad_where", ["outside", "inside_closure"])
+def test_closure_first_step_equals_the_two_step_recipe(zero_grad_where):
+    # With no gradient yet, amp.step calls the closure for the first pass too (the torch.optim
+    # convention) and returns that loss; Lightning-style closures zero the gradients themselves, and
+    # the leftover gradients of w + e must not be taken for the next first pass.
+    x, y = _data()
+    plain, closured = _model(), _model()
+    opt_p, opt_c = _opt(plain), _opt(closured)
+    s_p = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    s_c = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for _ in range(3):
+        _one_good_step(plain, opt_p, s_p, x, y)
+        calls = []
+
+        def closure():
+            calls.append(1)
+            if zero_grad_where == "inside_closure":
+                opt_c.zero_grad()
+            loss = _loss(closured, x, y)
+            s_c.scale(loss).backward()
+            return loss
+
+        if zero_grad_where == "outside":
+            opt_c.zero_grad()
+        with torch.no_grad():
+            at_w = _loss(closured, x, y)
+        loss = amp.step(opt_c, s_c, closure)
+        assert len(calls) == 2 and torch.equal(loss.detach(), at_w)
+    _assert_bitwise(_snapshot(plain), closured, "closure-first amp.step vs first_step/second_step")
+    assert s_c.get_scale() == s_p.get_scale()
+
+
+@pytest.mark.parametrize("fails_at", [1, 2])
+def test_closure_first_failure_leaves_weights_mask_and_counters(fails_at):
+    x, y = _data()
+    model = _model()
+    opt = _opt(model)
+    scaler = torch.amp.GradScaler("cpu")
+    _one_good_step(model, opt, scaler, x, y)
+    before, mask, count = _snapshot(model), [m.clone() for m in opt.masks()], opt.step_count
+    calls = []
+
+    def closure():
+        calls.append(1)
+        scaler.scale(_loss(model, x, y)).backward()  # a partial gradient is left behind
+        if len(calls) == fails_at:
+            raise KeyError("data loader broke")
+
+    opt.zero_grad()
+    with pytest.raises(KeyError):
+        amp.step(opt, scaler, closure)
+    _assert_bitwise(before, model, f"after a failure in closure call {fails_at}")
+    assert opt.step_count == count and all(torch.equal(a, b) for a, b in zip(opt.masks(), mask))
+    assert all(p.grad is None for p in model.parameters())
+    # a first closure that computes no gradient (a skipped batch) skips the step; then training goes on
+    assert amp.step(opt, scaler, lambda: None) is None and opt.step_count == count
+    amp.step(opt, scaler, lambda: scaler.scale(_loss(model, x, y)).backward())
+    assert opt.step_count == count + 1
+
+
 def test_scheduler_on_fsam_or_base_does_not_warn():
     x, y = _data()
     for attach_to_base in (False, True):
