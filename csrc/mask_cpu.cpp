@@ -144,8 +144,8 @@ std::vector<int64_t> radix_histogram(at::TensorList scores, bool square, const s
 // The keys u with (u >> shift) == top, in no particular order.
 std::vector<uint32_t> gather_keys(at::TensorList scores, bool square, const std::vector<Chunk>& chunks, int shift,
                                   uint32_t top, int64_t count) {
-  std::vector<uint32_t> keys;
-  keys.reserve(count);
+  std::vector<uint32_t> gathered;
+  gathered.reserve(count);
   std::mutex merge;
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
     std::vector<uint32_t> local;
@@ -161,9 +161,9 @@ std::vector<uint32_t> gather_keys(at::TensorList scores, bool square, const std:
       });
     }
     std::lock_guard<std::mutex> lock(merge);
-    keys.insert(keys.end(), local.begin(), local.end());
+    gathered.insert(gathered.end(), local.begin(), local.end());
   });
-  return keys;
+  return gathered;
 }
 
 at::Tensor select_mask_cpu(at::TensorList scores, at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t k,
