@@ -99,7 +99,10 @@ def select_mask_reference(
     """Packed mask of the ``k`` largest Fisher scores over all masked tensors (tie: lowest index).
 
     ``scores[j]`` belongs to the ``j``-th masked tensor: its gradient when ``square`` (batch Fisher,
-    the key is ``g*g``), else its fp32 Fisher accumulator.
+    the key is ``g*g``), else its fp32 Fisher accumulator. Keys are the scores' fp32 bit patterns, so
+    the order is defined for every finite value and for inf; NaN scores have no defined place (torch's
+    own fp16-to-fp32 conversion of a NaN keeps or drops its sign depending on the tensor's length),
+    and the optimizer never passes any: it refuses non-finite gradients and Fisher scores.
     """
     n = layout.n_masked
     if not 0 <= k <= n:
