@@ -119,7 +119,8 @@ def step(optimizer: FSAM, scaler: torch.amp.GradScaler, closure: Callable[[], An
             return None
     state = optimizer._step_state()
     loss = None
-    if first_step(optimizer, scaler, zero_grad=True):
+    perturbed = first_step(optimizer, scaler, zero_grad=True)
+    if perturbed:
         try:
             with torch.enable_grad():
                 loss = closure()
@@ -132,7 +133,7 @@ def step(optimizer: FSAM, scaler: torch.amp.GradScaler, closure: Callable[[], An
             # next step can unscale again (the failed step is simply not taken).
             scaler.update()
             raise
-    else:
-        first_loss = None  # an overflow: the step is skipped
     second_step(optimizer, scaler)
+    if not perturbed:  # a first-pass overflow: the step was skipped
+        return None
     return first_loss if closure_first else loss
