@@ -11,6 +11,7 @@ import torch
 from fsam_kernels import reference as ref
 from fsam_kernels.layout import ParamLayout
 from conftest import first_mismatch
+from native_op_cases import OPS, opcheck_cases
 from plain_fsam import plain_topk_masks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -460,32 +461,9 @@ def test_counts_that_disagree_with_the_mask_stay_inside_saved(native):
 
 
 # ------------------------------------------------------------------------------------------ opcheck
-def opcheck_cases():
-    g = torch.Generator().manual_seed(11)
-    w = [torch.randn(s, generator=g) for s in (7, 600, 5)]
-    gr = [torch.randn(s, generator=g) for s in (7, 600, 5)]
-    bits = ref.pack_mask(layout_of(w[:2]), [torch.rand(7, generator=g) < 0.5, torch.rand(600, generator=g) < 0.5])
-    prefix = torch.ops.fsam_kernels.mask_block_prefix(bits)
-    counts = [ref.mask_popcount(bits[:64]), ref.mask_popcount(bits[64:]), 5]
-    saved = [torch.empty(counts[0]), torch.empty(counts[1]), torch.empty(5)]
-    norm = torch.tensor(2.5)
-    return {
-        "fisher_accumulate": ([torch.rand(7), torch.rand(600)], [gr[0], gr[1].half()]),
-        "select_mask": ([gr[0], gr[1].bfloat16()], [0, 512], 192, 100, True),
-        "mask_block_prefix": (bits,),
-        "grad_norm": (w, gr, [False, True, False]),
-        "masked_perturb": (w, gr, saved, bits, prefix, [0, 512, -1], counts, [0.1, 0.2, 0.3], [False, True, False], norm,
-                           1e-12),
-        "masked_restore": (w, saved, bits, prefix, [0, 512, -1], counts, norm),
-        "key_histogram": ([gr[0], gr[1].half(), torch.empty(0)], True, 0x3F, 16, 8),
-        "mask_from_threshold": ([gr[0], gr[1]], [0, 512], 192, False, 0x3E000000, [0, 3]),
-    }
-
-
-@pytest.mark.parametrize("op", ["fisher_accumulate", "select_mask", "mask_block_prefix", "grad_norm",
-                                "masked_perturb", "masked_restore", "key_histogram", "mask_from_threshold"])
+@pytest.mark.parametrize("op", OPS)
 def test_opcheck(native, op):
-    args = opcheck_cases()[op]
+    args = opcheck_cases("cpu")[op]
     torch.library.opcheck(getattr(torch.ops.fsam_kernels, op), args)
 
 

@@ -252,38 +252,6 @@ def test_native_op_passes_opcheck():
     torch.library.opcheck(op, (scores, [torch.randn(4, 8), torch.randn(2, 16)], [0, 512], 128, 1, 4, False))
 
 
-@pytest.mark.gpu
-def test_gpu_kernels_match_reference():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    shapes = [(1024, 4096), (4096,), (768, 3072), (50, 7)]
-    layout, params, scores = make_case(torch.bfloat16, zeros=True, shapes=shapes)
-    layout = ParamLayout([p.cuda() for p in params], *([True] * 4, [0.05] * 4, [False] * 4))
-    scores = [s.cuda() for s in scores]
-    want = select_nm_mask_reference(layout, scores, 2, 4, True, layout.params)
-    checked = 0
-    try:
-        nm_mask = importlib.import_module("fsam_kernels.triton_kernels.nm_mask")
-        if type(nm_mask._nm_mask_kernel).__name__ != "InterpretedFunction":  # compiled kernels only
-            got = nm_mask.select_nm_mask(layout, scores, 2, 4, True, layout.params)
-            assert torch.equal(got, want), first_bit_mismatch(got.cpu(), want.cpu())
-            checked += 1
-    except ImportError:
-        pass
-    try:
-        importlib.import_module("fsam_kernels._native_ops").load_library()
-        from fsam_kernels.structured import select_nm_mask_native
-
-        if hasattr(torch.ops.fsam_kernels, "select_nm_mask"):
-            got = select_nm_mask_native(layout, scores, 2, 4, True, layout.params)
-            assert torch.equal(got, want), first_bit_mismatch(got.cpu(), want.cpu())
-            checked += 1
-    except ImportError:
-        pass
-    if not checked:
-        pytest.skip("neither Triton nor the native extension is available")
-
-
 # --------------------------------------------------------------------------- FSAM(structure=...)
 class Net(torch.nn.Module):
     """Eligible 2:4 weights (last dims 8 and 16), an indivisible one (last dim 6) and 1-D tensors."""

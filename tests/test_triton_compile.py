@@ -5,6 +5,7 @@ process, since this session's kernels may be loaded in interpreter mode), catchi
 compiled path sees, and checks that the bit-exact kernels contain no fused multiply-add.
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -23,3 +24,10 @@ def test_every_kernel_compiles_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every kernel compiled for sm_90" in proc.stdout
+    lines = proc.stdout.splitlines()
+    # the recorded launches, with the backend's own warps (the threshold search runs 16) and
+    # integer-equals-1 specialisations, each with its register use and occupancy
+    assert any(line.startswith("_bracket_kernel") and "16 warps" in line for line in lines)
+    assert any(line.startswith("_perturb_kernel") and "constexpr/1" in line for line in lines)
+    assert all(re.search(r"\d+ registers, \d+ B spilled, .* -> \d+ blocks/SM", line)
+               for line in lines if line.startswith("_"))

@@ -1,94 +1,174 @@
-"""Compile every kernel of the Triton backend for a CUDA architecture, without a GPU.
+"""Compile every Triton launch of the backend for a CUDA architecture, without a GPU.
 
-``python -m fsam_kernels.triton_kernels.compile_check [ARCH]`` (default 90, an H100/H200) runs
-Triton's whole compiler (down to PTX and the cubin) on every kernel at every dtype the backend
-launches, so a CPU-only machine catches the errors the interpreter cannot (typing of the compiled
-path), and checks that the kernels whose results must match the reference bit for bit contain no
-fused multiply-add. Must run without ``TRITON_INTERPRET=1``.
+``python -m fsam_kernels.triton_kernels.compile_check [ARCH]`` (default 90, an H100/H200):
+
+1. records, in a child process under the Triton interpreter, every launch the backend makes along
+   every host path (:mod:`.launches`): kernel, constexprs, ``num_warps``, fp fusion, and the JIT's
+   specialisation of each runtime argument;
+2. compiles each recorded configuration with Triton's whole compiler (down to PTX and the cubin),
+   plus, per recorded launch, the variants with every integer argument generic (not divisible by 16,
+   its recorded width) and with every integer argument equal to 1 (which the JIT turns into a
+   constant), since other inputs give those;
+3. checks that launches with fp fusion off (the kernels whose results must match the reference bit
+   for bit) contain no fused multiply-add;
+4. prints, per configuration, registers per thread, spilled bytes, shared memory and the resident
+   blocks per SM those allow (from ``ptxas -v`` on the PTX, the numbers a GPU would report).
+
+Must run without ``TRITON_INTERPRET=1``. Exit status 1 if a compile or check fails.
 """
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from . import interpreted
 
-from . import CHUNK, N_GROUPS, interpreted
+# Kernels only tests launch (a window into the radix passes): nothing of the backend's to mirror.
+_TEST_ONLY = {f"{__package__}.radix._store_selected_kernel"}
 
-_P, _P32, _PF = "*i64", "*i32", "*fp32"
-_TYPE_NAMES = {tl.float32: "fp32", tl.float16: "fp16", tl.bfloat16: "bf16"}
-_ARG_TYPES = dict(
-    acc_ptrs=_P, grad_ptrs=_P, score_ptrs=_P, w_ptrs=_P, g_ptrs=_P, numels=_P, chunk_slot=_P32, chunk_start=_P,
-    chunk_ref=_P, chunk_group=_P32, bit_offsets=_P, elem_offsets=_P, params=_P32, counts=_P32, cand=_P32,
-    info=_P, sample=_P32, quota=_P, prefix=_P, aux_prefix=_P, mask="*u8", rhos=_PF, adaptive=_P32,
-    partials=_PF, extra=_PF, out=_PF, norm_ptr=_PF, applied=_P32, n_chunks="i32", capacity="i64",
-    n_tensors="i32", n_total="i64", n_samples="i32", n_search="i32", rank_hi="i32", rank_lo="i32", k="i64",
-    n="i32", dense_total="i64", eps="fp32", shift="i32", high_shift="i32", keys=_P32, n_ptr=_P, sel=_P, hist=_P32,
-)
+# Per-SM limits of sm_80 and sm_90 (A100 / H100 / H200): registers, threads, blocks, shared memory.
+_SM_REGS, _SM_THREADS, _SM_BLOCKS, _SM_SHARED = 65536, 2048, 32, 228 * 1024
 
 
-_NM_TYPES = dict(score_ptrs=_P, support_ptrs=_P, byte_offsets=_P, prog_start=_P, n_tensors="i32", n_search="i32",
-                 bits_ptr="*u8")
+@dataclass
+class Compiled:
+    name: str
+    regs: int
+    spill_bytes: int
+    shared: int
+    num_warps: int
+    seconds: float
+
+    @property
+    def blocks_per_sm(self) -> int:
+        """Resident blocks per SM: registers are allocated per warp in units of 256 (8 per thread)."""
+        regs_per_warp = -(-max(self.regs, 1) * 32 // 256) * 256
+        by_regs = (_SM_REGS // regs_per_warp) // self.num_warps
+        by_threads = _SM_THREADS // (32 * self.num_warps)
+        by_shared = _SM_SHARED // self.shared if self.shared else _SM_BLOCKS
+        return min(by_regs, by_threads, by_shared, _SM_BLOCKS)
+
+    def line(self) -> str:
+        return (f"{self.name}: {self.regs} registers, {self.spill_bytes} B spilled, {self.shared} B shared, "
+                f"{self.num_warps} warps -> {self.blocks_per_sm} blocks/SM ({self.seconds:.1f}s)")
 
 
-def _compile(fn, constexprs: dict, target: GPUTarget, num_warps: int = 8, exact: bool = False, **types) -> str:
-    names = fn.arg_names
-    signature = {a: "constexpr" if a in constexprs else types.get(a, _ARG_TYPES.get(a)) for a in names}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(a),): v for a, v in constexprs.items()})
-    kernel = triton.compile(src, target=target, options={"num_warps": num_warps, "enable_fp_fusion": not exact})
+def recorded_launches() -> list[dict]:
+    """The backend's launches, recorded in a child process (the interpreter must not leak here)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", f"{__package__}.launches"], env=env, capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"recording the launches failed:\n{out.stdout[-2000:]}{out.stderr[-4000:]}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def variants(records: list[dict]) -> list[dict]:
+    """The recorded launches, plus per kernel configuration its all-generic and all-ones integer variants."""
+    out, seen = [], set()
+
+    def add(rec):
+        key = json.dumps(rec, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(rec)
+
+    for rec in records:
+        add(rec)
+        ints = {n: kind for n, (kind, _) in rec["runtime"].items() if kind == "constexpr" or kind in ("i32", "i64")}
+        if not ints:
+            continue
+        # generic: no divisibility, the recorded width (a recorded 1 is an i32); ones: every integer 1
+        add(dict(rec, runtime={**rec["runtime"], **{n: ["i32" if k == "constexpr" else k, ""] for n, k in ints.items()}}))
+        add(dict(rec, runtime={**rec["runtime"], **{n: ["constexpr", 1] for n in ints}}))
+    return out
+
+
+def _signature(fn, rec: dict):
+    import triton.language as tl
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in rec["constexprs"]:
+            v = rec["constexprs"][name]
+            signature[name] = "constexpr"
+            constexprs[(i,)] = tl.dtype(v["dtype"]) if isinstance(v, dict) else v
+            continue
+        kind, key = rec["runtime"][name]
+        if kind == "constexpr":
+            signature[name] = "constexpr"
+            constexprs[(i,)] = key
+            continue
+        signature[name] = kind
+        if key == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes) as ptxas reports them for this PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", src,
+                              "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return (int(regs.group(1)) if regs else 0), (max(spills) if spills else 0)
+
+
+def compile_one(rec: dict, arch: int) -> Compiled:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
+    signature, constexprs, attrs = _signature(fn, rec)
+    options = dict(rec["options"])
+    exact = options.get("enable_fp_fusion", True) is False
+    t = time.perf_counter()
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32), options=options)
+    seconds = time.perf_counter() - t
     ptx = kernel.asm["ptx"]
-    if exact and "fma.rn.f32" in ptx:
-        raise AssertionError(f"{fn.__name__}: fused multiply-add in a kernel that must round every product")
-    return ptx
+    specs = ",".join(f"{n}={k}{'/' + str(v) if v not in (None, '') else ''}" for n, (k, v) in rec["runtime"].items()
+                     if k == "constexpr" or k.startswith("i"))
+    name = f"{rec['kernel']} {rec['constexprs']} [{specs}]"
+    if exact and re.search(r"\bfma\.rn\.f(32|64)\b", ptx):
+        raise AssertionError(f"{name}: fused multiply-add in a kernel that must round every product")
+    regs, spills = _ptxas_usage(ptx, arch)
+    return Compiled(name, regs, spills, int(kernel.metadata.shared), options.get("num_warps", 4), seconds)
 
 
-def compile_all(arch: int = 90) -> list[str]:
-    """Compile every kernel; return one line per compiled variant."""
-    from . import fisher, histogram, nm_mask, norm, perturb, radix, select
+def unrecorded_kernels(records: list[dict]) -> list[str]:
+    """Kernels (``*_kernel`` functions of the kernel modules) that no recorded launch reaches: the
+    recorder's scenarios must grow with the backend."""
+    from triton.runtime.jit import JITFunction
 
-    target = GPUTarget("cuda", arch, 32)
-    done = []
+    from . import KERNEL_MODULES
 
-    def run(fn, constexprs, **kw):
-        t = time.perf_counter()
-        _compile(fn, constexprs, target, **kw)
-        done.append(f"{fn.__name__} {constexprs} {time.perf_counter() - t:.1f}s")
-
-    dtypes = (tl.float32, tl.float16, tl.bfloat16)
-    for dt in dtypes:
-        run(fisher._fisher_accumulate_kernel, dict(GRAD_DTYPE=dt, BLOCK=CHUNK), exact=True)
-        keyed = dict(DTYPE=dt, SQUARE=True, BLOCK=CHUNK)
-        for fn in (select._sample_kernel, select._count_kernel, select._write_kernel, select._fixup_kernel):
-            run(fn, keyed)
-        run(norm._sumsq_kernel, dict(W_DTYPE=dt, G_DTYPE=dt, BLOCK=CHUNK))
-        saved = "*" + _TYPE_NAMES[dt]
-        run(perturb._perturb_kernel, dict(W_DTYPE=dt, G_DTYPE=dt, BLOCK=CHUNK), exact=True, saved=saved)
-        run(perturb._restore_kernel, dict(W_DTYPE=dt, BLOCK=CHUNK), saved=saved)
-        run(histogram._histogram_kernel, dict(DTYPE=dt, SQUARE=True, TOP=False, BINS=256, BLOCK=CHUNK),
-            out=_P, prefix="i32")
-        run(nm_mask._nm_mask_kernel, dict(M=4, SQUARE=True, HAS_SUPPORT=True, S_DTYPE=dt, W_DTYPE=tl.float32,
-                                          BLOCK_BYTES=nm_mask.BLOCK_BYTES), **_NM_TYPES)
-    run(histogram._histogram_kernel, dict(DTYPE=tl.float32, SQUARE=False, TOP=True, BINS=256, BLOCK=CHUNK),
-        out=_P, prefix="i32")
-    run(nm_mask._nm_mask_kernel, dict(M=16, SQUARE=False, HAS_SUPPORT=False, S_DTYPE=tl.float32, W_DTYPE=tl.float32,
-                                      BLOCK_BYTES=nm_mask.BLOCK_BYTES), **_NM_TYPES)
-    run(select._count_kernel, dict(DTYPE=tl.float32, SQUARE=False, BLOCK=CHUNK))
-    run(select._bracket_kernel, dict(BLOCK=CHUNK), num_warps=16)
-    run(select._resolve_kernel, dict(BLOCK=CHUNK), num_warps=16)
-    run(select._scan_kernel, dict(BLOCK=select._SCAN_BLOCK, N_GROUPS=N_GROUPS))
-    run(select._popcount_kernel, dict(BLOCK=CHUNK))
-    for rows in (1, 2):
-        for p in range(radix.PASSES):
-            run(radix._radix_hist_kernel, dict(R=rows, PASS=p, BLOCK=CHUNK))
-        run(radix._store_selected_kernel, dict(R=rows), out=_P32)
-    run(select._bracket_finish_kernel, {})
-    run(select._resolve_pre_kernel, dict(BLOCK=CHUNK), num_warps=16)
-    run(select._candidate_finish_kernel, {})
-    run(norm._sqrt_of_sum_kernel, dict(BLOCK=norm._FINAL_BLOCK))
-    return done
+    launched = {(r["module"], r["kernel"]) for r in records}
+    missing = []
+    for short in (*KERNEL_MODULES, "nm_mask"):
+        module = importlib.import_module(f"{__package__}.{short}")
+        for name, obj in vars(module).items():
+            qualified = f"{module.__name__}.{name}"
+            if (isinstance(obj, JITFunction) and name.endswith("_kernel") and obj.fn.__module__ == module.__name__
+                    and (module.__name__, name) not in launched and qualified not in _TEST_ONLY):
+                missing.append(qualified)
+    return missing
 
 
 def main(argv: list[str]) -> int:
@@ -96,8 +176,23 @@ def main(argv: list[str]) -> int:
         print("compile_check: unset TRITON_INTERPRET to compile the kernels", file=sys.stderr)
         return 2
     arch = int(argv[1]) if len(argv) > 1 else 90
-    for line in compile_all(arch):
-        print(line)
+    failed = 0
+    recorded = recorded_launches()
+    for name in unrecorded_kernels(recorded):
+        failed += 1
+        print(f"FAILED {name}: no recorded launch (add a scenario to {__package__}.launches)")
+    records = variants(recorded)
+    print(f"compile_check: {len(records)} launch configurations for sm_{arch}")
+    for rec in records:
+        try:
+            print(compile_one(rec, arch).line(), flush=True)
+        except Exception as exc:  # report every failure, not only the first
+            failed += 1
+            print(f"FAILED {rec['kernel']} {rec['constexprs']} {rec['runtime']}: {type(exc).__name__}: {exc}",
+                  flush=True)
+    if failed:
+        print(f"compile_check: {failed} of {len(records)} configurations failed for sm_{arch}")
+        return 1
     print(f"compile_check: every kernel compiled for sm_{arch}")
     return 0
 
