@@ -31,3 +31,21 @@ def test_every_kernel_compiles_for_sm90():
     assert any(line.startswith("_perturb_kernel") and "constexpr/1" in line for line in lines)
     assert all(re.search(r"\d+ registers, \d+ B spilled, .* -> \d+ blocks/SM", line)
                for line in lines if line.startswith("_"))
+    # The streaming kernels' full-block paths on aligned tensors read (and the Fisher accumulation
+    # also writes) whole blocks with 128-bit accesses: every thread's elements of each stream.
+    item = {"fp32": 4, "fp16": 2, "bf16": 2}
+    for kernel, streams, stores in (("_fisher_accumulate_kernel", ("GRAD_DTYPE", "fp32"), ("fp32",)),
+                                    ("_perturb_kernel", ("W_DTYPE", "G_DTYPE"), ())):
+        seen = set()
+        for line in lines:
+            if not (line.startswith(kernel + " ") and "'ALIGNED': True" in line):
+                continue
+            dtype = re.search(r"'(?:GRAD_DTYPE|W_DTYPE)': \{'dtype': '(\w+)'\}", line).group(1)
+            warps = int(re.search(r"(\d+) warps", line).group(1))
+            per_thread = 4096 // (32 * warps)
+            nbytes = [item[dtype if s.endswith("DTYPE") else s] * per_thread for s in streams]
+            loads, wide_stores = map(int, re.search(r"128-bit: (\d+) loads, (\d+) stores", line).groups())
+            assert loads >= sum(b // 16 for b in nbytes), line
+            assert wide_stores >= sum(item[s] * per_thread // 16 for s in stores), line
+            seen.add(dtype)
+        assert seen == {"fp32", "fp16", "bf16"}, (kernel, seen)

@@ -93,6 +93,57 @@ def test_fisher_accumulate_bit_exact(backend, dtype):
         assert torch.equal(a, w), f"tensor {i}: {first_mismatch(a, w)}"
 
 
+def _views_into_one_buffer(sizes, dtype, offset, seed):
+    """Contiguous tensors that are views into one flat buffer from element ``offset`` on (a flattened
+    model's parameters): with an odd offset none starts on 16 bytes."""
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randn(offset + sum(sizes), generator=g).to(dtype)
+    out, at = [], offset
+    for n in sizes:
+        out.append(flat[at : at + n])
+        at += n
+    return out
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_fisher_accumulate_on_views_of_a_flat_buffer(backend, offset):
+    # The full-block fast path assumes 16-byte aligned tensors; views at odd offsets take the masked one.
+    from fsam_kernels.triton_kernels.tables import aligned16
+
+    sizes = [4096 * 2 + 8, 4096, 3]  # a partial last chunk; aligned from offset 0 in fp32 and bf16
+    grads = _views_into_one_buffer(sizes, torch.float32, offset, seed=1)
+    accum = _views_into_one_buffer(sizes, torch.float32, offset, seed=2)
+    assert aligned16(grads + accum) == (offset == 0)
+    want = [a.clone() for a in accum]
+    ref.fisher_accumulate_reference(want, grads)
+    backend.fisher_accumulate(accum, grads)
+    for i, (a, w) in enumerate(zip(accum, want)):
+        assert torch.equal(a, w), f"tensor {i}: {first_mismatch(a, w)}"
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_perturb_and_restore_on_views_of_a_flat_buffer(backend, offset, dtype):
+    sizes = [4096 * 2 + 8, 4096, 3]  # a partial last chunk; aligned from offset 0 in fp32 and bf16
+    params = _views_into_one_buffer(sizes, dtype, offset, seed=3)
+    grads = _views_into_one_buffer(sizes, dtype, offset, seed=4)
+    from fsam_kernels.triton_kernels.tables import aligned16
+
+    assert aligned16(params + grads) == (offset == 0)
+    layout = ParamLayout(params, [True, False, True], [0.05] * 3, [False, True, False])
+    originals = [p.clone() for p in params]
+    bits = ref.select_mask_reference(layout, [grads[0], grads[2]], 2000, True)
+    norm = ref.grad_norm_reference(layout, grads)
+    twin = ParamLayout([p.clone() for p in params], layout.masked, layout.rho, layout.adaptive)
+    ref.perturb_reference(twin, grads, bits, norm, 1e-12)
+    saved = backend.perturb(layout, grads, bits, backend.mask_aux(layout, bits), norm, 1e-12)
+    for i, (p, w) in enumerate(zip(params, twin.params)):
+        assert torch.equal(p, w), f"params[{i}] after perturb: {first_mismatch(p, w)}"
+    backend.restore(layout, bits, backend.mask_aux(layout, bits), saved)
+    for i, (p, o) in enumerate(zip(params, originals)):
+        assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
+
+
 def test_fisher_accumulate_float64_grads_use_the_reference(backend):
     accum = [torch.zeros(5), torch.zeros(6)]
     grads = [torch.randn(5, dtype=torch.float64), torch.randn(6)]

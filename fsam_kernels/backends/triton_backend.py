@@ -32,7 +32,7 @@ from .. import distributed_select
 from .. import reference as ref
 from ..layout import ParamLayout
 from ..triton_kernels import CHUNK, N_GROUPS, interpret_env, interpreted, mode_conflict
-from ..triton_kernels.tables import DTYPE_CODES, TableCache, chunk_table, pointer_table, triton_dtype, upload
+from ..triton_kernels.tables import DTYPE_CODES, TableCache, aligned16, chunk_table, pointer_table, triton_dtype, upload
 from .base import Backend, tensors_nbytes
 
 
@@ -70,6 +70,7 @@ class _Group:
     chunk_start: torch.Tensor
     chunk_ref: torch.Tensor  # masked: index among all masked chunks; dense: offset in the saved buffer
     n_chunks: int
+    aligned: bool  # weights (and, once bound, gradients) all start on 16 bytes: 128-bit loads on full blocks
 
 
 class _LayoutPlan:
@@ -184,7 +185,7 @@ class TritonBackend(Backend):
                 (shape_key, gi, tuple(g.data_ptr() for g in members)),
                 lambda: pointer_table(members, layout.device),
             )
-            bound.append(dataclasses.replace(group, g_ptrs=ptrs))
+            bound.append(dataclasses.replace(group, g_ptrs=ptrs, aligned=group.aligned and aligned16(members)))
         return bound, fallback
 
     @staticmethod
@@ -234,6 +235,7 @@ class TritonBackend(Backend):
                 chunk_start=upload(start, device),
                 chunk_ref=upload(chunk_ref, device),
                 n_chunks=slot.numel(),
+                aligned=aligned16([layout.params[i] for i in idx]),
             ))
         return groups, fallback
 
@@ -427,7 +429,8 @@ class TritonBackend(Backend):
                         g.w_ptrs, g.g_ptrs, g.numels, g.bit_offsets, g.rhos, g.adaptive, g.chunk_slot,
                         g.chunk_start, g.chunk_ref, bits, prefix, plan.dense_total[code], buffers[code], norm32,
                         applied, float(eps), W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype),
-                        BLOCK=CHUNK, num_warps=8, enable_fp_fusion=False,
+                        BLOCK=CHUNK, ALIGNED=g.aligned, num_warps=_kernels()[2].PERTURB_WARPS,
+                        enable_fp_fusion=False,
                     )
         fallback_saved = None
         if fallback:
@@ -447,7 +450,7 @@ class TritonBackend(Backend):
                     _kernels()[2]._restore_kernel[(g.n_chunks,)](
                         g.w_ptrs, g.numels, g.bit_offsets, g.chunk_slot, g.chunk_start, g.chunk_ref, saved.bits,
                         saved.prefix, saved.dense_total[code], saved.buffers[code], saved.applied,
-                        W_DTYPE=triton_dtype(g.w_dtype), BLOCK=CHUNK, num_warps=8,
+                        W_DTYPE=triton_dtype(g.w_dtype), BLOCK=CHUNK, num_warps=_kernels()[2].PERTURB_WARPS,
                     )
         if saved.fallback is not None:
             ref.restore_reference(layout, saved.bits, saved.fallback)

@@ -12,7 +12,8 @@
 3. checks that launches with fp fusion off (the kernels whose results must match the reference bit
    for bit) contain no fused multiply-add;
 4. prints, per configuration, registers per thread, spilled bytes, shared memory and the resident
-   blocks per SM those allow (from ``ptxas -v`` on the PTX, the numbers a GPU would report).
+   blocks per SM those allow (from ``ptxas -v`` on the PTX, the numbers a GPU would report), and the
+   number of 128-bit global loads and stores (the streaming kernels' full-block paths).
 
 Must run without ``TRITON_INTERPRET=1``. Exit status 1 if a compile or check fails.
 """
@@ -45,6 +46,8 @@ class Compiled:
     shared: int
     num_warps: int
     seconds: float
+    wide_loads: int  # 128-bit global loads / stores in the PTX (ld.global.v4.b32, st.global.v4.b32)
+    wide_stores: int
 
     @property
     def blocks_per_sm(self) -> int:
@@ -57,7 +60,8 @@ class Compiled:
 
     def line(self) -> str:
         return (f"{self.name}: {self.regs} registers, {self.spill_bytes} B spilled, {self.shared} B shared, "
-                f"{self.num_warps} warps -> {self.blocks_per_sm} blocks/SM ({self.seconds:.1f}s)")
+                f"{self.num_warps} warps -> {self.blocks_per_sm} blocks/SM; 128-bit: {self.wide_loads} loads, "
+                f"{self.wide_stores} stores ({self.seconds:.1f}s)")
 
 
 def recorded_launches() -> list[dict]:
@@ -149,7 +153,9 @@ def compile_one(rec: dict, arch: int) -> Compiled:
     if exact and re.search(r"\bfma\.rn\.f(32|64)\b", ptx):
         raise AssertionError(f"{name}: fused multiply-add in a kernel that must round every product")
     regs, spills = _ptxas_usage(ptx, arch)
-    return Compiled(name, regs, spills, int(kernel.metadata.shared), options.get("num_warps", 4), seconds)
+    return Compiled(name, regs, spills, int(kernel.metadata.shared), options.get("num_warps", 4), seconds,
+                    len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.b32\b", ptx)),
+                    len(re.findall(r"\bst\.global(?:\.\w+)*\.v4\.b32\b", ptx)))
 
 
 def unrecorded_kernels(records: list[dict]) -> list[str]:

@@ -18,6 +18,10 @@ from .reductions import _cumsum
 
 INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
+# 16 warps (8 elements a thread): the perturbation needs 98 registers a thread there against 172-187 at
+# 8 warps, so twice the warps stay resident per SM (compile_check reports both kernels' occupancy).
+PERTURB_WARPS = 16
+
 
 @triton.jit
 def _round_to(x, DTYPE: tl.constexpr):
@@ -33,12 +37,16 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref, aux_prefix, dense_total, c,
-               BLOCK: tl.constexpr):
-    """Chunk ``c``'s tensor, its elements, which of them are perturbed, and where each of those is
-    saved."""
+               BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Chunk ``c``'s tensor, its elements, which of them are perturbed, where each of those is saved,
+    and whether the chunk is a full block (``ALIGNED``: chunks start at multiples of ``BLOCK``)."""
     slot = tl.load(chunk_slot + c)
-    offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
-    inside = offs < tl.load(numels + slot)
+    start = tl.load(chunk_start + c)
+    if ALIGNED:
+        start = tl.multiple_of(start, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    n = tl.load(numels + slot)
+    inside = offs < n
     bit_base = tl.load(bit_offsets + slot)
     ref = tl.load(chunk_ref + c)
     if bit_base >= 0:  # masked tensor: ref is the chunk's index among all masked chunks
@@ -50,25 +58,33 @@ def _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref, au
         sel = inside
         base = ref
     sel_i = sel.to(tl.int32)
-    return slot, offs, sel, base + _cumsum(sel_i, 0) - sel_i
+    return slot, offs, sel, base + _cumsum(sel_i, 0) - sel_i, start + BLOCK <= n
 
 
 @triton.jit
 def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_slot, chunk_start, chunk_ref,
                     mask, aux_prefix, dense_total, saved, norm_ptr, applied, eps,
-                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     c = tl.program_id(0)
     norm = tl.load(norm_ptr)
     finite = (norm - norm) == 0  # false for inf and nan
     if c == 0:
         tl.store(applied, finite.to(tl.int32))
     if finite:
-        slot, offs, sel, pos = _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref, aux_prefix,
-                                          dense_total, c, BLOCK)
+        slot, offs, sel, pos, full = _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref,
+                                                aux_prefix, dense_total, c, BLOCK, ALIGNED)
         wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
         gp = tl.load(g_ptrs + slot).to(tl.pointer_type(G_DTYPE))
-        w_raw = tl.load(wp + offs, mask=sel, other=0.0)
-        g = tl.load(gp + offs, mask=sel, other=0.0).to(tl.float32)
+        if ALIGNED:  # every tensor starts on 16 bytes (checked on the host), every chunk on BLOCK elements
+            wp = tl.multiple_of(wp, 16)
+            gp = tl.multiple_of(gp, 16)
+        if ALIGNED and full:
+            # a full block: whole-block 128-bit loads (a sparse selection touches most sectors anyway)
+            w_raw = tl.load(wp + offs)
+            g = tl.load(gp + offs).to(tl.float32)
+        else:
+            w_raw = tl.load(wp + offs, mask=sel, other=0.0)
+            g = tl.load(gp + offs, mask=sel, other=0.0).to(tl.float32)
         w = w_raw.to(tl.float32)
         # davda54/sam's rounding, as the reference: a correctly rounded 1 / (norm + eps), times rho
         scale = tl.div_rn(1.0, norm + eps) * tl.load(rhos + slot)
@@ -86,7 +102,7 @@ def _restore_kernel(w_ptrs, numels, bit_offsets, chunk_slot, chunk_start, chunk_
                     dense_total, saved, applied, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     if tl.load(applied) != 0:
-        slot, offs, sel, pos = _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref, aux_prefix,
-                                          dense_total, c, BLOCK)
+        slot, offs, sel, pos, _ = _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref,
+                                             aux_prefix, dense_total, c, BLOCK, False)
         wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
         tl.store(wp + offs, tl.load(saved + pos, mask=sel), mask=sel)

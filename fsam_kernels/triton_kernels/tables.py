@@ -28,6 +28,13 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def aligned16(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor starts on a 16-byte boundary: then a kernel whose blocks start at multiples
+    of CHUNK elements may use 128-bit loads and stores on full blocks (allocations always are; views
+    into a flat buffer may not be)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
 def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     return upload(torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64), device)
 
