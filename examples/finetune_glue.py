@@ -10,15 +10,22 @@ evaluates on the dev set after each epoch, and writes to ``--out``:
 * ``<name>_summary.md``: final-epoch dev metrics, mean ± std over seeds, time per run (and FSAM's bytes);
 * ``<name>_curves.png``: the primary dev metric vs epoch per optimizer (mean ± std band).
 
-``<name>`` is ``--name``, by default the task (``cb``, ``rte``, ``stsb``, ...).
+``<name>`` is ``--name``, by default the task (``cb``, ``rte``, ``stsb``, ...); ``--out`` is, by default,
+``finetune_results/`` in the current directory (the committed results under ``examples/results/`` are
+written only when asked for with ``--out``).
 
-"adam" is AdamW; "sam" is FSAM(AdamW, sparsity=0) (dense SAM); "fsam" is FSAM(AdamW, sparsity=--sparsity)
+"adam" is AdamW; "sam" is :class:`fsam_kernels.SAM` (AdamW, dense SAM: no mask); "fsam" is FSAM(AdamW, sparsity=--sparsity)
 (unstructured mask); "fsam-nm" is FSAM(AdamW, structure=--structure, sparsity=--sparsity): an N:M mask
 (default 2:4) on every weight whose last dimension is divisible by M, and the unstructured mask at
 --sparsity on the others (biases, LayerNorms). So ``--optimizer fsam fsam-nm --sparsity 0.5`` compares
 2:4 with the unstructured mask at the same 50 % density.
 
     python examples/finetune_glue.py --task cb --data-dir ../shared/data --optimizer adam sam fsam --seeds 0 1 2
+
+A smoke run (well under two minutes on a CPU):
+
+    python examples/finetune_glue.py --task cb --data-dir ../shared/data --optimizer adam fsam --seeds 0 \
+        --epochs 1 --max-steps 3 --batch-size 8 --max-dev-examples 16 --max-seq-len 64 --no-plot
 """
 from __future__ import annotations
 
@@ -76,41 +83,43 @@ def default_data_dir() -> Optional[str]:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(glue_data.TASKS), help="task to fine-tune on")
     p.add_argument("--data-dir", default=default_data_dir(), help="folder with glue/ and superglue/ (standard layout)")
     p.add_argument("--model", default=BUNDLED_MODEL, help=f"'{BUNDLED_MODEL}' (bundled) or a local model directory")
     p.add_argument("--optimizer", nargs="+", default=list(DEFAULT_OPTIMIZERS), choices=OPTIMIZERS,
-                   help="adam: AdamW; sam: FSAM(AdamW, sparsity=0); fsam: FSAM(AdamW, sparsity=--sparsity); "
+                   help="adam: AdamW; sam: SAM(AdamW) (dense, no mask); fsam: FSAM(AdamW, sparsity=--sparsity); "
                         "fsam-nm: FSAM(AdamW, structure=--structure, sparsity=--sparsity) "
                         f"(default: {' '.join(DEFAULT_OPTIMIZERS)})")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--rho", type=float, default=0.05)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per optimizer and seed")
+    p.add_argument("--rho", type=float, default=0.05, help="SAM/FSAM neighbourhood size")
     p.add_argument("--sparsity", type=float, default=0.9,
                    help="fsam: fraction of weights not perturbed; fsam-nm: the same for the tensors that fall "
                         "back to the unstructured mask (1-D, last dimension not divisible by M)")
     p.add_argument("--structure", default=None, metavar="N:M",
                    help=f"fsam-nm: keep N of every M consecutive weights along the last dimension "
                         f"(default {DEFAULT_STRUCTURE}; only with --optimizer ... fsam-nm)")
-    p.add_argument("--mask-update-interval", type=int, default=10)
+    p.add_argument("--mask-update-interval", type=int, default=100, help="FSAM rebuilds its mask every this many steps")
     p.add_argument("--no-perturb-embeddings", dest="perturb_embeddings", action="store_false",
                    help="SAM/FSAM leave the nn.Embedding weights unperturbed (a group with perturb=False), so "
                         "the mask chooses among the encoder's weights only")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW's peak learning rate (linear warm-up and decay)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's weight decay (not on biases and norms)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps spent warming up")
+    p.add_argument("--max-seq-len", type=int, default=128, help="tokens per example (longer ones are cut)")
     p.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps (smoke tests)")
     p.add_argument("--max-dev-examples", type=int, default=None, help="evaluate on the first N dev examples only")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="autocast the forward passes to bfloat16")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default="finetune_results",
+                   help="output folder (examples/results holds the committed runs: write there only on purpose)")
     p.add_argument("--name", default=None,
                    help="output file prefix: <name>_runs.csv, <name>_summary.md, <name>_curves.png (default: the task)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="skip <name>_curves.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.data_dir is None:
@@ -174,9 +183,11 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
         groups.append({"params": frozen_embeddings, "weight_decay": args.weight_decay, "perturb": False})
     if name == "adam":
         return torch.optim.AdamW(groups, lr=args.lr)
-    from fsam_kernels import FSAM
+    from fsam_kernels import FSAM, SAM
 
-    sparsity = 0.0 if name == "sam" else args.sparsity
+    if name == "sam":  # dense SAM: no mask, no Fisher (the demo's "sam" too)
+        return SAM(groups, torch.optim.AdamW, rho=args.rho, lr=args.lr)
+    sparsity = args.sparsity
     structure = args.structure if name == "fsam-nm" else None
     return FSAM(groups, torch.optim.AdamW, rho=args.rho, sparsity=sparsity, structure=structure,
                 mask_update_interval=args.mask_update_interval, lr=args.lr)
@@ -186,8 +197,8 @@ def mask_description(name: str, args: argparse.Namespace) -> tuple[Any, str]:
     """(sparsity, structure) an optimizer name stands for, as recorded in the runs CSV ("" for none)."""
     if name == "adam":
         return "", ""
-    if name == "sam":
-        return 0.0, ""
+    if name == "sam":  # no mask at all
+        return "", ""
     return args.sparsity, args.structure if name == "fsam-nm" else ""
 
 
@@ -230,7 +241,8 @@ def run_one(opt_name: str, seed: int, args, tokenizer, train_f, dev_f, model_dir
     gen = torch.Generator().manual_seed(seed)
     rows, step, peak_saved, start = [], 0, 0, time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        bar = tqdm(total=steps_per_epoch, desc=f"{opt_name} seed {seed} epoch {epoch}", disable=args.quiet, leave=False)
+        bar = tqdm(total=min(steps_per_epoch, total - step), desc=f"{opt_name} seed {seed} epoch {epoch}",
+                   disable=args.quiet, leave=False)
         running = 0.0
         for n, batch in enumerate(batches(train_f, tokenizer, args.batch_size, spec.is_regression, gen)):
             batch = {k: v.to(args.device) for k, v in batch.items()}

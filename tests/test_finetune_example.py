@@ -170,6 +170,8 @@ def test_finetune_script_structure_options():
     base = ["--task", "cb", "--data-dir", "x"]
     args = script.parse_args(base)
     assert args.optimizer == ["adam", "sam", "fsam"] and args.structure is None and args.name is None
+    # the library's mask interval; output away from the committed examples/results unless asked
+    assert args.mask_update_interval == 100 and not os.path.abspath(args.out).startswith(EXAMPLES)
     args = script.parse_args(base + ["--optimizer", "fsam", "fsam-nm", "--sparsity", "0.5", "--name", "cb_nm"])
     assert args.structure == "2:4" and args.name == "cb_nm"  # fsam-nm defaults to 2:4
     assert script.parse_args(base + ["--optimizer", "fsam-nm", "--structure", " 4 : 8 "]).structure == "4:8"
@@ -185,10 +187,12 @@ def test_finetune_script_structure_options():
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
     opts = {name: script.make_optimizer(name, model, args) for name in args.optimizer}
     assert isinstance(opts["adam"], torch.optim.AdamW)
-    assert (opts["sam"].sparsity, opts["sam"].structure) == (0.0, None)
+    from fsam_kernels import SAM
+
+    assert isinstance(opts["sam"], SAM) and opts["sam"].masks() == []  # dense: no mask, like the demo's
     assert (opts["fsam"].sparsity, opts["fsam"].structure) == (0.5, None)
     assert (opts["fsam-nm"].sparsity, opts["fsam-nm"].structure) == (0.5, (2, 4))
-    assert [script.mask_description(n, args) for n in args.optimizer] == [("", ""), (0.0, ""), (0.5, ""), (0.5, "2:4")]
+    assert [script.mask_description(n, args) for n in args.optimizer] == [("", ""), ("", ""), (0.5, ""), (0.5, "2:4")]
 
 
 def test_finetune_script_can_leave_embeddings_unperturbed():
