@@ -203,6 +203,7 @@ class ESAM(_MaskedFamily):
                     "forward pass; or set gamma=1"
                 )
             before = self._check_losses("losses", losses, None).detach()
+        state = self._step_state()
         self.first_step(zero_grad=True)
         self.zero_grad()  # also after a skipped (non-finite) first step
         try:
@@ -220,7 +221,7 @@ class ESAM(_MaskedFamily):
                 loss = chosen.mean()
                 loss.backward()
         except BaseException:
-            self.restore()  # never leave the model perturbed
+            self._abandon_step(state)  # as FSAM.step: weights, mask and step count as before the call
             raise
         self.second_step()
         return loss.detach()

@@ -478,7 +478,7 @@ class FSAM(torch.optim.Optimizer):
         When the first gradient's norm is not finite the step is skipped (weights, base optimizer and
         mask untouched, one warning) and ``None`` is returned. If the closure raises, the weights, the
         mask, the step count and the Fisher accumulator are as before the call and the gradients are
-        cleared."""
+        cleared; a closure that computes no gradient at ``w + e`` raises the same way."""
         if closure is None:
             raise RuntimeError(
                 "FSAM.step needs a closure that recomputes the loss and calls backward(); or call "
@@ -500,10 +500,9 @@ class FSAM(torch.optim.Optimizer):
         try:
             with torch.enable_grad():
                 loss = closure()
+            self._require_second_gradient("FSAM.step")
         except BaseException:
-            self.restore()  # never leave the model perturbed ...
-            self.zero_grad()
-            self._rewind(state)  # ... nor the optimizer half-updated
+            self._abandon_step(state)
             raise
         self.second_step()
         return first_loss if closure_first else loss
@@ -533,6 +532,22 @@ class FSAM(torch.optim.Optimizer):
 
     def _rewind(self, state: tuple) -> None:
         self._step_count, self._bits, self._aux, self._fisher_accum, self._fisher_count = state
+
+    def _abandon_step(self, state: tuple) -> None:
+        """Undo a step whose second pass failed: the weights restored (never left perturbed), the
+        gradients cleared and the mask, step count and Fisher accumulator as in ``state``."""
+        self.restore()
+        self.zero_grad()
+        self._rewind(state)
+
+    def _require_second_gradient(self, what: str) -> None:
+        # The gradients were cleared before the second pass: none now means the closure never ran
+        # backward(), and stepping on would count a step that changed nothing.
+        if not self._has_any_grad():
+            raise RuntimeError(
+                f"{what}: the closure computed no gradient at the perturbed weights (did it call "
+                "loss.backward()?); the weights were restored and the step not taken"
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

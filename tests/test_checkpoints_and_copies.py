@@ -1,0 +1,177 @@
+"""What an optimizer accepts must keep working: checkpoints, copies, failed steps and late changes.
+
+Each case ends in one of two exact outcomes: the optimizer continues bit for bit like an untouched
+one, or it refuses with an error naming the culprit and every weight and optimizer state tensor is
+as before. Cases where the backend matters run on every backend available on this CPU.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsam_kernels import ESAM, FSAM, GSAM, SAM, amp, available_backends
+
+BACKENDS = ["torch", "native", "triton"]
+
+
+def need(backend):
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} does not run on this CPU (Triton needs TRITON_INTERPRET=1)")
+    return backend
+
+
+class Net(torch.nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = torch.nn.Linear(6, 8)
+        self.fc2 = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def batches(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(n)]
+
+
+def make(kind, model, backend="torch", **kw):
+    params = model.parameters()
+    if kind == "fsam":
+        return FSAM(params, torch.optim.AdamW, lr=1e-2, sparsity=0.5, mask_update_interval=1, backend=backend, **kw)
+    if kind == "sam":
+        return SAM(params, torch.optim.AdamW, lr=1e-2, backend=backend, **kw)
+    if kind == "esam":
+        return ESAM(params, torch.optim.AdamW, lr=1e-2, sparsity=0.5, mask_update_interval=1, beta=0.5, gamma=0.5,
+                    generator=torch.Generator().manual_seed(3), backend=backend, **kw)
+    return GSAM(params, torch.optim.AdamW, lr=1e-2, sparsity=0.5, mask_update_interval=1, rho_min=0.01,
+                backend=backend, **kw)
+
+
+def per_sample(model, x, y):
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def train_step(kind, opt, model, batch):
+    x, y = batch
+    losses = per_sample(model, x, y)
+    losses.mean().backward()
+    if kind == "esam":
+        opt.step(lambda idx: per_sample(model, x, y) if idx is None else per_sample(model, x[idx], y[idx]),
+                 losses=losses)
+    else:
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    opt.zero_grad()
+
+
+def tensors_of(obj, prefix=""):
+    """Every tensor in a nested structure, by a readable path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(tensors_of(v, f"{prefix}[{k!r}]"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(tensors_of(v, f"{prefix}[{i}]"))
+    return out
+
+
+def everything(model, opt):
+    """Weights, base optimizer state, mask, Fisher accumulator, step count and group options, copied."""
+    return {
+        "weights": [p.detach().clone() for p in model.parameters()],
+        "base": copy.deepcopy(opt.base_optimizer.state_dict()),
+        "mask": None if opt._bits is None else opt._bits.clone(),
+        "fisher": None if opt._fisher_accum is None else [f.clone() for f in opt._fisher_accum],
+        "fisher_count": opt._fisher_count,
+        "step_count": opt.step_count,
+    }
+
+
+def assert_same(a, b, what):
+    ta, tb = tensors_of(a), tensors_of(b)
+    assert ta.keys() == tb.keys(), f"{what}: different state entries {sorted(ta.keys() ^ tb.keys())}"
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), f"{what}: {k} differs"
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("weights", "mask", "fisher")}
+    base_a, base_b = strip(a), strip(b)
+    base_a["base"] = base_a["base"]["param_groups"]
+    base_b["base"] = base_b["base"]["param_groups"]
+    assert base_a == base_b, f"{what}: {base_a} != {base_b}"
+
+
+def assert_same_weights(m1, m2, what):
+    for i, (p, q) in enumerate(zip(m1.parameters(), m2.parameters())):
+        assert torch.equal(p, q), f"{what}: parameter {i} differs by up to {(p - q).abs().max().item():.3e}"
+
+
+# ============================================================================ failed steps
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fails_in", ["selection", "second_pass", "backward_in_closure"])
+def test_esam_step_that_fails_rewinds_like_fsam(backend, fails_in):
+    model = Net()
+    opt = make("esam", model, need(backend))
+    data = batches(2)
+    train_step("esam", opt, model, data[0])
+    before = everything(model, opt)
+    x, y = data[1]
+    losses = per_sample(model, x, y)
+    losses.mean().backward()
+
+    def closure(idx):
+        if fails_in == "selection" and idx is None:
+            raise KeyError("data loader broke")
+        if fails_in == "second_pass" and idx is not None:
+            raise KeyError("data loader broke")
+        out = per_sample(model, x, y) if idx is None else per_sample(model, x[idx], y[idx])
+        if fails_in == "backward_in_closure" and idx is not None:
+            out.mean().backward()  # against the contract: ESAM refuses
+        return out
+
+    with pytest.raises((KeyError, RuntimeError)):
+        opt.step(closure, losses=losses)
+    assert_same(everything(model, opt), before, f"ESAM after a failure in the {fails_in}")
+    assert all(p.grad is None for p in model.parameters())
+    train_step("esam", opt, model, data[1])  # training goes on
+    assert opt.step_count == before["step_count"] + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["fsam", "sam", "gsam"])
+def test_closure_without_backward_is_refused_and_rewound(kind, backend):
+    model = Net()
+    opt = make(kind, model, need(backend))
+    data = batches(2)
+    train_step(kind, opt, model, data[0])
+    before = everything(model, opt)
+    x, y = data[1]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"FSAM.step: the closure computed no gradient .*backward\(\)"):
+        opt.step(lambda: F.cross_entropy(model(x), y))  # forgets backward()
+    assert_same(everything(model, opt), before, f"{kind} after a closure without backward()")
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_amp_closure_without_backward_is_refused_and_rewound():
+    model = Net()
+    opt = make("fsam", model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x, y = batches(1)[0]
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    amp.step(opt, scaler, lambda: scaler.scale(F.cross_entropy(model(x), y)).backward())
+    before = everything(model, opt)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="amp.step: the closure computed no gradient"):
+        amp.step(opt, scaler, lambda: F.cross_entropy(model(x), y))
+    assert_same(everything(model, opt), before, "amp.step after a closure without backward()")
+    scaler.scale(F.cross_entropy(model(x), y)).backward()  # the scaler is ready for the next step
+    amp.step(opt, scaler, lambda: scaler.scale(F.cross_entropy(model(x), y)).backward())
+    assert opt.step_count == before["step_count"] + 1
