@@ -139,6 +139,8 @@ class ESAM(_MaskedFamily):
         super().__init__(params, base_optimizer, rho, sparsity=sparsity, **kwargs)
 
     # ------------------------------------------------------------------ stochastic weight perturbation
+    _REBUILT_ON_USE = FSAM._REBUILT_ON_USE + ("_scaled",)
+
     def _random_bits(self, layout: ParamLayout) -> torch.Tensor:
         # Packed tensor by tensor: the transient memory is that of the largest tensor, not of all of them.
         bits = layout.empty_mask()
@@ -268,6 +270,8 @@ class GSAM(_MaskedFamily):
         super().__init__(params, base_optimizer, rho, sparsity=sparsity, **kwargs)
         for gi, group in enumerate(self.param_groups):
             self._finish_schedule(group, gi)
+
+    _REBUILT_ON_USE = FSAM._REBUILT_ON_USE + ("_rho_layout",)
 
     # ------------------------------------------------------------------ rho schedule
     def add_param_group(self, param_group: dict) -> None:

@@ -577,6 +577,37 @@ class FSAM(torch.optim.Optimizer):
         stats["persistent"] = stats["mask"] + stats["mask_aux"] + stats["fisher"]
         return stats
 
+    # ------------------------------------------------------------------ copies
+    # Derived from the rest and rebuilt on first use. Backends keep device tables (pointers, offsets)
+    # keyed by a layout: a copy that took them over would write into the original's weights.
+    _REBUILT_ON_USE: tuple[str, ...] = ("_backend", "_aux", "_layout", "_layout_key")
+    # torch.optim.Optimizer drops its hooks from copies; an LR scheduler's wrapper of this instance's
+    # ``step`` would step the original.
+    _NOT_COPIED = (
+        "step", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)``: everything a copy needs to continue
+        exactly like this optimizer (mask, step count, Fisher accumulator, base optimizer state, closure
+        mode, ...). Copy the model and the optimizer in one call (``copy.deepcopy((model, opt))``) so the
+        copy's optimizer holds the copy's parameters."""
+        if self._phase == "perturbed":
+            raise RuntimeError(
+                f"{type(self).__name__}: cannot copy or pickle the optimizer while the weights are perturbed; "
+                "call second_step() or restore() first"
+            )
+        if self._shards is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}: an optimizer of FSDP2-sharded parameters cannot be copied or pickled; "
+                "checkpoint it with fsam_kernels.fsdp.fsam_state_dict and torch.distributed.checkpoint"
+            )
+        state = {k: v for k, v in self.__dict__.items() if k not in self._NOT_COPIED}
+        state.update(dict.fromkeys(self._REBUILT_ON_USE))
+        return state  # torch.optim.Optimizer.__setstate__ adds empty hooks
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self._phase == "perturbed":

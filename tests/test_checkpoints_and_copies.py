@@ -175,3 +175,116 @@ def test_amp_closure_without_backward_is_refused_and_rewound():
     scaler.scale(F.cross_entropy(model(x), y)).backward()  # the scaler is ready for the next step
     amp.step(opt, scaler, lambda: scaler.scale(F.cross_entropy(model(x), y)).backward())
     assert opt.step_count == before["step_count"] + 1
+
+
+# ============================================================================ copies
+def deep_copy(obj):
+    return copy.deepcopy(obj)
+
+
+def pickled(obj):
+    return pickle.loads(pickle.dumps(obj))
+
+
+def torch_saved(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+COPIES = {"deepcopy": deep_copy, "pickle": pickled, "torch.save": torch_saved}
+
+
+def closure_first_step(opt, model, batch):
+    # the torch.optim convention: gradients cleared, the closure does both passes
+    x, y = batch
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    opt.step(closure)
+
+
+def empirical_step(opt, model, batch):
+    x, y = batch
+    F.cross_entropy(model(x), y).backward()
+    opt.accumulate_fisher()
+    opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    opt.zero_grad()
+
+
+FLAVOURS = {  # name -> (optimizer factory, one training step)
+    "fsam": (lambda m, be: make("fsam", m, be), lambda o, m, b: train_step("fsam", o, m, b)),
+    "fsam-closure-first": (lambda m, be: make("fsam", m, be), closure_first_step),
+    # interval 2: the accumulator holds one step's Fisher when the copy is made
+    "fsam-empirical": (lambda m, be: FSAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sparsity=0.5,
+                                          fisher="empirical", mask_update_interval=2, backend=be), empirical_step),
+    "sam": (lambda m, be: make("sam", m, be), lambda o, m, b: train_step("sam", o, m, b)),
+    "esam": (lambda m, be: make("esam", m, be), lambda o, m, b: train_step("esam", o, m, b)),
+    "gsam": (lambda m, be: make("gsam", m, be), lambda o, m, b: train_step("gsam", o, m, b)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", list(COPIES))
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_copy_continues_bit_for_bit_and_shares_nothing(flavour, how, backend):
+    build, step = FLAVOURS[flavour]
+    model = Net()
+    opt = build(model, need(backend))
+    data = batches(5)
+    for b in data[:3]:
+        step(opt, model, b)
+    twin, twin_opt = COPIES[how]((model, opt))
+    assert type(twin_opt) is type(opt) and twin_opt.base_optimizer.param_groups is twin_opt.param_groups
+    assert [id(p) for g in twin_opt.param_groups for p in g["params"]] == [id(p) for p in twin.parameters()]
+    assert_same(everything(twin, twin_opt), everything(model, opt), f"{how} copy")
+    original = everything(model, opt)
+    for b in data[3:]:  # the copy first: the original must not move
+        step(twin_opt, twin, b)
+    assert_same(everything(model, opt), original, f"the original, after its {how} copy stepped")
+    for b in data[3:]:
+        step(opt, model, b)
+    assert_same(everything(twin, twin_opt), everything(model, opt), f"{how} copy after 2 more steps")
+    assert opt.step_count == 5
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+def test_copy_while_perturbed_is_refused(how):
+    model = Net()
+    opt = make("fsam", model)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match=r"FSAM: cannot copy or pickle .* perturbed; call second_step\(\)"):
+        COPIES[how]((model, opt))
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step()  # the original goes on
+    assert opt.step_count == 1
+
+
+def test_copy_with_its_lr_scheduler_follows_the_schedule():
+    # GSAM's rho follows the learning rate: the scheduler copied with the optimizer must drive the copy's.
+    model = Net()
+    opt = make("gsam", model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - 0.2 * t)
+    data = batches(4)
+    for b in data[:2]:
+        train_step("gsam", opt, model, b)
+        sched.step()
+    twin, twin_opt, twin_sched = copy.deepcopy((model, opt, sched))
+    for b in data[2:]:
+        train_step("gsam", twin_opt, twin, b)
+        twin_sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.6)  # the original's schedule did not move
+    for b in data[2:]:
+        train_step("gsam", opt, model, b)
+        sched.step()
+    assert twin_opt.current_rho() == opt.current_rho()
+    assert_same(everything(twin, twin_opt), everything(model, opt), "deepcopy with its scheduler")
+
