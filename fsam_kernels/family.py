@@ -26,17 +26,6 @@ def _check_fraction(name: str, value: Any) -> float:
     return float(value)
 
 
-def _full_mask(layout: ParamLayout) -> torch.Tensor:
-    """The packed mask with every masked element set (padding bits stay 0)."""
-    bits = layout.empty_mask()
-    for j, i in enumerate(layout.masked_index):
-        start, numel = layout.bit_offset[j] // 8, layout.numel[i]
-        bits[start : start + numel // 8] = 0xFF
-        if numel % 8:
-            bits[start + numel // 8] = (1 << (numel % 8)) - 1
-    return bits
-
-
 class SAM(FSAM):
     """Sharpness-aware minimization (Foret et al., 2021) with davda54/sam's semantics; ASAM with
     ``adaptive=True``. FSAM without a mask: every perturbed group is dense, no Fisher is computed and no
@@ -77,7 +66,7 @@ class _MaskedFamily(FSAM):
     def _build_mask(self, layout: ParamLayout, scores, square: bool) -> None:
         if self.sparsity == 0.0 and self.structure is None and not self.preserve_zeros and self._shards is None:
             backend = self._backend_for(layout)
-            bits = _full_mask(layout)
+            bits = layout.full_mask()
             self._bits, self._aux = bits, backend.mask_aux(layout, bits)
             return
         super()._build_mask(layout, scores, square)

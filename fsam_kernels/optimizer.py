@@ -1,6 +1,8 @@
 """FSAM: sharpness-aware minimization with a Fisher mask, wrapping any torch optimizer."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -12,10 +14,11 @@ from . import structured
 from .backends import backend_names, get_backend
 from .backends.base import Backend, tensors_nbytes
 from .fsdp import ShardedParams
-from .layout import MASK_ALIGN_BITS, ParamLayout, align_up
+from .layout import MASK_ALIGN_BITS, ParamLayout, align_up, full_mask
 
 FISHER_MODES = ("batch", "empirical")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 added every parameter's shape
+_LOADABLE_VERSIONS = (1, 2)
 
 
 def _check_rho(rho: Any, where: str) -> float:
@@ -621,40 +624,119 @@ class FSAM(torch.optim.Optimizer):
             "fisher_accum": None if self._fisher_accum is None else [f.clone() for f in self._fisher_accum],
             "fisher_count": self._fisher_count,
             "masked_numel": [layout.numel[i] for i in layout.masked_index],
+            # Every parameter's shape (version 2), so that a checkpoint never loads into other shapes.
+            "param_shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
         return sd
 
     def _check_loadable(self, state_dict: dict[str, Any], fsam: dict[str, Any]) -> None:
-        """Raise ValueError if the checkpoint does not fit these parameters (nothing is changed)."""
+        """Raise ValueError, naming what differs, if the checkpoint does not fit these parameters.
+
+        Version 2 checkpoints carry every parameter's shape. Version 1 ones carry the masked sizes
+        only; their base optimizer state is checked instead: a state tensor with as many elements as
+        its parameter but another shape (e.g. Adam's ``exp_avg`` of an (8, 2) weight for a (2, 8) one)
+        was made for another parameter. Dtypes may differ: the base optimizer casts its state to the
+        parameters' dtypes (as torch does) and FSAM's mask and Fisher keep their own.
+        """
         saved_groups, groups = state_dict.get("param_groups", []), self.param_groups
-        if len(saved_groups) != len(groups) or any(
-            len(sg["params"]) != len(g["params"]) for sg, g in zip(saved_groups, groups)
-        ):
-            raise ValueError("load_state_dict: the checkpoint's param groups do not match this optimizer's parameters")
-        masked = [
-            p for sg, g in zip(saved_groups, groups)
-            if sg.get("perturb", True) and sg.get("fisher_mask", True) for p in g["params"]
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"load_state_dict: the checkpoint has {len(saved_groups)} param groups, this optimizer {len(groups)}")
+        for gi, (sg, g) in enumerate(zip(saved_groups, groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"load_state_dict: param_groups[{gi}] holds {len(g['params'])} parameters, the "
+                                 f"checkpoint's {len(sg['params'])}")
+
+        def where(gi: int, i: int) -> str:
+            names = groups[gi].get("param_names")
+            return f"param_groups[{gi}]['params'][{i}]" + (f" ({names[i]})" if names else "")
+
+        if fsam["version"] >= 2:
+            shapes = fsam.get("param_shapes")
+            if not isinstance(shapes, list) or [len(s) for s in shapes] != [len(g["params"]) for g in groups]:
+                raise ValueError("load_state_dict: the checkpoint's 'param_shapes' do not follow its param groups")
+            for gi, (g, group_shapes) in enumerate(zip(groups, shapes)):
+                for i, (p, shape) in enumerate(zip(g["params"], group_shapes)):
+                    if tuple(shape) != tuple(p.shape):
+                        raise ValueError(f"load_state_dict: {where(gi, i)} has shape {tuple(p.shape)}, the "
+                                         f"checkpoint's {tuple(shape)}")
+        positions = [(gi, i) for gi, g in enumerate(groups) for i in range(len(g["params"]))]
+        saved_ids = dict(zip((k for sg in saved_groups for k in sg["params"]), positions))
+        for key, entry in state_dict.get("state", {}).items():
+            if key not in saved_ids or not isinstance(entry, Mapping):
+                continue
+            gi, i = saved_ids[key]
+            p = groups[gi]["params"][i]
+            for name, value in entry.items():
+                if (isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == p.numel()
+                        and value.shape != p.shape):
+                    raise ValueError(f"load_state_dict: the checkpoint's state {name!r} of {where(gi, i)} has shape "
+                                     f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+
+        masked_at = [
+            (gi, i) for gi, (sg, g) in enumerate(zip(saved_groups, groups))
+            if sg.get("perturb", True) and sg.get("fisher_mask", True) for i in range(len(g["params"]))
         ]
+        if not any(sg.get("perturb", True) and g["params"] for sg, g in zip(saved_groups, groups)):
+            raise ValueError("load_state_dict: the checkpoint's param groups perturb no parameter (perturb=False everywhere)")
+        masked = [groups[gi]["params"][i] for gi, i in masked_at]
         if self._shards is not None:
             masked = self._shards.local_tensors(masked)
-        if list(fsam["masked_numel"]) != [p.numel() for p in masked]:
-            raise ValueError("load_state_dict: the masked parameters' sizes differ from the checkpoint's")
-        mask_bytes = sum(align_up(p.numel(), MASK_ALIGN_BITS) for p in masked) // 8
-        if fsam["mask"] is not None and fsam["mask"].numel() != mask_bytes:
-            raise ValueError(f"load_state_dict: the checkpoint's mask has {fsam['mask'].numel()} bytes, expected {mask_bytes}")
+        numels = [p.numel() for p in masked]
+        if list(fsam["masked_numel"]) != numels:
+            raise ValueError("load_state_dict: the masked parameters' sizes differ from the checkpoint's "
+                             f"({numels} here, {list(fsam['masked_numel'])} there)")
+        for name in ("step_count", "fisher_count"):
+            if isinstance(fsam[name], bool) or not isinstance(fsam[name], int) or fsam[name] < 0:
+                raise ValueError(f"load_state_dict: the checkpoint's {name} is {fsam[name]!r}; expected an int >= 0")
+        bits = fsam["mask"]
+        if bits is not None:
+            valid = full_mask(numels)
+            if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.shape != valid.shape:
+                got = f"{bits.dtype} of shape {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else type(bits).__name__
+                raise ValueError(f"load_state_dict: the checkpoint's mask is {got}; expected the packed uint8 mask of "
+                                 f"{valid.numel()} bytes")
+            stray = (bits.cpu() & ~valid).nonzero()
+            if stray.numel():
+                ends = list(itertools.accumulate(align_up(n, MASK_ALIGN_BITS) // 8 for n in numels))
+                j = bisect.bisect_right(ends, int(stray[0]))  # the masked tensor owning that byte
+                raise ValueError(f"load_state_dict: the checkpoint's mask sets padding bits past the {numels[j]} "
+                                 f"elements of masked tensor {j} ({where(*masked_at[j])}); it is corrupt")
         acc = fsam["fisher_accum"]
-        if acc is not None and [tuple(a.shape) for a in acc] != [tuple(p.shape) for p in masked]:
-            raise ValueError("load_state_dict: the checkpoint's Fisher accumulator does not match the masked parameters")
+        if acc is not None:
+            if len(acc) != len(masked):
+                raise ValueError(f"load_state_dict: the checkpoint's Fisher accumulator holds {len(acc)} tensors, "
+                                 f"expected {len(masked)} (one per masked parameter)")
+            for j, (a, p) in enumerate(zip(acc, masked)):
+                if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.shape != p.shape:
+                    got = f"{a.dtype} of shape {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
+                    raise ValueError(f"load_state_dict: the checkpoint's Fisher accumulator for {where(*masked_at[j])} "
+                                     f"is {got}; expected floating point of shape {tuple(p.shape)}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of :meth:`state_dict` (this version's or version 1's). It must fit these
+        parameters (shapes, mask, Fisher accumulator; see ``_check_loadable``); if it does not, or
+        loading fails, a ValueError names what differs and nothing has changed."""
         self._require_idle("load_state_dict")
         state_dict = dict(state_dict)
         fsam = state_dict.pop("fsam", None)
         if fsam is None:
             raise ValueError("load_state_dict: not an FSAM state dict (no 'fsam' entry)")
-        if fsam.get("version") != _STATE_VERSION:
-            raise ValueError(f"load_state_dict: unsupported FSAM state version {fsam.get('version')!r}")
+        if fsam.get("version") not in _LOADABLE_VERSIONS:
+            raise ValueError(f"load_state_dict: unsupported FSAM state version {fsam.get('version')!r}; "
+                             f"expected one of {_LOADABLE_VERSIONS}")
         self._check_loadable(state_dict, fsam)  # before anything changes
+        # torch's load_state_dict replaces the state and groups objects, leaving the old ones intact:
+        # whatever fails from here on is undone by putting them (and FSAM's attributes) back.
+        before = (dict(self.__dict__), self.base_optimizer.state, self.base_optimizer.param_groups)
+        try:
+            self._load_checked(state_dict, fsam)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before[0])
+            self.base_optimizer.state, self.base_optimizer.param_groups = before[1], before[2]
+            raise
+
+    def _load_checked(self, state_dict: dict[str, Any], fsam: dict[str, Any]) -> None:
         self.base_optimizer.load_state_dict(state_dict)
         # torch's load_state_dict replaces the groups list: share it again.
         self.param_groups = self.base_optimizer.param_groups
@@ -662,12 +744,13 @@ class FSAM(torch.optim.Optimizer):
         layout = self._current_layout()
         # Masks and accumulators keep their own dtypes (uint8 / fp32), never the parameters'.
         bits = fsam["mask"]
-        self._bits = None if bits is None else bits.to(device=layout.device, dtype=torch.uint8).clone()
+        bits = None if bits is None else bits.to(device=layout.device, dtype=torch.uint8).clone()
         acc = fsam["fisher_accum"]
-        self._fisher_accum = None if acc is None else [
+        acc = None if acc is None else [
             a.to(device=p.device, dtype=torch.float32).clone() for a, p in zip(acc, layout.masked_params)
         ]
-        self._fisher_count = int(fsam["fisher_count"])
-        self._step_count = int(fsam["step_count"])
-        self._aux = None if self._bits is None else self._backend_for(layout).mask_aux(layout, self._bits)
+        aux = None if bits is None else self._backend_for(layout).mask_aux(layout, bits)
+        self._bits, self._aux, self._fisher_accum = bits, aux, acc
+        self._fisher_count = fsam["fisher_count"]
+        self._step_count = fsam["step_count"]
         self._saved, self._phase = None, "idle"

@@ -288,3 +288,114 @@ def test_copy_with_its_lr_scheduler_follows_the_schedule():
     assert twin_opt.current_rho() == opt.current_rho()
     assert_same(everything(twin, twin_opt), everything(model, opt), "deepcopy with its scheduler")
 
+
+
+# ============================================================================ checkpoints
+class Pair(torch.nn.Module):
+    """One weight whose shape a test chooses, in a group of its own, and a bias that is always masked."""
+
+    def __init__(self, shape, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(*shape))
+        self.b = torch.nn.Parameter(torch.randn(3))
+
+    def loss(self):
+        return (self.w.sum() * self.b.sum()).square() + self.w.square().sum()
+
+
+GROUP_KINDS = {"masked": {}, "dense": {"fisher_mask": False}, "unperturbed": {"perturb": False}}
+
+
+def pair_opt(model, kind, backend="torch", lr=1e-2, version=2, steps=1):
+    groups = [{"params": [model.w], **GROUP_KINDS[kind]}, {"params": [model.b]}]
+    opt = FSAM(groups, torch.optim.AdamW, lr=lr, sparsity=0.5, mask_update_interval=1, backend=backend)
+    for _ in range(steps):
+        model.loss().backward()
+        opt.step(lambda: model.loss().backward())
+        opt.zero_grad()
+    sd = copy.deepcopy(opt.state_dict())
+    if version == 1:  # what version 1 wrote: no shapes
+        sd["fsam"].pop("param_shapes", None)
+        sd["fsam"]["version"] = 1
+    return opt, sd
+
+
+def assert_refused_unchanged(model, opt, sd, match):
+    before = everything(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_same(everything(model, opt), before, "after a refused load_state_dict")
+    model.loss().backward()  # and it still works
+    opt.step(lambda: model.loss().backward())
+    assert opt.step_count == before["step_count"] + 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("kind", list(GROUP_KINDS))
+def test_checkpoint_of_other_shapes_is_refused(kind, backend):
+    _, sd = pair_opt(Pair((8, 2)), kind, need(backend), lr=0.5)
+    model = Pair((2, 8), seed=1)
+    opt, _ = pair_opt(model, kind, backend)
+    assert_refused_unchanged(model, opt, sd, r"param_groups\[0\]\['params'\]\[0\] has shape \(2, 8\), the checkpoint's \(8, 2\)")
+
+
+@pytest.mark.parametrize("kind", list(GROUP_KINDS))
+def test_version_1_checkpoints_load_when_they_fit_and_are_refused_when_not(kind):
+    model = Pair((8, 2))
+    opt, sd = pair_opt(model, kind, version=1)
+    twin = copy.deepcopy(model)
+    twin_opt, _ = pair_opt(twin, kind, steps=0)
+    twin_opt.load_state_dict(copy.deepcopy(sd))  # an old checkpoint of the same shapes resumes exactly
+    for m, o in ((model, opt), (twin, twin_opt)):
+        m.loss().backward()
+        o.step(lambda: m.loss().backward())
+    assert_same(everything(twin, twin_opt), everything(model, opt), "after resuming from a version 1 checkpoint")
+    # Version 1 carries no shapes: Adam's exp_avg, shaped like the (8, 2) weight, tells.
+    other = Pair((2, 8), seed=1)
+    other_opt, _ = pair_opt(other, kind)
+    assert_refused_unchanged(other, other_opt, sd,
+                             r"state 'exp_avg' of param_groups\[0\]\['params'\]\[0\] has shape \(8, 2\), the parameter \(2, 8\)")
+
+
+def set_padding_bit_in_partial_byte(fsam):
+    fsam["mask"][64] |= 1 << 5  # masked tensor 1 (the bias, 3 elements) starts at byte 512 / 8
+
+
+def set_padding_byte(fsam):
+    fsam["mask"][3] = 1  # masked tensor 0 has 2 elements: byte 3 is padding
+
+
+CORRUPT = {
+    "padding-bit": (set_padding_bit_in_partial_byte, r"padding bits past the 3 elements of masked tensor 1 \(param_groups\[1\]\['params'\]\[0\]\)"),
+    "padding-byte": (set_padding_byte, r"padding bits past the 2 elements of masked tensor 0 \(param_groups\[0\]\['params'\]\[0\]\)"),
+    "mask-dtype": (lambda f: f.update(mask=f["mask"].long()), r"mask is torch.int64 .*expected the packed uint8 mask"),
+    "step-count": (lambda f: f.update(step_count=-1), r"step_count is -1"),
+    "shapes-list": (lambda f: f.update(param_shapes=[[[2]]]), r"'param_shapes' do not follow its param groups"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_corrupt_fsam_entry_is_refused(case):
+    _, sd = pair_opt(Pair((2,)), "masked")
+    corrupt, match = CORRUPT[case]
+    corrupt(sd["fsam"])
+    model = Pair((2,), seed=1)
+    opt, _ = pair_opt(model, "masked")
+    assert_refused_unchanged(model, opt, sd, match)
+
+
+def test_a_failure_while_loading_changes_nothing(monkeypatch):
+    _, sd = pair_opt(Pair((4, 2)), "masked", lr=0.5)
+    model = Pair((4, 2), seed=1)
+    opt, _ = pair_opt(model, "masked")
+    real = opt._current_layout
+
+    def fails_once_loaded():
+        if opt.param_groups[0]["lr"] == 0.5:  # the base optimizer has loaded the checkpoint
+            raise ValueError("load_state_dict: injected failure")
+        return real()
+
+    monkeypatch.setattr(opt, "_current_layout", fails_once_loaded)
+    assert_refused_unchanged(model, opt, sd, "injected failure")
+    assert opt.param_groups is opt.base_optimizer.param_groups and opt.state is opt.base_optimizer.state
