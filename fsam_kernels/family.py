@@ -274,6 +274,9 @@ class GSAM(_MaskedFamily):
             self._finish_schedule(param_group, len(self.param_groups))  # validated before it is added
         super().add_param_group(param_group)
 
+    def _has_fsam_options(self, group: dict) -> bool:
+        return super()._has_fsam_options(group) and all(k in group for k in self._schedule_defaults)
+
     def _finish_schedule(self, group: dict, gi: int) -> None:
         where = f" in param_groups[{gi}]"
         if group["rho_min"] is None:

@@ -11,7 +11,7 @@ import torch
 
 from . import reference as ref
 from . import structured
-from .backends import backend_names, get_backend
+from .backends import backend_names, get_backend, requested_backend
 from .backends.base import Backend, tensors_nbytes
 from .fsdp import ShardedParams
 from .layout import MASK_ALIGN_BITS, ParamLayout, align_up, full_mask
@@ -90,6 +90,7 @@ class FSAM(torch.optim.Optimizer):
             raise ValueError(f"Invalid eps: {eps!r}; expected a finite number > 0 (a zero gradient would give 0/0)")
         if not isinstance(backend, str) or backend not in ("auto", *backend_names()):
             raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {backend_names()}")
+        requested_backend(backend)  # a misspelt FSAM_BACKEND fails here, not at the first step
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(
                 f"Invalid base_optimizer: {base_optimizer!r}; expected a torch.optim.Optimizer subclass "
@@ -142,6 +143,7 @@ class FSAM(torch.optim.Optimizer):
             self._backend_for(layout)
 
     def _current_layout(self) -> ParamLayout:
+        self._adopt_groups_added_to_base()
         params, masked, rho, adaptive = [], [], [], []
         for group in self.param_groups:
             if not group.get("perturb", True):
@@ -223,10 +225,35 @@ class FSAM(torch.optim.Optimizer):
                 )
             if not p.is_floating_point():
                 raise TypeError(f"Invalid params: {where}['params'][{pi}] has dtype {p.dtype}; expected a floating-point parameter")
+            if p.device.type == "meta":  # model.to_empty(...) replaces meta parameters: this one would never train
+                raise ValueError(f"Invalid params: {where}['params'][{pi}] is on the meta device (no data); create the "
+                                 "optimizer after materializing the model (e.g. model.to_empty(device=...))")
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
         else:  # called by torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
+
+    def _has_fsam_options(self, group: dict) -> bool:
+        return all(k in group for k in self.defaults)
+
+    def _adopt_groups_added_to_base(self) -> None:
+        """Groups added with ``base_optimizer.add_param_group`` (which knows none of FSAM's options;
+        the two optimizers share ``param_groups``) get FSAM's defaults and checks here, at the first
+        read, as if added with :meth:`add_param_group`; an invalid one raises and stays as it was."""
+        groups = self.param_groups
+        for gi, group in enumerate(groups):
+            if self._has_fsam_options(group):
+                continue
+            checked = dict(group)
+            del groups[gi]
+            try:
+                self.add_param_group(checked)  # appended at the end
+            except BaseException:
+                groups.insert(gi, group)
+                raise
+            groups.pop()
+            group.update(checked)  # the same dict, back in its place: references to it stay valid
+            groups.insert(gi, group)
 
     # ------------------------------------------------------------------ gradients
     def _grads(self, layout: ParamLayout) -> list[Optional[torch.Tensor]]:

@@ -399,3 +399,68 @@ def test_a_failure_while_loading_changes_nothing(monkeypatch):
     monkeypatch.setattr(opt, "_current_layout", fails_once_loaded)
     assert_refused_unchanged(model, opt, sd, "injected failure")
     assert opt.param_groups is opt.base_optimizer.param_groups and opt.state is opt.base_optimizer.state
+
+
+# ============================================================================ late changes and odd inputs
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("kind", ["fsam", "sam", "gsam"])
+def test_group_added_to_the_base_optimizer_gets_fsam_defaults(kind, backend):
+    models, opts = [], []
+    for through_base in (False, True):
+        model = Net()
+        head = torch.nn.Linear(3, 3)
+        torch.nn.init.constant_(head.weight, 0.1)
+        opt = make(kind, model, need(backend))
+        group = {"params": list(head.parameters()), "lr": 0.05}
+        (opt.base_optimizer if through_base else opt).add_param_group(group)
+        for b in batches(3):
+            x, y = b
+            loss = lambda: F.cross_entropy(head(model(x)), y)
+            loss().backward()
+            opt.step(lambda: loss().backward())
+            opt.zero_grad()
+        assert opt.param_groups[1] is group and opt.param_groups is opt.base_optimizer.param_groups
+        models.append(torch.nn.ModuleList([model, head]))
+        opts.append(opt)
+    assert_same(everything(models[1], opts[1]), everything(models[0], opts[0]),
+                "a group added through the base optimizer vs through FSAM")
+
+
+def test_invalid_group_added_to_the_base_optimizer_is_refused_at_the_next_step():
+    model = Net()
+    head = torch.nn.Linear(3, 3)
+    opt = make("fsam", model)
+    x, y = batches(1)[0]
+    loss = lambda: F.cross_entropy(head(model(x)), y)
+    loss().backward()
+    opt.step(lambda: loss().backward())
+    opt.zero_grad()
+    opt.base_optimizer.add_param_group({"params": list(head.parameters()), "rho": -1.0})
+    before = everything(model, opt)
+    head_before = [p.detach().clone() for p in head.parameters()]
+    loss().backward()
+    with pytest.raises(ValueError, match=r"Invalid rho in param_groups\[1\]: -1.0"):
+        opt.step(lambda: loss().backward())
+    assert_same(everything(model, opt), before, "after refusing a group added through the base optimizer")
+    assert all(torch.equal(p, q) for p, q in zip(head.parameters(), head_before))
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["rho"] == -1.0  # left as the caller made it
+
+
+@pytest.mark.parametrize("value", ["trtion", "Torch"])
+def test_misspelt_fsam_backend_variable_is_refused_at_construction(monkeypatch, value):
+    monkeypatch.setenv("FSAM_BACKEND", value)
+    with pytest.raises(ValueError, match=rf"Invalid FSAM_BACKEND environment variable: '{value}'; expected 'auto' or one of"):
+        FSAM(Net().parameters(), torch.optim.SGD, lr=0.1)
+    opt = FSAM(Net().parameters(), torch.optim.SGD, lr=0.1, backend="torch")  # an explicit backend= wins
+    assert opt.backend == "torch"
+
+
+def test_meta_parameters_are_refused_at_construction():
+    with torch.device("meta"):
+        meta = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is on the meta device"):
+        FSAM(meta.parameters(), torch.optim.SGD, lr=0.1)
+    opt = FSAM(Net().parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] is on the meta device"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2)), meta.bias]})
+    assert len(opt.param_groups) == 1
