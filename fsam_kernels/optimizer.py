@@ -686,18 +686,19 @@ class FSAM(torch.optim.Optimizer):
                     if tuple(shape) != tuple(p.shape):
                         raise ValueError(f"load_state_dict: {where(gi, i)} has shape {tuple(p.shape)}, the "
                                          f"checkpoint's {tuple(shape)}")
-        positions = [(gi, i) for gi, g in enumerate(groups) for i in range(len(g["params"]))]
-        saved_ids = dict(zip((k for sg in saved_groups for k in sg["params"]), positions))
-        for key, entry in state_dict.get("state", {}).items():
-            if key not in saved_ids or not isinstance(entry, Mapping):
-                continue
-            gi, i = saved_ids[key]
-            p = groups[gi]["params"][i]
-            for name, value in entry.items():
-                if (isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == p.numel()
-                        and value.shape != p.shape):
-                    raise ValueError(f"load_state_dict: the checkpoint's state {name!r} of {where(gi, i)} has shape "
-                                     f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+        else:  # only version 2 says which shapes its state was made for (some optimizers keep flat state)
+            positions = [(gi, i) for gi, g in enumerate(groups) for i in range(len(g["params"]))]
+            saved_ids = dict(zip((k for sg in saved_groups for k in sg["params"]), positions))
+            for key, entry in state_dict.get("state", {}).items():
+                if key not in saved_ids or not isinstance(entry, Mapping):
+                    continue
+                gi, i = saved_ids[key]
+                p = groups[gi]["params"][i]
+                for name, value in entry.items():
+                    if (isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == p.numel()
+                            and value.shape != p.shape):
+                        raise ValueError(f"load_state_dict: the checkpoint's state {name!r} of {where(gi, i)} has "
+                                         f"shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
 
         masked_at = [
             (gi, i) for gi, (sg, g) in enumerate(zip(saved_groups, groups))
