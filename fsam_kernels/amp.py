@@ -105,8 +105,9 @@ def step(optimizer: FSAM, scaler: torch.amp.GradScaler, closure: Callable[[], An
     its loss is returned; when no perturbed parameter has a gradient yet (the ``torch.optim``
     convention), the closure does the first pass too, that first loss is returned, and this way
     sticks. After a first-pass overflow the second pass is skipped and ``None`` is returned. If the
-    closure raises, the weights, mask, step count and Fisher accumulator are as before the call, the
-    gradients are cleared and the scaler is ready for the next step.
+    closure raises (or computes no gradient at ``w + e``), the weights, mask, step count and Fisher
+    accumulator are as before the call, the gradients are cleared and the scaler is ready for the next
+    step.
     """
     if not callable(closure):
         raise TypeError(f"Invalid closure: expected a callable, got {type(closure).__name__}")
@@ -124,11 +125,10 @@ def step(optimizer: FSAM, scaler: torch.amp.GradScaler, closure: Callable[[], An
         try:
             with torch.enable_grad():
                 loss = closure()
+            optimizer._require_second_gradient("amp.step")
         except BaseException:
-            optimizer.restore()
             _perturbed.pop(optimizer, None)
-            optimizer.zero_grad()
-            optimizer._rewind(state)
+            optimizer._abandon_step(state)
             # The scaler recorded an unscale_ of this optimizer; update() clears that record so the
             # next step can unscale again (the failed step is simply not taken).
             scaler.update()

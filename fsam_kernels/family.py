@@ -26,17 +26,6 @@ def _check_fraction(name: str, value: Any) -> float:
     return float(value)
 
 
-def _full_mask(layout: ParamLayout) -> torch.Tensor:
-    """The packed mask with every masked element set (padding bits stay 0)."""
-    bits = layout.empty_mask()
-    for j, i in enumerate(layout.masked_index):
-        start, numel = layout.bit_offset[j] // 8, layout.numel[i]
-        bits[start : start + numel // 8] = 0xFF
-        if numel % 8:
-            bits[start + numel // 8] = (1 << (numel % 8)) - 1
-    return bits
-
-
 class SAM(FSAM):
     """Sharpness-aware minimization (Foret et al., 2021) with davda54/sam's semantics; ASAM with
     ``adaptive=True``. FSAM without a mask: every perturbed group is dense, no Fisher is computed and no
@@ -77,7 +66,7 @@ class _MaskedFamily(FSAM):
     def _build_mask(self, layout: ParamLayout, scores, square: bool) -> None:
         if self.sparsity == 0.0 and self.structure is None and not self.preserve_zeros and self._shards is None:
             backend = self._backend_for(layout)
-            bits = _full_mask(layout)
+            bits = layout.full_mask()
             self._bits, self._aux = bits, backend.mask_aux(layout, bits)
             return
         super()._build_mask(layout, scores, square)
@@ -139,6 +128,8 @@ class ESAM(_MaskedFamily):
         super().__init__(params, base_optimizer, rho, sparsity=sparsity, **kwargs)
 
     # ------------------------------------------------------------------ stochastic weight perturbation
+    _REBUILT_ON_USE = FSAM._REBUILT_ON_USE + ("_scaled",)
+
     def _random_bits(self, layout: ParamLayout) -> torch.Tensor:
         # Packed tensor by tensor: the transient memory is that of the largest tensor, not of all of them.
         bits = layout.empty_mask()
@@ -203,6 +194,7 @@ class ESAM(_MaskedFamily):
                     "forward pass; or set gamma=1"
                 )
             before = self._check_losses("losses", losses, None).detach()
+        state = self._step_state()
         self.first_step(zero_grad=True)
         self.zero_grad()  # also after a skipped (non-finite) first step
         try:
@@ -220,7 +212,7 @@ class ESAM(_MaskedFamily):
                 loss = chosen.mean()
                 loss.backward()
         except BaseException:
-            self.restore()  # never leave the model perturbed
+            self._abandon_step(state)  # as FSAM.step: weights, mask and step count as before the call
             raise
         self.second_step()
         return loss.detach()
@@ -268,6 +260,8 @@ class GSAM(_MaskedFamily):
         for gi, group in enumerate(self.param_groups):
             self._finish_schedule(group, gi)
 
+    _REBUILT_ON_USE = FSAM._REBUILT_ON_USE + ("_rho_layout",)
+
     # ------------------------------------------------------------------ rho schedule
     def add_param_group(self, param_group: dict) -> None:
         for key, value in self._schedule_defaults.items():
@@ -279,6 +273,9 @@ class GSAM(_MaskedFamily):
                     param_group.setdefault(key, self.defaults[key])
             self._finish_schedule(param_group, len(self.param_groups))  # validated before it is added
         super().add_param_group(param_group)
+
+    def _has_fsam_options(self, group: dict) -> bool:
+        return super()._has_fsam_options(group) and all(k in group for k in self._schedule_defaults)
 
     def _finish_schedule(self, group: dict, gi: int) -> None:
         where = f" in param_groups[{gi}]"

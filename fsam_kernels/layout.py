@@ -18,6 +18,7 @@ Packed mask format (the one thing backends must agree on bit for bit):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence, Union
 
 import torch
 
@@ -26,6 +27,20 @@ MASK_ALIGN_BITS = 512
 
 def align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+def full_mask(numels: Sequence[int], device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """The packed mask of masked tensors of these sizes with every element's bit set and every padding
+    bit 0 (no packed mask may have a padding bit set)."""
+    starts = [0]
+    for n in numels:
+        starts.append(starts[-1] + align_up(n, MASK_ALIGN_BITS) // 8)
+    bits = torch.zeros(starts[-1], dtype=torch.uint8, device=device)
+    for start, n in zip(starts, numels):
+        bits[start : start + n // 8] = 0xFF
+        if n % 8:
+            bits[start + n // 8] = (1 << (n % 8)) - 1
+    return bits
 
 
 @dataclass
@@ -90,3 +105,7 @@ class ParamLayout:
 
     def empty_mask(self) -> torch.Tensor:
         return torch.zeros(self.mask_bytes, dtype=torch.uint8, device=self.device)
+
+    def full_mask(self) -> torch.Tensor:
+        """Every masked element set (padding bits stay 0)."""
+        return full_mask([self.numel[i] for i in self.masked_index], self.device)

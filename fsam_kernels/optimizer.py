@@ -1,6 +1,8 @@
 """FSAM: sharpness-aware minimization with a Fisher mask, wrapping any torch optimizer."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -9,13 +11,14 @@ import torch
 
 from . import reference as ref
 from . import structured
-from .backends import backend_names, get_backend
+from .backends import backend_names, get_backend, requested_backend
 from .backends.base import Backend, tensors_nbytes
 from .fsdp import ShardedParams
-from .layout import MASK_ALIGN_BITS, ParamLayout, align_up
+from .layout import MASK_ALIGN_BITS, ParamLayout, align_up, full_mask
 
 FISHER_MODES = ("batch", "empirical")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 added every parameter's shape
+_LOADABLE_VERSIONS = (1, 2)
 
 
 def _check_rho(rho: Any, where: str) -> float:
@@ -87,6 +90,7 @@ class FSAM(torch.optim.Optimizer):
             raise ValueError(f"Invalid eps: {eps!r}; expected a finite number > 0 (a zero gradient would give 0/0)")
         if not isinstance(backend, str) or backend not in ("auto", *backend_names()):
             raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {backend_names()}")
+        requested_backend(backend)  # a misspelt FSAM_BACKEND fails here, not at the first step
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(
                 f"Invalid base_optimizer: {base_optimizer!r}; expected a torch.optim.Optimizer subclass "
@@ -139,6 +143,7 @@ class FSAM(torch.optim.Optimizer):
             self._backend_for(layout)
 
     def _current_layout(self) -> ParamLayout:
+        self._adopt_groups_added_to_base()
         params, masked, rho, adaptive = [], [], [], []
         for group in self.param_groups:
             if not group.get("perturb", True):
@@ -220,10 +225,35 @@ class FSAM(torch.optim.Optimizer):
                 )
             if not p.is_floating_point():
                 raise TypeError(f"Invalid params: {where}['params'][{pi}] has dtype {p.dtype}; expected a floating-point parameter")
+            if p.device.type == "meta":  # model.to_empty(...) replaces meta parameters: this one would never train
+                raise ValueError(f"Invalid params: {where}['params'][{pi}] is on the meta device (no data); create the "
+                                 "optimizer after materializing the model (e.g. model.to_empty(device=...))")
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
         else:  # called by torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
+
+    def _has_fsam_options(self, group: dict) -> bool:
+        return all(k in group for k in self.defaults)
+
+    def _adopt_groups_added_to_base(self) -> None:
+        """Groups added with ``base_optimizer.add_param_group`` (which knows none of FSAM's options;
+        the two optimizers share ``param_groups``) get FSAM's defaults and checks here, at the first
+        read, as if added with :meth:`add_param_group`; an invalid one raises and stays as it was."""
+        groups = self.param_groups
+        for gi, group in enumerate(groups):
+            if self._has_fsam_options(group):
+                continue
+            checked = dict(group)
+            del groups[gi]
+            try:
+                self.add_param_group(checked)  # appended at the end
+            except BaseException:
+                groups.insert(gi, group)
+                raise
+            groups.pop()
+            group.update(checked)  # the same dict, back in its place: references to it stay valid
+            groups.insert(gi, group)
 
     # ------------------------------------------------------------------ gradients
     def _grads(self, layout: ParamLayout) -> list[Optional[torch.Tensor]]:
@@ -478,7 +508,7 @@ class FSAM(torch.optim.Optimizer):
         When the first gradient's norm is not finite the step is skipped (weights, base optimizer and
         mask untouched, one warning) and ``None`` is returned. If the closure raises, the weights, the
         mask, the step count and the Fisher accumulator are as before the call and the gradients are
-        cleared."""
+        cleared; a closure that computes no gradient at ``w + e`` raises the same way."""
         if closure is None:
             raise RuntimeError(
                 "FSAM.step needs a closure that recomputes the loss and calls backward(); or call "
@@ -500,10 +530,9 @@ class FSAM(torch.optim.Optimizer):
         try:
             with torch.enable_grad():
                 loss = closure()
+            self._require_second_gradient("FSAM.step")
         except BaseException:
-            self.restore()  # never leave the model perturbed ...
-            self.zero_grad()
-            self._rewind(state)  # ... nor the optimizer half-updated
+            self._abandon_step(state)
             raise
         self.second_step()
         return first_loss if closure_first else loss
@@ -534,6 +563,22 @@ class FSAM(torch.optim.Optimizer):
     def _rewind(self, state: tuple) -> None:
         self._step_count, self._bits, self._aux, self._fisher_accum, self._fisher_count = state
 
+    def _abandon_step(self, state: tuple) -> None:
+        """Undo a step whose second pass failed: the weights restored (never left perturbed), the
+        gradients cleared and the mask, step count and Fisher accumulator as in ``state``."""
+        self.restore()
+        self.zero_grad()
+        self._rewind(state)
+
+    def _require_second_gradient(self, what: str) -> None:
+        # The gradients were cleared before the second pass: none now means the closure never ran
+        # backward(), and stepping on would count a step that changed nothing.
+        if not self._has_any_grad():
+            raise RuntimeError(
+                f"{what}: the closure computed no gradient at the perturbed weights (did it call "
+                "loss.backward()?); the weights were restored and the step not taken"
+            )
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -562,6 +607,37 @@ class FSAM(torch.optim.Optimizer):
         stats["persistent"] = stats["mask"] + stats["mask_aux"] + stats["fisher"]
         return stats
 
+    # ------------------------------------------------------------------ copies
+    # Derived from the rest and rebuilt on first use. Backends keep device tables (pointers, offsets)
+    # keyed by a layout: a copy that took them over would write into the original's weights.
+    _REBUILT_ON_USE: tuple[str, ...] = ("_backend", "_aux", "_layout", "_layout_key")
+    # torch.optim.Optimizer drops its hooks from copies; an LR scheduler's wrapper of this instance's
+    # ``step`` would step the original.
+    _NOT_COPIED = (
+        "step", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)``: everything a copy needs to continue
+        exactly like this optimizer (mask, step count, Fisher accumulator, base optimizer state, closure
+        mode, ...). Copy the model and the optimizer in one call (``copy.deepcopy((model, opt))``) so the
+        copy's optimizer holds the copy's parameters."""
+        if self._phase == "perturbed":
+            raise RuntimeError(
+                f"{type(self).__name__}: cannot copy or pickle the optimizer while the weights are perturbed; "
+                "call second_step() or restore() first"
+            )
+        if self._shards is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}: an optimizer of FSDP2-sharded parameters cannot be copied or pickled; "
+                "checkpoint it with fsam_kernels.fsdp.fsam_state_dict and torch.distributed.checkpoint"
+            )
+        state = {k: v for k, v in self.__dict__.items() if k not in self._NOT_COPIED}
+        state.update(dict.fromkeys(self._REBUILT_ON_USE))
+        return state  # torch.optim.Optimizer.__setstate__ adds empty hooks
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self._phase == "perturbed":
@@ -575,40 +651,120 @@ class FSAM(torch.optim.Optimizer):
             "fisher_accum": None if self._fisher_accum is None else [f.clone() for f in self._fisher_accum],
             "fisher_count": self._fisher_count,
             "masked_numel": [layout.numel[i] for i in layout.masked_index],
+            # Every parameter's shape (version 2), so that a checkpoint never loads into other shapes.
+            "param_shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
         }
         return sd
 
     def _check_loadable(self, state_dict: dict[str, Any], fsam: dict[str, Any]) -> None:
-        """Raise ValueError if the checkpoint does not fit these parameters (nothing is changed)."""
+        """Raise ValueError, naming what differs, if the checkpoint does not fit these parameters.
+
+        Version 2 checkpoints carry every parameter's shape. Version 1 ones carry the masked sizes
+        only; their base optimizer state is checked instead: a state tensor with as many elements as
+        its parameter but another shape (e.g. Adam's ``exp_avg`` of an (8, 2) weight for a (2, 8) one)
+        was made for another parameter. Dtypes may differ: the base optimizer casts its state to the
+        parameters' dtypes (as torch does) and FSAM's mask and Fisher keep their own.
+        """
         saved_groups, groups = state_dict.get("param_groups", []), self.param_groups
-        if len(saved_groups) != len(groups) or any(
-            len(sg["params"]) != len(g["params"]) for sg, g in zip(saved_groups, groups)
-        ):
-            raise ValueError("load_state_dict: the checkpoint's param groups do not match this optimizer's parameters")
-        masked = [
-            p for sg, g in zip(saved_groups, groups)
-            if sg.get("perturb", True) and sg.get("fisher_mask", True) for p in g["params"]
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"load_state_dict: the checkpoint has {len(saved_groups)} param groups, this optimizer {len(groups)}")
+        for gi, (sg, g) in enumerate(zip(saved_groups, groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"load_state_dict: param_groups[{gi}] holds {len(g['params'])} parameters, the "
+                                 f"checkpoint's {len(sg['params'])}")
+
+        def where(gi: int, i: int) -> str:
+            names = groups[gi].get("param_names")
+            return f"param_groups[{gi}]['params'][{i}]" + (f" ({names[i]})" if names else "")
+
+        if fsam["version"] >= 2:
+            shapes = fsam.get("param_shapes")
+            if not isinstance(shapes, list) or [len(s) for s in shapes] != [len(g["params"]) for g in groups]:
+                raise ValueError("load_state_dict: the checkpoint's 'param_shapes' do not follow its param groups")
+            for gi, (g, group_shapes) in enumerate(zip(groups, shapes)):
+                for i, (p, shape) in enumerate(zip(g["params"], group_shapes)):
+                    if tuple(shape) != tuple(p.shape):
+                        raise ValueError(f"load_state_dict: {where(gi, i)} has shape {tuple(p.shape)}, the "
+                                         f"checkpoint's {tuple(shape)}")
+        else:  # only version 2 says which shapes its state was made for (some optimizers keep flat state)
+            positions = [(gi, i) for gi, g in enumerate(groups) for i in range(len(g["params"]))]
+            saved_ids = dict(zip((k for sg in saved_groups for k in sg["params"]), positions))
+            for key, entry in state_dict.get("state", {}).items():
+                if key not in saved_ids or not isinstance(entry, Mapping):
+                    continue
+                gi, i = saved_ids[key]
+                p = groups[gi]["params"][i]
+                for name, value in entry.items():
+                    if (isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == p.numel()
+                            and value.shape != p.shape):
+                        raise ValueError(f"load_state_dict: the checkpoint's state {name!r} of {where(gi, i)} has "
+                                         f"shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+
+        masked_at = [
+            (gi, i) for gi, (sg, g) in enumerate(zip(saved_groups, groups))
+            if sg.get("perturb", True) and sg.get("fisher_mask", True) for i in range(len(g["params"]))
         ]
+        if not any(sg.get("perturb", True) and g["params"] for sg, g in zip(saved_groups, groups)):
+            raise ValueError("load_state_dict: the checkpoint's param groups perturb no parameter (perturb=False everywhere)")
+        masked = [groups[gi]["params"][i] for gi, i in masked_at]
         if self._shards is not None:
             masked = self._shards.local_tensors(masked)
-        if list(fsam["masked_numel"]) != [p.numel() for p in masked]:
-            raise ValueError("load_state_dict: the masked parameters' sizes differ from the checkpoint's")
-        mask_bytes = sum(align_up(p.numel(), MASK_ALIGN_BITS) for p in masked) // 8
-        if fsam["mask"] is not None and fsam["mask"].numel() != mask_bytes:
-            raise ValueError(f"load_state_dict: the checkpoint's mask has {fsam['mask'].numel()} bytes, expected {mask_bytes}")
+        numels = [p.numel() for p in masked]
+        if list(fsam["masked_numel"]) != numels:
+            raise ValueError("load_state_dict: the masked parameters' sizes differ from the checkpoint's "
+                             f"({numels} here, {list(fsam['masked_numel'])} there)")
+        for name in ("step_count", "fisher_count"):
+            if isinstance(fsam[name], bool) or not isinstance(fsam[name], int) or fsam[name] < 0:
+                raise ValueError(f"load_state_dict: the checkpoint's {name} is {fsam[name]!r}; expected an int >= 0")
+        bits = fsam["mask"]
+        if bits is not None:
+            valid = full_mask(numels)
+            if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.shape != valid.shape:
+                got = f"{bits.dtype} of shape {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else type(bits).__name__
+                raise ValueError(f"load_state_dict: the checkpoint's mask is {got}; expected the packed uint8 mask of "
+                                 f"{valid.numel()} bytes")
+            stray = (bits.cpu() & ~valid).nonzero()
+            if stray.numel():
+                ends = list(itertools.accumulate(align_up(n, MASK_ALIGN_BITS) // 8 for n in numels))
+                j = bisect.bisect_right(ends, int(stray[0]))  # the masked tensor owning that byte
+                raise ValueError(f"load_state_dict: the checkpoint's mask sets padding bits past the {numels[j]} "
+                                 f"elements of masked tensor {j} ({where(*masked_at[j])}); it is corrupt")
         acc = fsam["fisher_accum"]
-        if acc is not None and [tuple(a.shape) for a in acc] != [tuple(p.shape) for p in masked]:
-            raise ValueError("load_state_dict: the checkpoint's Fisher accumulator does not match the masked parameters")
+        if acc is not None:
+            if len(acc) != len(masked):
+                raise ValueError(f"load_state_dict: the checkpoint's Fisher accumulator holds {len(acc)} tensors, "
+                                 f"expected {len(masked)} (one per masked parameter)")
+            for j, (a, p) in enumerate(zip(acc, masked)):
+                if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.shape != p.shape:
+                    got = f"{a.dtype} of shape {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
+                    raise ValueError(f"load_state_dict: the checkpoint's Fisher accumulator for {where(*masked_at[j])} "
+                                     f"is {got}; expected floating point of shape {tuple(p.shape)}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of :meth:`state_dict` (this version's or version 1's). It must fit these
+        parameters (shapes, mask, Fisher accumulator; see ``_check_loadable``); if it does not, or
+        loading fails, a ValueError names what differs and nothing has changed."""
         self._require_idle("load_state_dict")
         state_dict = dict(state_dict)
         fsam = state_dict.pop("fsam", None)
         if fsam is None:
             raise ValueError("load_state_dict: not an FSAM state dict (no 'fsam' entry)")
-        if fsam.get("version") != _STATE_VERSION:
-            raise ValueError(f"load_state_dict: unsupported FSAM state version {fsam.get('version')!r}")
+        if fsam.get("version") not in _LOADABLE_VERSIONS:
+            raise ValueError(f"load_state_dict: unsupported FSAM state version {fsam.get('version')!r}; "
+                             f"expected one of {_LOADABLE_VERSIONS}")
         self._check_loadable(state_dict, fsam)  # before anything changes
+        # torch's load_state_dict replaces the state and groups objects, leaving the old ones intact:
+        # whatever fails from here on is undone by putting them (and FSAM's attributes) back.
+        before = (dict(self.__dict__), self.base_optimizer.state, self.base_optimizer.param_groups)
+        try:
+            self._load_checked(state_dict, fsam)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before[0])
+            self.base_optimizer.state, self.base_optimizer.param_groups = before[1], before[2]
+            raise
+
+    def _load_checked(self, state_dict: dict[str, Any], fsam: dict[str, Any]) -> None:
         self.base_optimizer.load_state_dict(state_dict)
         # torch's load_state_dict replaces the groups list: share it again.
         self.param_groups = self.base_optimizer.param_groups
@@ -616,12 +772,13 @@ class FSAM(torch.optim.Optimizer):
         layout = self._current_layout()
         # Masks and accumulators keep their own dtypes (uint8 / fp32), never the parameters'.
         bits = fsam["mask"]
-        self._bits = None if bits is None else bits.to(device=layout.device, dtype=torch.uint8).clone()
+        bits = None if bits is None else bits.to(device=layout.device, dtype=torch.uint8).clone()
         acc = fsam["fisher_accum"]
-        self._fisher_accum = None if acc is None else [
+        acc = None if acc is None else [
             a.to(device=p.device, dtype=torch.float32).clone() for a, p in zip(acc, layout.masked_params)
         ]
-        self._fisher_count = int(fsam["fisher_count"])
-        self._step_count = int(fsam["step_count"])
-        self._aux = None if self._bits is None else self._backend_for(layout).mask_aux(layout, self._bits)
+        aux = None if bits is None else self._backend_for(layout).mask_aux(layout, bits)
+        self._bits, self._aux, self._fisher_accum = bits, aux, acc
+        self._fisher_count = fsam["fisher_count"]
+        self._step_count = fsam["step_count"]
         self._saved, self._phase = None, "idle"

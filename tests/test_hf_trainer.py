@@ -207,3 +207,28 @@ def test_loss_scaler_overflow_skips_the_step(tmp_path, overflow_pass, backward_i
     for i, (a, b) in enumerate(zip(two_steps.model.parameters(), overflow.model.parameters())):
         assert torch.equal(a, b), f"parameter {i} changed on a skipped step ({overflow_pass} pass overflowed)"
     assert overflow.fsam_optimizer.step_count == (2 if overflow_pass == "first" else 3)
+
+
+def test_failing_second_pass_rewinds_the_step(tmp_path):
+    # 4 forwards per step (2 micro-batches x 2 passes): forward 4 starts step 2, forward 6 is its second pass.
+    model = _model()
+    trainer = FSAMTrainer(model=model, args=_args(tmp_path, max_steps=2, lr_scheduler_type="constant"),
+                          train_dataset=_Pairs())
+    seen = {}
+
+    def hook(module, args):
+        seen["n"] = seen.get("n", -1) + 1
+        if seen["n"] == 4:
+            seen["weights"] = [p.detach().clone() for p in module.parameters()]
+            seen["step_count"], seen["mask"] = trainer.fsam_optimizer.step_count, trainer.fsam_optimizer.masks()
+        if seen["n"] == 6:
+            raise KeyError("data loader broke")
+
+    model.register_forward_pre_hook(hook)
+    with pytest.raises(KeyError):
+        trainer.train()
+    opt = trainer.fsam_optimizer
+    assert opt.step_count == seen["step_count"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks(), seen["mask"]))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), seen["weights"]))
+    assert all(p.grad is None for p in model.parameters())

@@ -76,11 +76,21 @@ def available_backends(device: Union[str, torch.device, None] = None) -> list[st
     return names
 
 
+def requested_backend(name: str) -> str:
+    """``name``, where ``"auto"`` defers to the ``FSAM_BACKEND`` environment variable (``"auto"`` when
+    unset or empty); an unknown value of the variable raises a ValueError naming it."""
+    if name != "auto":
+        return name
+    env = os.environ.get("FSAM_BACKEND", "") or "auto"
+    if env != "auto" and env not in _REGISTRY:
+        raise ValueError(f"Invalid FSAM_BACKEND environment variable: {env!r}; expected 'auto' or one of {backend_names()}")
+    return env
+
+
 def get_backend(name: str, device: Union[str, torch.device]) -> Backend:
     """The backend called ``name`` ("auto" resolves per device) for tensors on ``device``."""
     dev = torch.device(device)
-    if name == "auto":
-        name = os.environ.get("FSAM_BACKEND", "auto") or "auto"
+    name = requested_backend(name)
     if name == "auto":
         for candidate in AUTO_ORDER.get(dev.type, ("torch",)):
             b = _load(candidate)

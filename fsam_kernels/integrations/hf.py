@@ -197,11 +197,14 @@ class FSAMTrainer(Trainer):
             return loss
         if opt.fisher == "empirical":
             opt.accumulate_fisher()
+        state = opt._step_state()
         opt.first_step(zero_grad=True)
         try:
             with frozen_running_stats(model):
                 for micro_inputs, micro_items in window:  # second pass, at w + e
                     super().training_step(model, micro_inputs, micro_items)
-        finally:
-            opt.restore()  # the Trainer clips and steps from w
+        except BaseException:
+            opt._abandon_step(state)  # weights, mask and step count as before this step
+            raise
+        opt.restore()  # the Trainer clips and steps from w
         return loss
