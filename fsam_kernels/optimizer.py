@@ -7,8 +7,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from . import options, structured
 from . import reference as ref
-from . import structured
 from .backends import backend_names, get_backend
 from .backends.base import Backend, tensors_nbytes
 from .fsdp import ShardedParams
@@ -16,12 +16,6 @@ from .layout import MASK_ALIGN_BITS, ParamLayout, align_up
 
 FISHER_MODES = ("batch", "empirical")
 _STATE_VERSION = 1
-
-
-def _check_rho(rho: Any, where: str) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
-        raise ValueError(f"Invalid rho{where}: {rho!r}; expected a finite number > 0")
-    return float(rho)
 
 
 class FSAM(torch.optim.Optimizer):
@@ -73,18 +67,15 @@ class FSAM(torch.optim.Optimizer):
         backend: str = "auto",
         **base_optimizer_kwargs: Any,
     ) -> None:
-        _check_rho(rho, "")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
-            raise ValueError(f"Invalid sparsity: {sparsity!r}; expected a number in [0, 1]")
-        if isinstance(mask_update_interval, bool) or not isinstance(mask_update_interval, int) or mask_update_interval < 1:
-            raise ValueError(f"Invalid mask_update_interval: {mask_update_interval!r}; expected an int >= 1")
+        rho = options.positive(rho, "rho")
+        sparsity = options.fraction(sparsity, "sparsity")
+        mask_update_interval = options.count(mask_update_interval, "mask_update_interval")
         if fisher not in FISHER_MODES:
             raise ValueError(f"Invalid fisher: {fisher!r}; expected one of {FISHER_MODES}")
         nm = structured.parse_structure(structure)
         if preserve_zeros is not None and not isinstance(preserve_zeros, bool):
             raise TypeError(f"Invalid preserve_zeros: {preserve_zeros!r}; expected None, True or False")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"Invalid eps: {eps!r}; expected a finite number > 0 (a zero gradient would give 0/0)")
+        eps = options.positive(eps, "eps")  # > 0: a zero gradient would give 0/0
         if not isinstance(backend, str) or backend not in ("auto", *backend_names()):
             raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {backend_names()}")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -102,12 +93,13 @@ class FSAM(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
 
-        self.sparsity = float(sparsity)
+        # Users may change these between steps; _check_settings checks them again where a step reads them.
+        self.sparsity = sparsity
         self.mask_update_interval = mask_update_interval
         self.fisher = fisher
         self.structure = nm  # (N, M) or None
         self.preserve_zeros = (nm is not None) if preserve_zeros is None else preserve_zeros
-        self.eps = float(eps)
+        self.eps = eps
         self.backend_name = backend
 
         self._step_count = 0  # completed (perturbed) first steps
@@ -138,15 +130,34 @@ class FSAM(torch.optim.Optimizer):
                 return
             self._backend_for(layout)
 
+    def _check_group(self, group: dict, gi: int) -> None:
+        """Check the FSAM options of ``param_groups[gi]`` (the numbers stored as Python floats): at
+        add_param_group, and again at every read, since users may change them (e.g. a rho schedule)."""
+        where = f" in param_groups[{gi}]"
+        group["rho"] = options.positive(group["rho"], "rho", where)
+        for flag in ("adaptive", "fisher_mask", "perturb"):
+            if flag in group:
+                options.flag(group[flag], flag, where)
+
+    def _check_settings(self) -> None:
+        """Check the optimizer-wide options a step reads (users may change them between steps), before
+        anything changes."""
+        self.sparsity = options.fraction(self.sparsity, "sparsity")
+        self.mask_update_interval = options.count(self.mask_update_interval, "mask_update_interval")
+        self.eps = options.positive(self.eps, "eps")
+        if self.fisher not in FISHER_MODES:
+            raise ValueError(f"Invalid fisher: {self.fisher!r}; expected one of {FISHER_MODES}")
+
     def _current_layout(self) -> ParamLayout:
         params, masked, rho, adaptive = [], [], [], []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
             if not group.get("perturb", True):
                 continue
             for p in group["params"]:
                 params.append(p)
                 masked.append(group.get("fisher_mask", True))
-                rho.append(float(group["rho"]))
+                rho.append(group["rho"])
                 adaptive.append(group["adaptive"])
         if self._shards is not None:
             params = self._shards.local_tensors(params)
@@ -203,10 +214,7 @@ class FSAM(torch.optim.Optimizer):
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
         where = f"param_groups[{len(self.param_groups)}]"
-        _check_rho(param_group["rho"], f" in {where}")
-        for flag in ("adaptive", "fisher_mask", "perturb"):
-            if not isinstance(param_group[flag], bool):
-                raise TypeError(f"Invalid {flag} in {where}: {param_group[flag]!r}; expected True or False")
+        self._check_group(param_group, len(self.param_groups))
         params = param_group["params"]
         if isinstance(params, set):
             raise TypeError(f"Invalid params in {where}: a set has no order; use a list")
@@ -246,7 +254,8 @@ class FSAM(torch.optim.Optimizer):
     @property
     def mask_update_due(self) -> bool:
         """Whether the next :meth:`first_step` rebuilds the mask (no mask yet, or the interval is up)."""
-        return self._bits is None or self._step_count % self.mask_update_interval == 0
+        interval = options.count(self.mask_update_interval, "mask_update_interval")
+        return self._bits is None or self._step_count % interval == 0
 
     # ------------------------------------------------------------------ mask
     @torch.no_grad()
@@ -293,6 +302,7 @@ class FSAM(torch.optim.Optimizer):
         ``fisher="batch"`` mode with an empty accumulator the current gradients are used.
         """
         self._require_idle("update_mask")
+        self._check_settings()
         layout = self._current_layout()
         masked = layout.masked_params
         if fisher is not None:
@@ -383,6 +393,7 @@ class FSAM(torch.optim.Optimizer):
         """
         if self._phase == "perturbed":
             raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
+        self._check_settings()
         layout = self._current_layout()
         backend = self._backend_for(layout)
         grads = self._grads(layout)
