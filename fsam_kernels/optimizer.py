@@ -7,15 +7,21 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from . import options, structured
+from . import options, storage, structured
 from . import reference as ref
 from .backends import backend_names, get_backend
 from .backends.base import Backend, tensors_nbytes
-from .fsdp import ShardedParams
+from .fsdp import ShardedParams, _dtensor_type
 from .layout import MASK_ALIGN_BITS, ParamLayout, align_up
 
 FISHER_MODES = ("batch", "empirical")
 _STATE_VERSION = 1
+
+
+def _local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The tensor holding ``p``'s values in this process (its local shard when FSDP2 shards it)."""
+    dtensor = _dtensor_type()
+    return p.to_local() if dtensor is not None and isinstance(p, dtensor) else p
 
 
 class FSAM(torch.optim.Optimizer):
@@ -49,6 +55,14 @@ class FSAM(torch.optim.Optimizer):
         eps: added to the gradient norm.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
         **base_optimizer_kwargs: passed to ``base_optimizer``.
+
+    Numbers may be any real number (Python, numpy scalar, 0-dim tensor; not bool) and are stored as
+    Python floats. Options may be changed between steps; each step checks what it reads and raises
+    before anything changes. No two parameters may share memory (the same tensor twice, tied weights
+    listed twice, overlapping views): refused with a ``ValueError`` naming both, at construction,
+    ``add_param_group`` and the next step after ``p.data = q.data``. If the parameters' storage is
+    replaced between the two passes (``model.to(torch.float64)``, ``p.data = ...``), the restore
+    writes the originals into the new storage, cast to its dtype.
     """
 
     def __init__(
@@ -112,6 +126,8 @@ class FSAM(torch.optim.Optimizer):
         self._fisher_count = 0
         self._saved: Any = None
         self._pending: Any = None  # (layout, bits, aux) of the pending perturbation, for restore
+        self._perturbed_by: Optional[Backend] = None  # the backend that made ``_saved``
+        self._perturbed_storage: Optional[tuple] = None  # storage.signature of the perturbed tensors
         self._phase = "idle"  # idle | perturbed | skipped
         self._closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
         # FSDP2 (DTensor) parameters: the layout holds their local shards; norm and mask are global.
@@ -161,15 +177,17 @@ class FSAM(torch.optim.Optimizer):
                 adaptive.append(group["adaptive"])
         if self._shards is not None:
             params = self._shards.local_tensors(params)
-        # dtype, device and strides are part of the key: model.to(...) keeps the Parameter objects.
-        key = (tuple(id(p) for p in params), tuple(masked), tuple(adaptive),
-               tuple((p.numel(), p.dtype, p.device, p.stride()) for p in params))
+        # Addresses, dtypes, shapes and strides are part of the key: model.to(...) and p.data = ... keep the
+        # Parameter objects. (A move to another device changes the addresses.)
+        key = (tuple(id(p) for p in params), tuple(masked), tuple(adaptive), storage.signature(params),
+               tuple(p.stride() for p in params))
         if self._layout is not None and key == self._layout_key:
             if rho != self._layout.rho:  # a rho schedule: same tensors, so the mask and its aux still apply
                 self._layout = self._layout.with_rho(rho)
             return self._layout
         if not params:
             raise ValueError("FSAM: no parameter to perturb (every param group has perturb=False)")
+        storage.check_disjoint(self.param_groups, _local_tensor)  # p.data = q.data may have made them share
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"FSAM: all perturbed parameters must be on one device, got {sorted(map(str, devices))}")
@@ -228,6 +246,7 @@ class FSAM(torch.optim.Optimizer):
                 )
             if not p.is_floating_point():
                 raise TypeError(f"Invalid params: {where}['params'][{pi}] has dtype {p.dtype}; expected a floating-point parameter")
+        storage.check_disjoint([*self.param_groups, param_group], _local_tensor)
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
         else:  # called by torch.optim.Optimizer.__init__
@@ -442,6 +461,7 @@ class FSAM(torch.optim.Optimizer):
         self._pending = self._perturbation_plan(layout, backend)
         p_layout, p_bits, p_aux = self._pending
         self._saved = backend.perturb(p_layout, grads, p_bits, p_aux, norm, self.eps)
+        self._perturbed_by, self._perturbed_storage = backend, self._layout_key[3]  # that of p_layout.params
         self._phase = "perturbed"
         self._step_count += 1
         if zero_grad:
@@ -451,11 +471,38 @@ class FSAM(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Undo a pending perturbation, bit for bit. Idempotent; a no-op when nothing is perturbed."""
+        moved: list[int] = []
         if self._phase == "perturbed":
             p_layout, p_bits, p_aux = self._pending
-            self._backend_for(p_layout).restore(p_layout, p_bits, p_aux, self._saved)
-        self._saved, self._pending = None, None
+            backend, before = self._perturbed_by, self._perturbed_storage
+            tensors = p_layout.params if self._shards is None else self._shards.local_tensors(self._perturbed_params())
+            if storage.signature(tensors) == before:
+                backend.restore(p_layout, p_bits, p_aux, self._saved)
+            else:  # storage replaced since first_step (model.to(...), p.data = ...): the backend's restore
+                # would write into the old one; put the originals into the current one instead
+                originals = backend.saved_originals(p_layout, p_bits, p_aux, self._saved)
+                if originals is not None:
+                    moved = storage.restore_into(tensors, p_layout, p_bits, originals, [b[2] for b in before])
+        self._saved, self._pending, self._perturbed_by = None, None, None
         self._phase = "idle"
+        if moved:
+            changes = ", ".join(
+                f"{self._perturbed_label(i)} from {tuple(before[i][2])} to {tuple(tensors[i].shape)}" for i in moved)
+            raise ValueError(
+                f"restore: parameters changed shape between first_step and restore ({changes}); their perturbed "
+                "values could not be undone and they still hold w + e (every other parameter was restored)")
+
+    def _perturbed_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups if g.get("perturb", True) for p in g["params"]]
+
+    def _perturbed_label(self, i: int) -> str:
+        """Where the ``i``-th perturbed parameter is listed: ``param_groups[g]['params'][j]``."""
+        for gi, group in enumerate(self.param_groups):
+            if group.get("perturb", True):
+                if i < len(group["params"]):
+                    return f"param_groups[{gi}]['params'][{i}]"
+                i -= len(group["params"])
+        raise IndexError(i)
 
     def _perturbation_plan(self, layout: ParamLayout, backend: Backend) -> tuple[ParamLayout, Any, Any]:
         """The (layout, packed mask, aux) this step perturbs with. Subclasses (ESAM, GSAM) change the
