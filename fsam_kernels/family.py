@@ -194,7 +194,7 @@ class ESAM(_MaskedFamily):
             raise RuntimeError(
                 "ESAM.step needs a closure(indices) that returns per-sample losses (see the ESAM docstring)"
             )
-        self._check_settings()  # gamma is read before first_step checks it
+        self._check_options()  # gamma is read before first_step checks it
         before = None
         if self.gamma < 1.0:
             if losses is None:
@@ -269,6 +269,8 @@ class GSAM(_MaskedFamily):
     def _check_settings(self) -> None:
         super()._check_settings()
         self.alpha = options.finite(self.alpha, "alpha", low=0.0)
+        for gi, group in enumerate(self.param_groups):
+            self._check_schedule(group, gi)
 
     # ------------------------------------------------------------------ rho schedule
     def add_param_group(self, param_group: dict) -> None:
@@ -328,8 +330,6 @@ class GSAM(_MaskedFamily):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> torch.Tensor:
-        for gi, group in enumerate(self.param_groups):  # before anything changes
-            self._check_schedule(group, gi)
         first = [None if p.grad is None else p.grad.detach().clone() for p in self._all_params()]
         norm = super().first_step(zero_grad)
         self._first_grads = first if self._phase == "perturbed" else None

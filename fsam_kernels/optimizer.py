@@ -164,6 +164,12 @@ class FSAM(torch.optim.Optimizer):
         if self.fisher not in FISHER_MODES:
             raise ValueError(f"Invalid fisher: {self.fisher!r}; expected one of {FISHER_MODES}")
 
+    def _check_options(self) -> None:
+        """Check every option a step reads. first_step does it itself; what acts before it (step's
+        closure, amp's unscale_) calls this first, so a bad option changes nothing."""
+        self._check_settings()
+        self._current_layout()  # checks each param group's options
+
     def _current_layout(self) -> ParamLayout:
         params, masked, rho, adaptive = [], [], [], []
         for gi, group in enumerate(self.param_groups):
@@ -544,6 +550,7 @@ class FSAM(torch.optim.Optimizer):
             )
         if self._phase == "perturbed":
             raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
+        self._check_options()
         state = self._step_state()
         closure_first = self._closure_gives_first_pass()
         first_loss = None

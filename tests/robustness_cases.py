@@ -365,6 +365,38 @@ def gsam_alpha_changed_between_passes(backend):
     assert_same(snap, snapshot(model, opt))
 
 
+@case
+def bad_option_refused_before_the_closure_or_unscale_runs(backend):
+    from fsam_kernels import amp as fsam_amp
+
+    model = make_model()
+    opt = make_fsam(model, backend)
+    full_step(model, opt)
+    opt.sparsity = 2.0
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"Invalid sparsity: 2.0"):
+        opt.step(closure)  # no gradient yet: the closure would run the first pass
+    with pytest.raises(ValueError, match=r"Invalid sparsity: 2.0"):
+        fsam_amp.step(opt, torch.amp.GradScaler("cpu"), closure)
+    assert calls == [], "the closure ran"
+    assert_same(snap, snapshot(model, opt))
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss_of(model)).backward()
+    with pytest.raises(ValueError, match=r"Invalid sparsity: 2.0"):
+        fsam_amp.first_step(opt, scaler)
+    opt.sparsity = 0.5
+    assert fsam_amp.first_step(opt, scaler)  # the scaler recorded no unscale_ of the refused call
+    opt.restore()
+
+
 # ----------------------------------------------------------------------------- 4. one rule for numbers
 @case
 def numbers_of_other_types_accepted_and_stored_as_python_numbers(backend):
