@@ -59,6 +59,7 @@ def first_step(optimizer: FSAM, scaler: torch.amp.GradScaler, zero_grad: bool = 
     ready for the second backward.
     """
     _check(optimizer, scaler)
+    optimizer._check_options()  # a bad option must not leave an unscale_ recorded
     scaler.unscale_(optimizer)  # a no-op when the scaler is disabled
     with warnings.catch_warnings():
         # An overflow is routine under a loss scaler: no warning, the step is skipped below.
@@ -112,6 +113,7 @@ def step(optimizer: FSAM, scaler: torch.amp.GradScaler, closure: Callable[[], An
     if not callable(closure):
         raise TypeError(f"Invalid closure: expected a callable, got {type(closure).__name__}")
     _check(optimizer, scaler)
+    optimizer._check_options()  # before the closure runs
     closure_first = optimizer._closure_gives_first_pass()
     first_loss = None
     if closure_first:

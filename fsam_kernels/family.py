@@ -7,11 +7,11 @@ Fisher-masked F-ESAM / F-GSAM of the FSAM paper (its Table 6); ``structure="N:M"
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from . import options
 from . import reference as ref
 from .backends.base import Backend, tensors_nbytes
 from .layout import ParamLayout
@@ -20,10 +20,6 @@ from .optimizer import FSAM
 __all__ = ["SAM", "ESAM", "GSAM"]
 
 
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"Invalid {name}: {value!r}; expected a number in (0, 1]")
-    return float(value)
 
 
 class SAM(FSAM):
@@ -119,13 +115,18 @@ class ESAM(_MaskedFamily):
         generator: Optional[torch.Generator] = None,
         **kwargs: Any,
     ) -> None:
-        self.beta = _check_fraction("beta", beta)
-        self.gamma = _check_fraction("gamma", gamma)
+        self.beta = options.fraction(beta, "beta", zero=False)
+        self.gamma = options.fraction(gamma, "gamma", zero=False)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"Invalid generator: {generator!r}; expected None or a torch.Generator")
         self.generator = generator
         self._scaled: Optional[tuple[ParamLayout, ParamLayout]] = None  # (layout, its rho / beta copy)
         super().__init__(params, base_optimizer, rho, sparsity=sparsity, **kwargs)
+
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        self.beta = options.fraction(self.beta, "beta", zero=False)
+        self.gamma = options.fraction(self.gamma, "gamma", zero=False)
 
     # ------------------------------------------------------------------ stochastic weight perturbation
     _REBUILT_ON_USE = FSAM._REBUILT_ON_USE + ("_scaled",)
@@ -186,6 +187,7 @@ class ESAM(_MaskedFamily):
             raise RuntimeError(
                 "ESAM.step needs a closure(indices) that returns per-sample losses (see the ESAM docstring)"
             )
+        self._check_options()  # gamma is read before first_step checks it
         before = None
         if self.gamma < 1.0:
             if losses is None:
@@ -250,9 +252,7 @@ class GSAM(_MaskedFamily):
         sparsity: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"Invalid alpha: {alpha!r}; expected a finite number >= 0")
-        self.alpha = float(alpha)
+        self.alpha = options.finite(alpha, "alpha", low=0.0)
         self._schedule_defaults = dict(rho_min=rho_min, lr_max=lr_max, lr_min=lr_min)
         self._first_grads: Optional[list[Optional[torch.Tensor]]] = None
         self._rho_layout: Optional[tuple[ParamLayout, tuple[float, ...], ParamLayout]] = None
@@ -261,6 +261,12 @@ class GSAM(_MaskedFamily):
             self._finish_schedule(group, gi)
 
     _REBUILT_ON_USE = FSAM._REBUILT_ON_USE + ("_rho_layout",)
+
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        self.alpha = options.finite(self.alpha, "alpha", low=0.0)
+        for gi, group in enumerate(self.param_groups):
+            self._check_schedule(group, gi)
 
     # ------------------------------------------------------------------ rho schedule
     def add_param_group(self, param_group: dict) -> None:
@@ -278,21 +284,27 @@ class GSAM(_MaskedFamily):
         return super()._has_fsam_options(group) and all(k in group for k in self._schedule_defaults)
 
     def _finish_schedule(self, group: dict, gi: int) -> None:
-        where = f" in param_groups[{gi}]"
         if group["rho_min"] is None:
             group["rho_min"] = group["rho"]
-        rho_min = group["rho_min"]
-        if isinstance(rho_min, bool) or not isinstance(rho_min, (int, float)) or not 0.0 <= rho_min <= group["rho"]:
-            raise ValueError(f"Invalid rho_min{where}: {rho_min!r}; expected a number in [0, rho={group['rho']}]")
         if group["lr_max"] is None:
-            group["lr_max"] = float(group["lr"])
-        for name in ("lr_max", "lr_min"):
-            v = group[name]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"Invalid {name}{where}: {v!r}; expected a finite number")
-        if group["lr_max"] < group["lr_min"]:
-            raise ValueError(f"Invalid lr_max{where}: {group['lr_max']}; expected lr_max >= lr_min={group['lr_min']}")
-        group.update(rho_min=float(rho_min), lr_max=float(group["lr_max"]), lr_min=float(group["lr_min"]))
+            group["lr_max"] = group["lr"]
+        self._check_schedule(group, gi)
+
+    @staticmethod
+    def _check_schedule(group: dict, gi: int) -> None:
+        """Check (and store as floats) what :meth:`_group_rho` reads; again at every step, since users
+        and LR schedulers change them."""
+        where = f" in param_groups[{gi}]"
+        rho = options.positive(group["rho"], "rho", where)
+        rho_min = options.finite(group["rho_min"], "rho_min", where, low=0.0)
+        if rho_min > rho:
+            raise ValueError(f"Invalid rho_min{where}: {group['rho_min']!r}; expected a number in [0, rho={rho}]")
+        lr_max = options.finite(group["lr_max"], "lr_max", where)
+        lr_min = options.finite(group["lr_min"], "lr_min", where)
+        if lr_max < lr_min:
+            raise ValueError(f"Invalid lr_max{where}: {lr_max}; expected lr_max >= lr_min={lr_min}")
+        options.finite(group["lr"], "lr", where)  # the base optimizer's; only read here
+        group.update(rho=rho, rho_min=rho_min, lr_max=lr_max, lr_min=lr_min)
 
     @staticmethod
     def _group_rho(group: dict) -> float:
@@ -329,6 +341,7 @@ class GSAM(_MaskedFamily):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
+        self.alpha = options.finite(self.alpha, "alpha", low=0.0)
         if self._phase == "perturbed" and self._first_grads is not None and self.alpha != 0.0:
             self._subtract_orthogonal(self._first_grads)
         super().second_step(zero_grad)

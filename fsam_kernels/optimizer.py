@@ -9,11 +9,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from . import options, storage, structured
 from . import reference as ref
-from . import structured
 from .backends import backend_names, get_backend, requested_backend
 from .backends.base import Backend, tensors_nbytes
-from .fsdp import ShardedParams
+from .fsdp import ShardedParams, _dtensor_type
 from .layout import MASK_ALIGN_BITS, ParamLayout, align_up, full_mask
 
 FISHER_MODES = ("batch", "empirical")
@@ -21,10 +21,10 @@ _STATE_VERSION = 2  # 2 added every parameter's shape
 _LOADABLE_VERSIONS = (1, 2)
 
 
-def _check_rho(rho: Any, where: str) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
-        raise ValueError(f"Invalid rho{where}: {rho!r}; expected a finite number > 0")
-    return float(rho)
+def _local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The tensor holding ``p``'s values in this process (its local shard when FSDP2 shards it)."""
+    dtensor = _dtensor_type()
+    return p.to_local() if dtensor is not None and isinstance(p, dtensor) else p
 
 
 class FSAM(torch.optim.Optimizer):
@@ -58,6 +58,14 @@ class FSAM(torch.optim.Optimizer):
         eps: added to the gradient norm.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
         **base_optimizer_kwargs: passed to ``base_optimizer``.
+
+    Numbers may be any real number (Python, numpy scalar, 0-dim tensor; not bool) and are stored as
+    Python floats. Options may be changed between steps; each step checks what it reads and raises
+    before anything changes. No two parameters may share memory (the same tensor twice, tied weights
+    listed twice, overlapping views): refused with a ``ValueError`` naming both, at construction,
+    ``add_param_group`` and the next step after ``p.data = q.data``. If the parameters' storage is
+    replaced between the two passes (``model.to(torch.float64)``, ``p.data = ...``), the restore
+    writes the originals into the new storage, cast to its dtype.
     """
 
     def __init__(
@@ -76,18 +84,15 @@ class FSAM(torch.optim.Optimizer):
         backend: str = "auto",
         **base_optimizer_kwargs: Any,
     ) -> None:
-        _check_rho(rho, "")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
-            raise ValueError(f"Invalid sparsity: {sparsity!r}; expected a number in [0, 1]")
-        if isinstance(mask_update_interval, bool) or not isinstance(mask_update_interval, int) or mask_update_interval < 1:
-            raise ValueError(f"Invalid mask_update_interval: {mask_update_interval!r}; expected an int >= 1")
+        rho = options.positive(rho, "rho")
+        sparsity = options.fraction(sparsity, "sparsity")
+        mask_update_interval = options.count(mask_update_interval, "mask_update_interval")
         if fisher not in FISHER_MODES:
             raise ValueError(f"Invalid fisher: {fisher!r}; expected one of {FISHER_MODES}")
         nm = structured.parse_structure(structure)
         if preserve_zeros is not None and not isinstance(preserve_zeros, bool):
             raise TypeError(f"Invalid preserve_zeros: {preserve_zeros!r}; expected None, True or False")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"Invalid eps: {eps!r}; expected a finite number > 0 (a zero gradient would give 0/0)")
+        eps = options.positive(eps, "eps")  # > 0: a zero gradient would give 0/0
         if not isinstance(backend, str) or backend not in ("auto", *backend_names()):
             raise ValueError(f"Invalid backend: {backend!r}; expected 'auto' or one of {backend_names()}")
         requested_backend(backend)  # a misspelt FSAM_BACKEND fails here, not at the first step
@@ -106,12 +111,13 @@ class FSAM(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
 
-        self.sparsity = float(sparsity)
+        # Users may change these between steps; _check_settings checks them again where a step reads them.
+        self.sparsity = sparsity
         self.mask_update_interval = mask_update_interval
         self.fisher = fisher
         self.structure = nm  # (N, M) or None
         self.preserve_zeros = (nm is not None) if preserve_zeros is None else preserve_zeros
-        self.eps = float(eps)
+        self.eps = eps
         self.backend_name = backend
 
         self._step_count = 0  # completed (perturbed) first steps
@@ -124,6 +130,8 @@ class FSAM(torch.optim.Optimizer):
         self._fisher_count = 0
         self._saved: Any = None
         self._pending: Any = None  # (layout, bits, aux) of the pending perturbation, for restore
+        self._perturbed_by: Optional[Backend] = None  # the backend that made ``_saved``
+        self._perturbed_storage: Optional[tuple] = None  # storage.signature of the perturbed tensors
         self._phase = "idle"  # idle | perturbed | skipped
         self._closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
         # FSDP2 (DTensor) parameters: the layout holds their local shards; norm and mask are global.
@@ -142,28 +150,56 @@ class FSAM(torch.optim.Optimizer):
                 return
             self._backend_for(layout)
 
+    def _check_group(self, group: dict, gi: int) -> None:
+        """Check the FSAM options of ``param_groups[gi]`` (the numbers stored as Python floats): at
+        add_param_group, and again at every read, since users may change them (e.g. a rho schedule)."""
+        where = f" in param_groups[{gi}]"
+        group["rho"] = options.positive(group["rho"], "rho", where)
+        for flag in ("adaptive", "fisher_mask", "perturb"):
+            if flag in group:
+                options.flag(group[flag], flag, where)
+
+    def _check_settings(self) -> None:
+        """Check the optimizer-wide options a step reads (users may change them between steps), before
+        anything changes."""
+        self._adopt_groups_added_to_base()  # first: subclasses check every group's options too
+        self.sparsity = options.fraction(self.sparsity, "sparsity")
+        self.mask_update_interval = options.count(self.mask_update_interval, "mask_update_interval")
+        self.eps = options.positive(self.eps, "eps")
+        if self.fisher not in FISHER_MODES:
+            raise ValueError(f"Invalid fisher: {self.fisher!r}; expected one of {FISHER_MODES}")
+
+    def _check_options(self) -> None:
+        """Check every option a step reads. first_step does it itself; what acts before it (step's
+        closure, amp's unscale_) calls this first, so a bad option changes nothing."""
+        self._check_settings()
+        self._current_layout()  # checks each param group's options
+
     def _current_layout(self) -> ParamLayout:
         self._adopt_groups_added_to_base()
         params, masked, rho, adaptive = [], [], [], []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
             if not group.get("perturb", True):
                 continue
             for p in group["params"]:
                 params.append(p)
                 masked.append(group.get("fisher_mask", True))
-                rho.append(float(group["rho"]))
+                rho.append(group["rho"])
                 adaptive.append(group["adaptive"])
         if self._shards is not None:
             params = self._shards.local_tensors(params)
-        # dtype, device and strides are part of the key: model.to(...) keeps the Parameter objects.
-        key = (tuple(id(p) for p in params), tuple(masked), tuple(adaptive),
-               tuple((p.numel(), p.dtype, p.device, p.stride()) for p in params))
+        # Addresses, dtypes, shapes and strides are part of the key: model.to(...) and p.data = ... keep the
+        # Parameter objects. (A move to another device changes the addresses.)
+        key = (tuple(id(p) for p in params), tuple(masked), tuple(adaptive), storage.signature(params),
+               tuple(p.stride() for p in params))
         if self._layout is not None and key == self._layout_key:
             if rho != self._layout.rho:  # a rho schedule: same tensors, so the mask and its aux still apply
                 self._layout = self._layout.with_rho(rho)
             return self._layout
         if not params:
             raise ValueError("FSAM: no parameter to perturb (every param group has perturb=False)")
+        storage.check_disjoint(self.param_groups, _local_tensor)  # p.data = q.data may have made them share
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"FSAM: all perturbed parameters must be on one device, got {sorted(map(str, devices))}")
@@ -208,10 +244,7 @@ class FSAM(torch.optim.Optimizer):
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
         where = f"param_groups[{len(self.param_groups)}]"
-        _check_rho(param_group["rho"], f" in {where}")
-        for flag in ("adaptive", "fisher_mask", "perturb"):
-            if not isinstance(param_group[flag], bool):
-                raise TypeError(f"Invalid {flag} in {where}: {param_group[flag]!r}; expected True or False")
+        self._check_group(param_group, len(self.param_groups))
         params = param_group["params"]
         if isinstance(params, set):
             raise TypeError(f"Invalid params in {where}: a set has no order; use a list")
@@ -228,6 +261,7 @@ class FSAM(torch.optim.Optimizer):
             if p.device.type == "meta":  # model.to_empty(...) replaces meta parameters: this one would never train
                 raise ValueError(f"Invalid params: {where}['params'][{pi}] is on the meta device (no data); create the "
                                  "optimizer after materializing the model (e.g. model.to_empty(device=...))")
+        storage.check_disjoint([*self.param_groups, param_group], _local_tensor)
         if hasattr(self, "base_optimizer"):
             self.base_optimizer.add_param_group(param_group)
         else:  # called by torch.optim.Optimizer.__init__
@@ -276,7 +310,8 @@ class FSAM(torch.optim.Optimizer):
     @property
     def mask_update_due(self) -> bool:
         """Whether the next :meth:`first_step` rebuilds the mask (no mask yet, or the interval is up)."""
-        return self._bits is None or self._step_count % self.mask_update_interval == 0
+        interval = options.count(self.mask_update_interval, "mask_update_interval")
+        return self._bits is None or self._step_count % interval == 0
 
     # ------------------------------------------------------------------ mask
     @torch.no_grad()
@@ -323,6 +358,7 @@ class FSAM(torch.optim.Optimizer):
         ``fisher="batch"`` mode with an empty accumulator the current gradients are used.
         """
         self._require_idle("update_mask")
+        self._check_settings()
         layout = self._current_layout()
         masked = layout.masked_params
         if fisher is not None:
@@ -413,6 +449,7 @@ class FSAM(torch.optim.Optimizer):
         """
         if self._phase == "perturbed":
             raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
+        self._check_settings()
         layout = self._current_layout()
         backend = self._backend_for(layout)
         grads = self._grads(layout)
@@ -461,6 +498,7 @@ class FSAM(torch.optim.Optimizer):
         self._pending = self._perturbation_plan(layout, backend)
         p_layout, p_bits, p_aux = self._pending
         self._saved = backend.perturb(p_layout, grads, p_bits, p_aux, norm, self.eps)
+        self._perturbed_by, self._perturbed_storage = backend, self._layout_key[3]  # that of p_layout.params
         self._phase = "perturbed"
         self._step_count += 1
         if zero_grad:
@@ -470,11 +508,38 @@ class FSAM(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Undo a pending perturbation, bit for bit. Idempotent; a no-op when nothing is perturbed."""
+        moved: list[int] = []
         if self._phase == "perturbed":
             p_layout, p_bits, p_aux = self._pending
-            self._backend_for(p_layout).restore(p_layout, p_bits, p_aux, self._saved)
-        self._saved, self._pending = None, None
+            backend, before = self._perturbed_by, self._perturbed_storage
+            tensors = p_layout.params if self._shards is None else self._shards.local_tensors(self._perturbed_params())
+            if storage.signature(tensors) == before:
+                backend.restore(p_layout, p_bits, p_aux, self._saved)
+            else:  # storage replaced since first_step (model.to(...), p.data = ...): the backend's restore
+                # would write into the old one; put the originals into the current one instead
+                originals = backend.saved_originals(p_layout, p_bits, p_aux, self._saved)
+                if originals is not None:
+                    moved = storage.restore_into(tensors, p_layout, p_bits, originals, [b[2] for b in before])
+        self._saved, self._pending, self._perturbed_by, self._perturbed_storage = None, None, None, None
         self._phase = "idle"
+        if moved:
+            changes = ", ".join(
+                f"{self._perturbed_label(i)} from {tuple(before[i][2])} to {tuple(tensors[i].shape)}" for i in moved)
+            raise ValueError(
+                f"restore: parameters changed shape between first_step and restore ({changes}); their perturbed "
+                "values could not be undone and they still hold w + e (every other parameter was restored)")
+
+    def _perturbed_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups if g.get("perturb", True) for p in g["params"]]
+
+    def _perturbed_label(self, i: int) -> str:
+        """Where the ``i``-th perturbed parameter is listed: ``param_groups[g]['params'][j]``."""
+        for gi, group in enumerate(self.param_groups):
+            if group.get("perturb", True):
+                if i < len(group["params"]):
+                    return f"param_groups[{gi}]['params'][{i}]"
+                i -= len(group["params"])
+        raise IndexError(i)
 
     def _perturbation_plan(self, layout: ParamLayout, backend: Backend) -> tuple[ParamLayout, Any, Any]:
         """The (layout, packed mask, aux) this step perturbs with. Subclasses (ESAM, GSAM) change the
@@ -516,6 +581,7 @@ class FSAM(torch.optim.Optimizer):
             )
         if self._phase == "perturbed":
             raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
+        self._check_options()
         state = self._step_state()
         closure_first = self._closure_gives_first_pass()
         first_loss = None
@@ -610,7 +676,8 @@ class FSAM(torch.optim.Optimizer):
     # ------------------------------------------------------------------ copies
     # Derived from the rest and rebuilt on first use. Backends keep device tables (pointers, offsets)
     # keyed by a layout: a copy that took them over would write into the original's weights.
-    _REBUILT_ON_USE: tuple[str, ...] = ("_backend", "_aux", "_layout", "_layout_key")
+    _REBUILT_ON_USE: tuple[str, ...] = ("_backend", "_aux", "_layout", "_layout_key", "_perturbed_by",
+                                        "_perturbed_storage")
     # torch.optim.Optimizer drops its hooks from copies; an LR scheduler's wrapper of this instance's
     # ``step`` would step the original.
     _NOT_COPIED = (

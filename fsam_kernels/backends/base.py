@@ -100,6 +100,14 @@ class Backend:
     def restore(self, layout: ParamLayout, bits: Optional[torch.Tensor], aux: Any, saved: Any) -> None:
         raise NotImplementedError
 
+    def saved_originals(
+        self, layout: ParamLayout, bits: Optional[torch.Tensor], aux: Any, saved: Any
+    ) -> Optional[list[Optional[torch.Tensor]]]:
+        """The original values ``saved`` holds, in :func:`~fsam_kernels.reference.perturb_reference`'s
+        format (``None`` when nothing was perturbed): what the optimizer writes back when the
+        parameters' storage was replaced after ``perturb`` and :meth:`restore` no longer applies."""
+        raise NotImplementedError
+
     def saved_nbytes(self, saved: Any) -> int:
         """Bytes held by a ``saved`` object (for memory accounting and tests)."""
         raise NotImplementedError

@@ -245,6 +245,16 @@ class NativeBackend(Backend):
             saved["norm"],
         )
 
+    def saved_originals(self, layout, bits, aux, saved) -> Any:
+        if saved is None or "reference" in saved:
+            return None if saved is None else saved["reference"]
+        if not torch.isfinite(saved["norm"]).item():  # the kernels moved nothing
+            return None
+        originals: list[Optional[torch.Tensor]] = [None] * len(layout.params)
+        for i, values in zip(saved["index"], saved["values"]):
+            originals[i] = values
+        return originals
+
     def saved_nbytes(self, saved: Any) -> int:
         if saved is None:
             return 0

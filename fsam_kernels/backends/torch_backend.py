@@ -31,5 +31,8 @@ class TorchBackend(Backend):
     def restore(self, layout, bits, aux, saved) -> None:
         ref.restore_reference(layout, bits, saved)
 
+    def saved_originals(self, layout, bits, aux, saved) -> Any:
+        return saved
+
     def saved_nbytes(self, saved: Any) -> int:
         return tensors_nbytes(saved)

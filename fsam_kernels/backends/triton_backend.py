@@ -102,6 +102,7 @@ class _Saved:
     prefix: torch.Tensor
     dense_total: tuple[int, ...]
     fallback: Optional[list]  # reference ``saved`` list of the tensors done by the reference
+    plan: _LayoutPlan  # where each tensor's originals are in ``buffers``
 
 
 class TritonBackend(Backend):
@@ -436,7 +437,7 @@ class TritonBackend(Backend):
         if fallback:
             fallback_saved = ref.perturb_reference(
                 layout, [g if i in fallback else None for i, g in enumerate(grads)], bits, norm, eps)
-        return _Saved(groups, buffers, applied, bits, prefix, plan.dense_total, fallback_saved)
+        return _Saved(groups, buffers, applied, bits, prefix, plan.dense_total, fallback_saved, plan)
 
     def restore(self, layout: ParamLayout, bits: Optional[torch.Tensor], aux: Any, saved: Any) -> None:
         if saved is None:
@@ -454,6 +455,28 @@ class TritonBackend(Backend):
                     )
         if saved.fallback is not None:
             ref.restore_reference(layout, saved.bits, saved.fallback)
+
+    def saved_originals(self, layout: ParamLayout, bits, aux, saved: Any) -> Any:
+        if saved is None:
+            return None
+        originals: list[Optional[torch.Tensor]] = list(saved.fallback or [None] * len(layout.params))
+        if not any(g.n_chunks for g in saved.groups) or not saved.applied.item():  # no kernel moved anything
+            return None if saved.fallback is None else originals
+        plan = saved.plan
+        for g in saved.groups:
+            code = DTYPE_CODES[g.w_dtype]
+            buffer = saved.buffers[code]
+            for i in g.params:
+                j = plan.masked_pos.get(i)
+                if j is None:  # dense: all its elements, at a fixed offset
+                    start, count = plan.dense_offset[i], layout.numel[i]
+                elif layout.numel[i] == 0:
+                    start, count = 0, 0
+                else:  # masked: its selected elements, from its first chunk's prefix count on
+                    start = saved.dense_total[code] + int(saved.prefix[plan.masked.first_chunk[j]])
+                    count = int(ref.mask_of(layout, saved.bits, j).sum())
+                originals[i] = buffer[start : start + count]
+        return originals
 
     def saved_nbytes(self, saved: Any) -> int:
         if saved is None:

@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 import torch
 
+from .. import options
 from ..optimizer import FISHER_MODES, FSAM
 from ..utils import frozen_running_stats
 
@@ -70,15 +71,9 @@ class FSAMTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        rho = self.fsam_rho
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0 or rho == float("inf"):
-            raise ValueError(f"Invalid fsam_rho: {rho!r}; expected a finite number > 0")
-        s = self.fsam_sparsity
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
-            raise ValueError(f"Invalid fsam_sparsity: {s!r}; expected a number in [0, 1]")
-        m = self.fsam_mask_update_interval
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"Invalid fsam_mask_update_interval: {m!r}; expected an int >= 1")
+        self.fsam_rho = options.positive(self.fsam_rho, "fsam_rho")
+        self.fsam_sparsity = options.fraction(self.fsam_sparsity, "fsam_sparsity")
+        self.fsam_mask_update_interval = options.count(self.fsam_mask_update_interval, "fsam_mask_update_interval")
         if self.fsam_fisher not in FISHER_MODES:
             raise ValueError(f"Invalid fsam_fisher: {self.fsam_fisher!r}; expected one of {FISHER_MODES}")
         if not isinstance(self.fsam_backend, str):
