@@ -40,7 +40,7 @@ def _full_mask(layout: ParamLayout) -> torch.Tensor:
 class SAM(FSAM):
     """Sharpness-aware minimization (Foret et al., 2021) with davda54/sam's semantics; ASAM with
     ``adaptive=True``. FSAM without a mask: every perturbed group is dense, no Fisher is computed and no
-    mask is stored. In fp32 with backend="torch" the trajectory is bit-identical to davda54/sam's loop.
+    mask is stored. In fp32 and fp64 with backend="torch" the trajectory is bit-identical to davda54/sam's loop.
     """
 
     def __init__(

@@ -146,6 +146,23 @@ def test_sam_is_bit_identical_to_davda54_loop(base, adaptive):
     assert_params_close(ours, theirs, exact=True)
 
 
+def test_asam_with_unscaled_biases_is_the_authors_convention_without_eta():
+    """SamsungLabs' ASAM scales weights only (T_w = |w| + eta, biases T = 1); with eta = 0 that is biases
+    in a group with adaptive=False: e = rho * T^2 g / ||T g|| over weights and biases together."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
+    gw, gb = torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
+    pw, pb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
+    opt = SAM([{"params": [pw], "adaptive": True}, {"params": [pb], "adaptive": False}], torch.optim.SGD,
+              rho=0.5, lr=0.1, backend="torch")
+    pw.grad, pb.grad = gw.clone(), gb.clone()
+    opt.first_step()
+    norm = torch.sqrt(((w.abs() * gw) ** 2).sum() + (gb**2).sum())
+    torch.testing.assert_close(pw.detach(), w + 0.5 * w.abs() ** 2 * gw / (norm + EPS), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(pb.detach(), b + 0.5 * gb / (norm + EPS), rtol=1e-6, atol=1e-7)
+    opt.restore()
+
+
 def test_sam_has_no_mask_and_refuses_one():
     model = make_model()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="torch")
