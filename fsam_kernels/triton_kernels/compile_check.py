@@ -24,7 +24,7 @@ _ARG_TYPES = dict(
     acc_ptrs=_P, grad_ptrs=_P, score_ptrs=_P, w_ptrs=_P, g_ptrs=_P, numels=_P, chunk_slot=_P32, chunk_start=_P,
     chunk_ref=_P, chunk_group=_P32, bit_offsets=_P, elem_offsets=_P, params=_P32, counts=_P32, cand=_P32,
     info=_P, sample=_P32, quota=_P, prefix=_P, aux_prefix=_P, mask="*u8", rhos=_PF, adaptive=_P32,
-    partials=_PF, extra=_PF, out=_PF, norm_ptr=_PF, applied=_P32, n_chunks="i32", capacity="i64",
+    partials="*fp64", extra="*fp64", out=_PF, norm_ptr=_PF, applied=_P32, n_chunks="i32", capacity="i64",
     n_tensors="i32", n_total="i64", n_samples="i32", n_search="i32", rank_hi="i32", rank_lo="i32", k="i64",
     n="i32", dense_total="i64", eps="fp32", shift="i32", high_shift="i32", keys=_P32, n_ptr=_P, sel=_P, hist=_P32,
 )
@@ -87,7 +87,8 @@ def compile_all(arch: int = 90) -> list[str]:
     run(select._bracket_finish_kernel, {})
     run(select._resolve_pre_kernel, dict(BLOCK=CHUNK), num_warps=16)
     run(select._candidate_finish_kernel, {})
-    run(norm._sqrt_of_sum_kernel, dict(BLOCK=norm._FINAL_BLOCK))
+    for out in (_PF, "*fp64"):  # the norm dtype
+        run(norm._sqrt_of_sum_kernel, dict(BLOCK=norm._FINAL_BLOCK), out=out)
     return done
 
 
