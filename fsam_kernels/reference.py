@@ -167,8 +167,8 @@ def grad_sumsq_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Ten
 
 def grad_norm_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
     """Global L2 norm of the (ASAM-weighted) gradient of every perturbed parameter; 0-dim, in the norm
-    dtype. davda54/sam's value where it is finite, ``fl(sqrt(S))`` where that arithmetic overflowed or
-    where ``fl(sqrt(S))`` is not finite (the skip rule), without a host synchronisation."""
+    dtype. davda54/sam's value where it is finite, else ``fl(sqrt(S))`` (the skip rule). ``S`` costs a
+    pass in fp64, so it is computed only then: one host read (the optimizer reads the norm anyway)."""
     dtype = norm_dtype(layout, grads)
     norms = []
     for p, g, adaptive in zip(layout.params, grads, layout.adaptive):
@@ -181,8 +181,10 @@ def grad_norm_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Tens
     if not norms:
         return torch.zeros((), dtype=dtype, device=layout.device)
     davda = torch.linalg.vector_norm(torch.stack(norms))
-    exact = grad_sumsq_reference(layout, grads).sqrt().to(dtype)
-    return torch.where(torch.isfinite(davda) & torch.isfinite(exact), davda, exact)
+    # In fp64, davda54's value can be finite where S is not: vector_norm returns |x| for one element.
+    if bool(torch.isfinite(davda * davda if dtype == torch.float64 else davda)):
+        return davda
+    return grad_sumsq_reference(layout, grads).sqrt().to(dtype)
 
 
 def perturb_reference(
