@@ -160,9 +160,11 @@ void validate_perturb_restore(const char* op, at::TensorList params, at::TensorL
                         block_prefix.numel() == bits.numel() / kMaskAlignBytes + 1,
                     op, ": expected block_prefix to be a contiguous 1-D tensor of ", bits.numel() / kMaskAlignBytes + 1,
                     " counts (mask_block_prefix(bits)), got shape ", block_prefix.sizes());
-  TORCH_CHECK_VALUE(norm.defined() && norm.dim() == 0 && norm.scalar_type() == at::kFloat, op,
-                    ": expected norm to be a 0-dim float32 tensor, got ",
-                    norm.defined() ? c10::str(norm.scalar_type(), norm.sizes()) : std::string("undefined"));
+  // The norm dtype (fsam_kernels.reference): fp64 only where fp64 tensors are, and only the CPU has them.
+  const bool norm_ok = norm.defined() && norm.dim() == 0 &&
+                       (norm.scalar_type() == at::kFloat || (allow_double && norm.scalar_type() == at::kDouble));
+  TORCH_CHECK_VALUE(norm_ok, op, ": expected norm to be a 0-dim ", allow_double ? "float32 or float64" : "float32",
+                    " tensor, got ", norm.defined() ? c10::str(norm.scalar_type(), norm.sizes()) : std::string("undefined"));
   check_offsets(op, bit_offsets, params, bits.numel() * 8, /*allow_dense=*/true);
   TORCH_CHECK_VALUE(saved_counts.size() == params.size(), op, ": expected one saved count per parameter (",
                     params.size(), "), got ", saved_counts.size());

@@ -17,40 +17,68 @@ namespace fsam {
 namespace cpu {
 namespace {
 
-// Sum of squares of g (or of |w| * g for ASAM) over [begin, end): 16 independent fp32 accumulators
-// (so the compiler can vectorise without reassociating), folded into fp64 every 1024 elements.
+// Sum of squares of g (or of |w| * g for ASAM) over [begin, end), without overflow for finite inputs
+// (the reference's skip rule). fp32/bf16/fp16: 16 independent fp32 accumulators (so the compiler can
+// vectorise without reassociating), folded into fp64 every 1024 elements; a block whose fp32 sum
+// overflowed (|g| > 1.8e19, say) is summed again with every square in fp64. fp64 inputs: all in fp64.
 template <bool kAsam, typename G, typename W>
-double sum_squares(const G* g, const W* w, int64_t begin, int64_t end) {
-  constexpr int kLanes = 16;
+double sum_squares_fp64(const G* g, const W* w, int64_t begin, int64_t end) {
   double total = 0.0;
-  for (int64_t block = begin; block < end; block += 1024) {
-    const int64_t stop = std::min(end, block + 1024);
-    float acc[kLanes] = {};
-    int64_t i = block;
-    for (; i + kLanes <= stop; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        float v = static_cast<float>(g[i + j]);
-        if (kAsam) v = std::fabs(static_cast<float>(w[i + j])) * v;
-        acc[j] += v * v;
-      }
-    }
-    for (; i < stop; ++i) {
-      float v = static_cast<float>(g[i]);
-      if (kAsam) v = std::fabs(static_cast<float>(w[i])) * v;
-      acc[0] += v * v;
-    }
-    for (float a : acc) total += a;
+  for (int64_t i = begin; i < end; ++i) {
+    double v = static_cast<double>(g[i]);
+    if (kAsam) v = std::fabs(static_cast<double>(w[i])) * v;
+    total += v * v;
   }
   return total;
+}
+
+template <bool kAsam, typename G, typename W>
+double sum_squares(const G* g, const W* w, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<G, double> || std::is_same_v<W, double>) {
+    return sum_squares_fp64<kAsam>(g, w, begin, end);
+  } else {
+    constexpr int kLanes = 16;
+    double total = 0.0;
+    for (int64_t block = begin; block < end; block += 1024) {
+      const int64_t stop = std::min(end, block + 1024);
+      float acc[kLanes] = {};
+      int64_t i = block;
+      for (; i + kLanes <= stop; i += kLanes) {
+        for (int j = 0; j < kLanes; ++j) {
+          float v = static_cast<float>(g[i + j]);
+          if (kAsam) v = std::fabs(static_cast<float>(w[i + j])) * v;
+          acc[j] += v * v;
+        }
+      }
+      for (; i < stop; ++i) {
+        float v = static_cast<float>(g[i]);
+        if (kAsam) v = std::fabs(static_cast<float>(w[i])) * v;
+        acc[0] += v * v;
+      }
+      double sum = 0.0;
+      for (float a : acc) sum += a;
+      total += std::isfinite(sum) ? sum : sum_squares_fp64<kAsam>(g, w, block, stop);
+    }
+    return total;
+  }
+}
+
+// The norm dtype (fsam_kernels.reference): fp64 when any tensor's weight or gradient is fp64.
+bool any_double(at::TensorList params, at::TensorList grads) {
+  for (size_t t = 0; t < params.size(); ++t) {
+    if (params[t].scalar_type() == at::kDouble || grads[t].scalar_type() == at::kDouble) return true;
+  }
+  return false;
 }
 
 at::Tensor grad_norm_cpu(at::TensorList params, at::TensorList grads, c10::List<bool> adaptive) {
   constexpr const char* op = "fsam_kernels::grad_norm";
   validate_grad_norm(op, params, grads, adaptive.size(), /*allow_double=*/true);
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+  const bool fp64 = any_double(params, grads);
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(fp64 ? at::kDouble : at::kFloat));
   const auto chunks = make_chunks(grads);
   // Per-chunk partial sums added in a fixed order: deterministic, and at least as accurate as the
-  // reference's fp32 per-tensor norms.
+  // reference's per-tensor norms.
   std::vector<double> partial(chunks.size(), 0.0);
   for_each_chunk(chunks, [&](int64_t c) {
     const Chunk& ch = chunks[c];
@@ -69,7 +97,11 @@ at::Tensor grad_norm_cpu(at::TensorList params, at::TensorList grads, c10::List<
   });
   double total = 0.0;
   for (double p : partial) total += p;
-  out.fill_(static_cast<float>(std::sqrt(total)));
+  if (fp64) {
+    out.fill_(std::sqrt(total));
+  } else {
+    out.fill_(static_cast<float>(std::sqrt(total)));  // inf beyond fp32's range: the skip rule
+  }
   return out;
 }
 
@@ -112,18 +144,20 @@ void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   validate_perturb_restore(op, params, grads, saved, bits, block_prefix, bit_offsets, saved_counts, rho.size(),
                            adaptive.size(), norm, /*allow_double=*/true);
   if (params.empty()) return;
-  const float n = norm.item<float>();
+  const double n = norm.item<double>();
   if (!std::isfinite(n)) return;  // weights untouched, like the reference
-  const float denom = n + static_cast<float>(eps);
+  const bool norm_fp64 = norm.scalar_type() == at::kDouble;
   const uint8_t* mask = bits.data_ptr<uint8_t>();
   const int64_t* prefix = block_prefix.data_ptr<int64_t>();
   const auto chunks = make_chunks(params);
   for_each_chunk(chunks, [&](int64_t c) {
     const Chunk& ch = chunks[c];
-    // The reference's roundings: a correctly rounded fp32 reciprocal, then one multiply by fl32(rho)
-    // (not rho / denom, which rounds once and can differ in the last bit). Built with
-    // -ffp-contract=off, so nothing here is fused.
-    const float scale = (1.0f / denom) * static_cast<float>(rho[ch.t]);
+    // The reference's roundings, in the norm's dtype: a correctly rounded reciprocal, then one
+    // multiply by fl(rho) (not rho / denom, which rounds once and can differ in the last bit); then
+    // rounded to each tensor's compute dtype. Built with -ffp-contract=off, so nothing here is fused.
+    const double scale64 = (1.0 / (n + eps)) * rho[ch.t];
+    const float scale32 = norm_fp64 ? static_cast<float>(scale64)
+                                    : (1.0f / (static_cast<float>(n) + static_cast<float>(eps))) * static_cast<float>(rho[ch.t]);
     const bool asam = adaptive.get(ch.t);
     const int64_t bo = bit_offsets[ch.t];
     dispatch_float(params[ch.t].scalar_type(), op, [&](auto* wtag) {
@@ -133,11 +167,15 @@ void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
       dispatch_float(grads[ch.t].scalar_type(), op, [&](auto* gtag) {
         using G = std::remove_pointer_t<decltype(gtag)>;
         const G* g = static_cast<const G*>(grads[ch.t].data_ptr());
+        // The compute dtype: fp64 when the weight or the gradient is fp64.
+        using C = std::conditional_t<std::is_same_v<W, double> || std::is_same_v<G, double>, double, float>;
+        const C scale = std::is_same_v<C, double> ? static_cast<C>(norm_fp64 ? scale64 : static_cast<double>(scale32))
+                                                  : static_cast<C>(scale32);
         auto move = [&](int64_t i) {
-          const float wf = static_cast<float>(w[i]);
-          const float gf = static_cast<float>(g[i]);
-          const float e = asam ? ((wf * wf) * gf) * scale : gf * scale;
-          w[i] = static_cast<W>(wf + e);
+          const C wc = static_cast<C>(w[i]);
+          const C gc = static_cast<C>(g[i]);
+          const C e = asam ? ((wc * wc) * gc) * scale : gc * scale;
+          w[i] = static_cast<W>(wc + e);
         };
         if (bo == -1) {
           for (int64_t i = ch.begin; i < ch.end; ++i) {
@@ -165,7 +203,7 @@ void masked_restore_cpu(at::TensorList params, at::TensorList saved, const at::T
   validate_perturb_restore(op, params, {}, saved, bits, block_prefix, bit_offsets, saved_counts, params.size(),
                            params.size(), norm, /*allow_double=*/true);
   if (params.empty()) return;
-  if (!std::isfinite(norm.item<float>())) return;  // nothing was perturbed
+  if (!std::isfinite(norm.item<double>())) return;  // nothing was perturbed
   const uint8_t* mask = bits.data_ptr<uint8_t>();
   const int64_t* prefix = block_prefix.data_ptr<int64_t>();
   const auto chunks = make_chunks(params);

@@ -1,7 +1,8 @@
 // Gradient norm, masked perturbation and exact restore on CUDA, each over the whole tensor list.
 //
 // grad_norm: per-block partial sums of squares, then one block adds them in fp64 and takes the root:
-// deterministic and without host synchronisation.
+// deterministic and without host synchronisation. Squares of finite inputs never overflow (the
+// reference's skip rule): an overflowed fp32 sum of 8 squares is taken again in fp64.
 // perturb / restore: one warp per 512-element mask block. The block's first compact saved position is
 // read from the per-block prefix counts; inside the block, the rank of an element among the set bits
 // is a popcount of the mask word below its lane. Both read the norm on the device and do nothing when
@@ -63,19 +64,32 @@ __global__ void __launch_bounds__(kThreads) grad_norm_partial_kernel(const NormI
       using G = std::remove_pointer_t<decltype(tag)>;
       load8_any(static_cast<const G*>(info.grad), i, info.numel, info.vectorized, g);
     });
+    float w[8] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
     if (info.adaptive) {
-      float w[8];
       dispatch_dtype(info.param_dtype, [&](auto* tag) {
         using W = std::remove_pointer_t<decltype(tag)>;
         load8_any(static_cast<const W*>(info.param), i, info.numel, info.vectorized, w);
       });
-#pragma unroll
-      for (int j = 0; j < 8; ++j) g[j] = __fmul_rn(fabsf(w[j]), g[j]);
     }
     float sum8 = 0.f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) sum8 = __fmaf_rn(g[j], g[j], sum8);  // order is free here; fma is more accurate
-    acc += static_cast<double>(sum8);
+    for (int j = 0; j < 8; ++j) {
+      const float v = __fmul_rn(fabsf(w[j]), g[j]);
+      sum8 = __fmaf_rn(v, v, sum8);  // order is free here; fma is more accurate
+    }
+    if (!isfinite(sum8)) {
+      // The reference's skip rule: squares of finite inputs must not overflow, so an overflowed fp32
+      // sum is taken again in fp64 (rare: |g| beyond ~1.8e19); it stays non-finite only for inf/NaN.
+      double sum8_fp64 = 0.0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const double v = fabs(static_cast<double>(w[j])) * static_cast<double>(g[j]);
+        sum8_fp64 = fma(v, v, sum8_fp64);
+      }
+      acc += sum8_fp64;
+    } else {
+      acc += static_cast<double>(sum8);
+    }
   }
   const double total = Reduce(storage).Sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
@@ -87,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) grad_norm_final_kernel(const double*
   double acc = 0.0;
   for (int i = threadIdx.x; i < n; i += kThreads) acc += partial[i];
   const double total = Reduce(storage).Sum(acc);
-  if (threadIdx.x == 0) *out = static_cast<float>(sqrt(total));
+  if (threadIdx.x == 0) *out = static_cast<float>(sqrt(total));  // inf beyond fp32's range: the skip rule
 }
 
 at::Tensor grad_norm_cuda(at::TensorList params, at::TensorList grads, c10::List<bool> adaptive) {

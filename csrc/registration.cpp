@@ -33,7 +33,8 @@ TORCH_LIBRARY(fsam_kernels, m) {
       "int[] quotas) -> Tensor");
   // int64 exclusive prefix count of set bits per 512-bit block, plus the total at the end.
   m.def("mask_block_prefix(Tensor bits) -> Tensor");
-  // Global L2 norm of the (ASAM-weighted) gradients, 0-dim fp32.
+  // Global L2 norm of the (ASAM-weighted) gradients, 0-dim, in the norm dtype (fp64 when a tensor is fp64,
+  // else fp32; inf where it exceeds that dtype: see fsam_kernels/reference.py).
   m.def("grad_norm(Tensor[] params, Tensor[] grads, bool[] adaptive) -> Tensor");
   // params += e on masked elements (bit_offsets[i] >= 0) or all elements (-1); originals into saved.
   // saved_counts[i]: elements saved for params[i] (its set mask bits, or its numel when dense), the

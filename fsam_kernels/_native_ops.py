@@ -135,7 +135,8 @@ def _grad_norm_fake(params, grads, adaptive):
         raise ValueError(f"{_NS}::grad_norm: expected at least one parameter")
     _check_list("grad_norm", "params", params, params[0].device, _FLOATS)
     _check_list("grad_norm", "grads", grads, params[0].device, _FLOATS)
-    return params[0].new_empty((), dtype=torch.float32)
+    fp64 = any(torch.float64 in (p.dtype, g.dtype) for p, g in zip(params, grads))  # the norm dtype
+    return params[0].new_empty((), dtype=torch.float64 if fp64 else torch.float32)
 
 
 def _check_perturb_restore(op, params, saved, bits, block_prefix, bit_offsets, saved_counts, norm) -> None:
@@ -146,8 +147,11 @@ def _check_perturb_restore(op, params, saved, bits, block_prefix, bit_offsets, s
         )
     if bits.dtype != torch.uint8 or block_prefix.dtype != torch.int64:
         raise TypeError(f"{_NS}::{op}: expected uint8 bits and int64 block_prefix, got {bits.dtype} and {block_prefix.dtype}")
-    if norm.dim() != 0 or norm.dtype != torch.float32:
-        raise ValueError(f"{_NS}::{op}: expected norm to be a 0-dim float32 tensor, got {norm.dtype} {tuple(norm.shape)}")
+    # the norm dtype (see fsam_kernels.reference); float64 norms only on the CPU, like float64 tensors
+    norm_dtypes = (torch.float32, torch.float64) if norm.device.type == "cpu" else (torch.float32,)
+    if norm.dim() != 0 or norm.dtype not in norm_dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in norm_dtypes)
+        raise ValueError(f"{_NS}::{op}: expected norm to be a 0-dim {names} tensor, got {norm.dtype} {tuple(norm.shape)}")
     _check_offsets(op, bit_offsets, params, bits.numel() * 8, allow_dense=True)
     if len(saved_counts) != len(params):
         raise ValueError(f"{_NS}::{op}: expected one saved count per parameter ({len(params)}), got {len(saved_counts)}")

@@ -67,9 +67,11 @@ def first_step(optimizer: FSAM, zero_grad: bool = False, process_group: Optional
     if not grads:
         raise RuntimeError("first_step: no perturbed parameter has a gradient; call loss.backward() before first_step()")
     device = grads[0].device
-    # Element-wise, not a norm in the gradients' dtype: an fp16 norm can overflow where FSAM's fp32
-    # norm does not, and then this rank would skip alone.
-    local_finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    # FSAM's own skip rule (see fsam_kernels.reference): this replica's norm, in the norm dtype, by
+    # the optimizer's backend, so a replica never skips alone (a finite gradient can still skip: an
+    # fp64 one whose squares overflow, an fp32 one whose norm exceeds fp32).
+    layout = optimizer._current_layout()
+    local_finite = torch.isfinite(optimizer._backend_for(layout).grad_norm(layout, optimizer._grads(layout)))
     flag = local_finite.to(device=device, dtype=torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=process_group)
     if not bool(flag.item()):

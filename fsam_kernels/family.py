@@ -25,7 +25,7 @@ __all__ = ["SAM", "ESAM", "GSAM"]
 class SAM(FSAM):
     """Sharpness-aware minimization (Foret et al., 2021) with davda54/sam's semantics; ASAM with
     ``adaptive=True``. FSAM without a mask: every perturbed group is dense, no Fisher is computed and no
-    mask is stored. In fp32 with backend="torch" the trajectory is bit-identical to davda54/sam's loop.
+    mask is stored. In fp32 and fp64 with backend="torch" the trajectory is bit-identical to davda54/sam's loop.
     """
 
     def __init__(
@@ -230,8 +230,8 @@ class GSAM(_MaskedFamily):
     * Surrogate-gap step: with :math:`g` the first gradient (at ``w``) and :math:`g_p` the second (at
       ``w + e``), the base optimizer is stepped with :math:`g_p - \alpha\,g_\perp`, where
       :math:`g_\perp = g - \frac{\langle g, g_p\rangle}{\lVert g_p\rVert^2} g_p` is the component of
-      ``g`` orthogonal to ``g_p`` (computed in fp32 over every parameter with both gradients, as the
-      authors' code does). This keeps a copy of the first gradient between the two steps.
+      ``g`` orthogonal to ``g_p`` (computed over every parameter with both gradients, in fp32 as the
+      authors' code does, or in fp64 when a gradient is fp64). This keeps a copy of the first gradient between the two steps.
 
     Args: those of :class:`FSAM` (default ``sparsity=0``: vanilla GSAM), plus ``alpha`` (>= 0),
     ``rho_min`` (in [0, rho]; default ``rho``: constant), ``lr_max`` (default: each group's learning
@@ -352,8 +352,10 @@ class GSAM(_MaskedFamily):
             return
         # FSDP2: DTensor gradients are worked on as local shards, the three sums all-reduced.
         local = (lambda t: t) if self._shards is None else (lambda t: t.to_local())
-        old = [local(g).float() for _, g in pairs]
-        new = [local(p.grad).float() for p, _ in pairs]  # the gradient itself when it is fp32
+        # fp64 when any gradient is fp64 (an fp64 model gets fp64 arithmetic), else fp32
+        dtype = torch.float64 if any(g.dtype == torch.float64 for _, g in pairs) else torch.float32
+        old = [local(g).to(dtype) for _, g in pairs]
+        new = [local(p.grad).to(dtype) for p, _ in pairs]  # the gradient itself when it is of that dtype
         inner = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(old, new)]).sum()
         if self._shards is None:
             new_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(new)))

@@ -143,10 +143,11 @@ class ShardedParams:
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         """The norm over every rank's shard from each rank's local norm (non-finite anywhere ->
         non-finite everywhere, so every rank skips the same steps)."""
-        # fp64: squaring a large fp32 norm must not overflow where the global norm is finite
+        # fp64: squaring a large fp32 norm must not overflow where the global norm is finite; the
+        # result keeps the local norm's dtype (the norm dtype, see fsam_kernels.reference)
         sq = local_norm.double() * local_norm.double()
         torch.distributed.all_reduce(sq, group=self.group)
-        return sq.sqrt().float()
+        return sq.sqrt().to(local_norm.dtype)
 
     def select_mask(
         self, backend: Any, layout: ParamLayout, scores: Sequence[torch.Tensor], sparsity: float, square: bool

@@ -12,12 +12,27 @@ Exact definitions (what "bit-for-bit" means for the other backends):
 * Fisher accumulation: ``F <- F + fl32(g * g)`` (two roundings, no fused multiply-add).
 * Mask: exactly ``k`` elements; every selected key >= every unselected key; among equal keys at the
   threshold the lowest global bit index (see :mod:`fsam_kernels.layout`) wins.
-* Gradient norm: ``||(||a_i * g_i||_2 for each tensor i)||_2`` in fp32 (davda54/sam's order) with
-  ``a_i = |w_i|`` for adaptive groups, else 1. Backends may sum in another order (within tolerance).
-* Perturbation: ``scale_i = fl32(1 / (norm + eps)) * fl32(rho_i)`` (davda54/sam's rounding); ``e = fl32(g) * scale_i``, or
-  ``e = ((w*w) * g) * scale_i`` for adaptive groups (ASAM), all in fp32;
-  ``w <- dtype(fl32(w) + e)`` on the masked (or dense) elements.
-  Nothing is touched when the norm is not finite.
+* Dtypes: a tensor's *compute dtype* is fp64 when its weight or gradient is fp64, else fp32. The
+  *norm dtype* is fp64 when any perturbed tensor with a gradient computes in fp64, else fp32. So fp64
+  models get davda54/sam's fp64 arithmetic; fp32/bf16/fp16 ones its fp32 arithmetic (bf16/fp16
+  rounded once at the end, where davda54/sam computes in the parameter dtype).
+* Gradient norm: ``||(||a_i * g_i||_2 for each tensor i)||_2`` (davda54/sam's order, each inner norm in
+  its compute dtype, the outer one in the norm dtype) with ``a_i = |w_i|`` for adaptive groups, else 1.
+  It must not overflow where the exact norm fits the norm dtype: when that fp32 arithmetic overflows,
+  the value is ``fl(sqrt(S))`` with ``S`` the sum of squares taken element by element in fp64: finite
+  for any finite fp32/bf16/fp16 input (the largest square, ASAM's ``(|w| * g)**2``, is about
+  ``(3.4e38)**4 ~ 1.3e154``; fp64 holds 1.8e308). Backends may sum in another order
+  (within tolerance).
+* **Skip rule** (every backend takes the same decision): nothing is perturbed when
+  ``fl(sqrt(S))`` in the norm dtype is not finite, that is when a gradient (or, for ASAM, ``|w| * g``)
+  is inf/NaN, or the norm exceeds the norm dtype's largest value (3.4e38 for fp32), or, for fp64,
+  ``S`` overflows (elements beyond ~1.3e154). ``S`` is a sum of non-negative terms, so no summation
+  order overflows before another; decisions can differ only for a norm within rounding of that
+  largest value.
+* Perturbation: ``scale = fl(1 / (norm + eps)) * fl(rho_i)`` in the norm dtype (davda54/sam's
+  rounding), rounded to the tensor's compute dtype; ``e = g * scale``, or ``e = ((w*w) * g) * scale``
+  for adaptive groups (ASAM), in the compute dtype; ``w <- dtype(w + e)`` on the masked (or dense)
+  elements.
 * Restore: the saved original values are written back; bit-exact by construction.
 """
 from __future__ import annotations
@@ -126,19 +141,50 @@ def select_mask_reference(
 
 
 # --------------------------------------------------------------------------- perturb / restore
+def compute_dtype(weight: torch.Tensor, grad: torch.Tensor) -> torch.dtype:
+    """fp64 when the weight or its gradient is fp64, else fp32 (see the module doc)."""
+    return torch.float64 if torch.float64 in (weight.dtype, grad.dtype) else torch.float32
+
+
+def norm_dtype(layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.dtype:
+    """fp64 when any perturbed tensor with a gradient computes in fp64, else fp32."""
+    fp64 = any(g is not None and compute_dtype(p, g) == torch.float64 for p, g in zip(layout.params, grads))
+    return torch.float64 if fp64 else torch.float32
+
+
+def grad_sumsq_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """``S``: the sum of ``(a_i * g_i)**2`` over every element, each squared and summed in fp64; 0-dim fp64."""
+    total = torch.zeros((), dtype=torch.float64, device=layout.device)
+    for p, g, adaptive in zip(layout.params, grads, layout.adaptive):
+        if g is None:
+            continue
+        v = g.reshape(-1).double()
+        if adaptive:
+            v = p.detach().reshape(-1).double().abs() * v
+        total = total + torch.dot(v, v)
+    return total
+
+
 def grad_norm_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    """Global L2 norm of the (ASAM-weighted) gradient of every perturbed parameter, fp32, 0-dim."""
+    """Global L2 norm of the (ASAM-weighted) gradient of every perturbed parameter; 0-dim, in the norm
+    dtype. davda54/sam's value where it is finite, else ``fl(sqrt(S))`` (the skip rule). ``S`` costs a
+    pass in fp64, so it is computed only then: one host read (the optimizer reads the norm anyway)."""
+    dtype = norm_dtype(layout, grads)
     norms = []
     for p, g, adaptive in zip(layout.params, grads, layout.adaptive):
         if g is None:
             continue
-        v = g.float()
+        v = g.to(compute_dtype(p, g))
         if adaptive:
-            v = p.detach().float().abs() * v
-        norms.append(torch.linalg.vector_norm(v))
+            v = p.detach().to(v.dtype).abs() * v
+        norms.append(torch.linalg.vector_norm(v).to(dtype))
     if not norms:
-        return torch.zeros((), dtype=torch.float32, device=layout.device)
-    return torch.linalg.vector_norm(torch.stack(norms))
+        return torch.zeros((), dtype=dtype, device=layout.device)
+    davda = torch.linalg.vector_norm(torch.stack(norms))
+    # In fp64, davda54's value can be finite where S is not: vector_norm returns |x| for one element.
+    if bool(torch.isfinite(davda * davda if dtype == torch.float64 else davda)):
+        return davda
+    return grad_sumsq_reference(layout, grads).sqrt().to(dtype)
 
 
 def perturb_reference(
@@ -150,32 +196,34 @@ def perturb_reference(
 ) -> Optional[list[Optional[torch.Tensor]]]:
     """Move the weights to ``w + e`` on masked (and dense) elements; return their original values.
 
-    Returns ``None`` (weights untouched) when ``norm`` is not finite, else one compact 1-D tensor of
-    saved originals per parameter (``None`` where the parameter had no gradient).
+    ``norm`` is a 0-dim tensor in the norm dtype (what :func:`grad_norm_reference` returns); the scale
+    is computed in its dtype. Returns ``None`` (weights untouched) when ``norm`` is not finite, else one
+    compact 1-D tensor of saved originals per parameter (``None`` where the parameter had no gradient).
     """
     if not bool(torch.isfinite(norm)):
         return None
     saved: list[Optional[torch.Tensor]] = [None] * len(layout.params)
     masked_pos = {i: j for j, i in enumerate(layout.masked_index)}
-    denom = norm.float() + eps
+    inverse = (norm.reshape(()) + eps).reciprocal()
     for i, (p, g) in enumerate(zip(layout.params, grads)):
         if g is None:
             continue
-        scale = denom.reciprocal() * torch.tensor(layout.rho[i], dtype=torch.float32, device=p.device)
+        c = compute_dtype(p, g)
+        scale = (inverse * torch.tensor(layout.rho[i], dtype=inverse.dtype, device=p.device)).to(c)
         flat = p.detach().view(-1)
-        g32 = g.reshape(-1).float()
+        gc = g.reshape(-1).to(c)
         if layout.adaptive[i]:
-            w32 = flat.float()
-            e = ((w32 * w32) * g32) * scale
+            wc = flat.to(c)
+            e = ((wc * wc) * gc) * scale
         else:
-            e = g32 * scale
+            e = gc * scale
         if i in masked_pos:
             m = mask_of(layout, bits, masked_pos[i])
             saved[i] = flat[m].clone()
-            flat[m] = (flat[m].float() + e[m]).to(p.dtype)
+            flat[m] = (flat[m].to(c) + e[m]).to(p.dtype)
         else:
             saved[i] = flat.clone()
-            flat.copy_((flat.float() + e).to(p.dtype))
+            flat.copy_((flat.to(c) + e).to(p.dtype))
     return saved
 
 

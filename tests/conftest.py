@@ -71,3 +71,22 @@ def check_sharded_select(backend, layout, scores, k):
         assert torch.equal(bits, ds.mask_from_threshold_reference(layout, scores, True, prefix, qs)), qs
     assert torch.equal(backend.mask_from_threshold(layout, scores, True, prefix, quotas),
                        ref.select_mask_reference(layout, scores, k, True))
+
+
+# bf16 / fp16 perturbations that land exactly halfway between two representable values: w + g * rho
+# with g = 1, norm = 1 and rho half a unit in the last place. Round to nearest even keeps 1.0 and
+# takes the upper neighbour of 1 + ulp (ties away from zero would move both up).
+HALFWAY_CASES = {
+    torch.bfloat16: ([1.0, 1.0078125], 2.0**-8, [1.0, 1.015625]),
+    torch.float16: ([1.0, 1.0 + 2.0**-10], 2.0**-11, [1.0, 1.0 + 2.0**-9]),
+}
+
+
+def halfway_case(dtype):
+    """(layout of one dense tensor, its gradients, the norm, the perturbed weights round-to-nearest-even gives)."""
+    from fsam_kernels.layout import ParamLayout
+
+    start, rho, want = HALFWAY_CASES[dtype]
+    w = torch.tensor(start, dtype=dtype)
+    layout = ParamLayout([w], [False], [rho], [False])
+    return layout, [torch.ones(2, dtype=dtype)], torch.tensor(1.0), torch.tensor(want, dtype=dtype)

@@ -35,6 +35,16 @@ def _loss(model, x, y):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
+# Per-replica first passes with a poisoned gradient on one replica: (step, rank, values written into
+# the first weight's gradient). Every replica must skip that step with it.
+POISONED = {
+    "no_sync": (STEPS - 1, 1, [float("inf")]),
+    "no_sync_inf_at_step_0": (0, 0, [float("nan")]),
+    # finite, but the squares overflow fp64 (the model is fp64): the norm is inf, not the elements
+    "no_sync_squares_overflow": (1, 1, [1e200, 1e200]),
+}
+
+
 def _worker(rank, port, mode, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -55,9 +65,10 @@ def _worker(rank, port, mode, out_dir):
             else:
                 with model.no_sync():  # per-replica perturbation
                     _loss(model, x, y).backward()
-                if step == STEPS - 1 and rank == 1:
-                    model.module[0].weight.grad[0, 0] = float("inf")  # one replica overflows
-                with pytest.warns(RuntimeWarning) if step == STEPS - 1 else _nullcontext():
+                bad_step, bad_rank, values = POISONED[mode]
+                if step == bad_step and rank == bad_rank:  # one replica overflows
+                    model.module[0].weight.grad[0, : len(values)] = torch.tensor(values, dtype=torch.float64)
+                with pytest.warns(RuntimeWarning) if step == bad_step else _nullcontext():
                     fsam_dist.first_step(opt, zero_grad=True)
             _loss(model, x, y).backward()  # synchronized second pass
             opt.second_step(zero_grad=True)
@@ -140,6 +151,16 @@ def test_per_replica_first_pass_keeps_ranks_identical(tmp_path):
     # Per-replica perturbations make the run differ from the synchronized one.
     single_params, _ = _single_process()
     assert any(not torch.allclose(a, b) for a, b in zip(single_params, results[0]["params"]))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["no_sync_inf_at_step_0", "no_sync_squares_overflow"])
+def test_a_replica_that_must_skip_takes_every_replica_along(tmp_path, mode):
+    """Before the first mask (step 0, on rank 0), and with finite gradients whose norm overflows:
+    both replicas skip the same step, and keep the same weights, masks and step count."""
+    results = _run(mode, tmp_path)
+    _assert_ranks_identical(results)
+    assert results[0]["step_count"] == STEPS - 1
 
 
 def test_requires_initialized_process_group():

@@ -146,6 +146,23 @@ def test_sam_is_bit_identical_to_davda54_loop(base, adaptive):
     assert_params_close(ours, theirs, exact=True)
 
 
+def test_asam_with_unscaled_biases_is_the_authors_convention_without_eta():
+    """SamsungLabs' ASAM scales weights only (T_w = |w| + eta, biases T = 1); with eta = 0 that is biases
+    in a group with adaptive=False: e = rho * T^2 g / ||T g|| over weights and biases together."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
+    gw, gb = torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
+    pw, pb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
+    opt = SAM([{"params": [pw], "adaptive": True}, {"params": [pb], "adaptive": False}], torch.optim.SGD,
+              rho=0.5, lr=0.1, backend="torch")
+    pw.grad, pb.grad = gw.clone(), gb.clone()
+    opt.first_step()
+    norm = torch.sqrt(((w.abs() * gw) ** 2).sum() + (gb**2).sum())
+    torch.testing.assert_close(pw.detach(), w + 0.5 * w.abs() ** 2 * gw / (norm + EPS), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(pb.detach(), b + 0.5 * gb / (norm + EPS), rtol=1e-6, atol=1e-7)
+    opt.restore()
+
+
 def test_sam_has_no_mask_and_refuses_one():
     model = make_model()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="torch")
@@ -265,6 +282,16 @@ def test_esam_select_samples_picks_the_largest_rise_ties_lowest_index():
     assert opt.select_samples(before, after).tolist() == [4]
 
 
+@pytest.mark.parametrize("gamma, batch, kept", [(0.3, 5, 2), (0.1, 5, 1), (0.42, 5, 2), (0.7, 5, 4)])
+def test_esam_keeps_round_gamma_times_batch_samples(gamma, batch, kept):
+    """max(1, round(gamma * B)) where gamma * B is not whole: 1.5 -> 2, 0.5 -> 1 (at least one),
+    2.1 -> 2, 3.5 -> 4 (not floor, not ceil, not int(gamma * B) - 1 as the released code)."""
+    opt = ESAM([torch.nn.Parameter(torch.zeros(2))], torch.optim.SGD, gamma=gamma, lr=0.1)
+    before = torch.zeros(batch)
+    after = torch.arange(batch, dtype=torch.float32)  # the last samples rose most
+    assert opt.select_samples(before, after).tolist() == list(range(batch - kept, batch))
+
+
 def test_esam_closure_contract_is_checked():
     model = make_model()
     x, y = make_data(1)[0]
@@ -380,6 +407,21 @@ def test_gsam_rho_follows_the_learning_rate():
         opt.second_step()
         sched.step()
     assert seen[0] == pytest.approx(0.2, rel=1e-5) and seen[-1] == pytest.approx(0.05, rel=1e-5)
+
+
+@pytest.mark.parametrize("lr_max, lr_min, lr, rho_t", [
+    (1.0, 0.25, 0.25, 0.05),  # lr == lr_min: exactly rho_min
+    (0.5, 0.5, 0.5, 0.2),  # lr_max == lr_min (a constant learning rate): rho, without dividing by zero
+])
+def test_gsam_rho_at_the_ends_of_a_degenerate_schedule(lr_max, lr_min, lr, rho_t):
+    w = torch.nn.Parameter(torch.zeros(100))
+    opt = GSAM([w], torch.optim.SGD, rho=0.2, rho_min=0.05, alpha=0.0, lr=lr, lr_max=lr_max, lr_min=lr_min,
+               backend="torch")
+    assert opt.current_rho() == [rho_t]
+    w.grad = torch.ones(100)
+    opt.first_step()
+    assert torch.linalg.vector_norm(w.detach()).item() == pytest.approx(rho_t, rel=1e-6)
+    opt.restore()
 
 
 def test_gsam_subtracts_the_orthogonal_component_of_the_first_gradient():

@@ -10,6 +10,7 @@ and 3, so group ranks differ from global ranks); starting processes is the expen
 * checkpoint: torch.distributed.checkpoint save -> load -> continue equals an uninterrupted run, and a
   4-rank checkpoint loads into 2 ranks with the same full masks and weights;
 * plain per-rank ``state_dict`` / ``load_state_dict`` round trip;
+* the global gradient norm and the global k of the mask;
 * a non-finite gradient on one rank makes every rank skip the step;
 * bad input: a mix of sharded and ordinary parameters, and HSDP's 2-D mesh, are refused.
 """
@@ -305,6 +306,24 @@ def scenario_reshard(rank, world, mesh, ckpt_dir):
     fsam_step(model, opt, *batch(2, rank, world))  # and training goes on
 
 
+def scenario_global_norm_and_k(rank, world, mesh):
+    """first_step's norm is the norm of the full gradient (every rank's shard), and the mask keeps
+    k = round((1 - sparsity) * N) elements of the full masked parameters, however they are sharded."""
+    model = shard(make_model(), mesh)
+    opt = make_fsam(model, sparsity=0.8, backend="torch")
+    x, y = batch(0, rank, world)
+    F.cross_entropy(model(x), y).backward()
+    full_grads = [full(p.grad) for p in model.parameters()]
+    want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in full_grads]))
+    norm = opt.first_step()
+    torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+    kept = torch.tensor([sum(int(m.sum()) for m in opt.masks())])
+    torch.distributed.all_reduce(kept, group=mesh.get_group())
+    n_masked = sum(p.numel() for p in param_groups(model)[0]["params"])  # DTensor: the full size
+    assert kept.item() == round(0.2 * n_masked), (kept.item(), n_masked)
+    opt.restore()
+
+
 def scenario_nonfinite_on_one_rank(rank, world, mesh):
     """An inf in one rank's gradient shard makes every rank skip the perturbation, so they stay in step."""
     model = shard(make_model(), mesh)
@@ -348,6 +367,7 @@ def run_scenarios(rank, world, mesh, tmp_dir):
     scenario_checkpoint(rank, world, mesh, os.path.join(tmp_dir, f"ckpt{world}"))
     if world != WORLD:
         scenario_reshard(rank, world, mesh, os.path.join(tmp_dir, f"ckpt{WORLD}"))
+    scenario_global_norm_and_k(rank, world, mesh)
     scenario_nonfinite_on_one_rank(rank, world, mesh)
     scenario_bad_input(rank, world, mesh)
 

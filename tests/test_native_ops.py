@@ -10,7 +10,7 @@ import torch
 
 from fsam_kernels import reference as ref
 from fsam_kernels.layout import ParamLayout
-from conftest import first_mismatch
+from conftest import first_mismatch, halfway_case
 from native_op_cases import OPS, opcheck_cases
 from plain_fsam import plain_topk_masks
 
@@ -184,6 +184,26 @@ def perturb_case(sizes, dtype, masked, adaptive, with_grad=None, seed=0):
     return lay, params, grads
 
 
+def check_norm_perturb_restore(native, lay, params, grads, bits):
+    """The native norm within rounding of the reference's, then with that norm the reference's
+    perturbed weights bit for bit, then the originals back bit for bit."""
+    originals = [p.clone() for p in params]
+    norm = native.grad_norm(lay, grads)
+    assert norm.dtype == ref.grad_norm_reference(lay, grads).dtype
+    torch.testing.assert_close(norm, ref.grad_norm_reference(lay, grads), rtol=2e-6, atol=0)
+    ref.perturb_reference(lay, grads, bits, norm, 1e-12)
+    want = [p.clone() for p in params]
+    for p, o in zip(params, originals):
+        p.copy_(o)
+    aux = None if bits is None else native.mask_aux(lay, bits)
+    saved = native.perturb(lay, grads, bits, aux, norm, 1e-12)
+    for i, (p, w) in enumerate(zip(params, want)):
+        assert torch.equal(p, w), f"params[{i}] after perturb: {first_mismatch(p, w)}"
+    native.restore(lay, bits, aux, saved)
+    for i, (p, o) in enumerate(zip(params, originals)):
+        assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 def test_grad_norm_matches_reference(native, dtype, adaptive):
@@ -231,6 +251,27 @@ def test_perturb_and_restore_match_reference(native, dtype, adaptive, keep):
     native.restore(lay, bits, aux, saved)
     for i, (p, o) in enumerate(zip(params, originals)):
         assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
+
+
+def test_dense_tensors_larger_than_one_cpu_chunk(native):
+    """Dense (unmasked) tensors of 70,001 elements span three 32,768-element CPU chunks: saved
+    originals, perturbed values, the norm and the Fisher accumulator at chunk-absolute positions."""
+    sizes, adaptive = [70001, 5, 70001], [False, False, True]
+    lay, params, grads = perturb_case(sizes, torch.float32, [False] * 3, adaptive, seed=4)
+    check_norm_perturb_restore(native, lay, params, grads, None)
+    acc_native = [torch.rand(g.shape) for g in grads]
+    acc_ref = [a.clone() for a in acc_native]
+    native.fisher_accumulate(acc_native, grads)
+    ref.fisher_accumulate_reference(acc_ref, grads)
+    for i, (a, b) in enumerate(zip(acc_native, acc_ref)):
+        assert torch.equal(a, b), f"accum[{i}]: {first_mismatch(a, b)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_perturbation_halfway_between_two_values_rounds_to_nearest_even(native, dtype):
+    layout, grads, norm, want = halfway_case(dtype)
+    native.perturb(layout, grads, None, None, norm, 1e-12)
+    assert torch.equal(layout.params[0], want), first_mismatch(layout.params[0], want)
 
 
 def test_perturb_scale_rounds_like_the_reference(native):
@@ -469,20 +510,9 @@ def test_opcheck(native, op):
 
 def test_float64_on_the_cpu_matches_reference(native):
     lay, params, grads = perturb_case([7, 600], torch.float64, [True, False], True)
-    originals = [p.clone() for p in params]
     bits = native.select_mask(lay, [grads[0]], 3, True)
     assert_same_bits(bits, ref.select_mask_reference(lay, [grads[0]], 3, True), lay)
-    norm = native.grad_norm(lay, grads)
-    torch.testing.assert_close(norm, ref.grad_norm_reference(lay, grads), rtol=2e-6, atol=0)
-    ref.perturb_reference(lay, grads, bits, norm, 1e-12)
-    want = [p.clone() for p in params]
-    for p, o in zip(params, originals):
-        p.copy_(o)
-    aux = native.mask_aux(lay, bits)
-    saved = native.perturb(lay, grads, bits, aux, norm, 1e-12)
-    assert all(torch.equal(p, w) for p, w in zip(params, want))
-    native.restore(lay, bits, aux, saved)
-    assert all(torch.equal(p, o) for p, o in zip(params, originals))
+    check_norm_perturb_restore(native, lay, params, grads, bits)
 
 
 def test_nm_mask_goes_through_the_native_op(native):

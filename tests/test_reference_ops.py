@@ -4,6 +4,7 @@ import torch
 
 from fsam_kernels import reference as ref
 from fsam_kernels.layout import MASK_ALIGN_BITS, ParamLayout
+from conftest import first_mismatch, halfway_case
 from plain_fsam import plain_topk_masks
 
 
@@ -155,3 +156,20 @@ def test_fisher_accumulate_reference():
     ref.fisher_accumulate_reference(acc, grads)
     assert acc[0].dtype == torch.float32
     assert acc[0].tolist() == [1.0, 4.0, 0.25] and acc[1].tolist() == [10.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_perturbation_halfway_between_two_values_rounds_to_nearest_even(dtype):
+    layout, grads, norm, want = halfway_case(dtype)
+    ref.perturb_reference(layout, grads, None, norm, 1e-12)
+    assert torch.equal(layout.params[0], want), first_mismatch(layout.params[0], want)
+
+
+def test_eps_is_added_to_the_norm():
+    """scale = rho / (norm + eps): with a norm far from 1 and a large eps, adding eps anywhere else
+    (to the squared norm, to the scale, to 1/norm) gives another perturbation."""
+    w = torch.zeros(4)
+    g = torch.tensor([1.0, -2.0, 4.0, 8.0])
+    lay = ParamLayout([w], [False], [3.0], [False])
+    ref.perturb_reference(lay, [g], None, torch.tensor(1000.0), 24.0)
+    assert torch.equal(w, g * (3.0 / 1024.0))  # exact: 1024 is a power of two

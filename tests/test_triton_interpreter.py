@@ -19,7 +19,8 @@ from fsam_kernels import reference as ref  # noqa: E402
 from fsam_kernels.backends import BackendUnavailable, get_backend  # noqa: E402
 from fsam_kernels.layout import ParamLayout  # noqa: E402
 
-from conftest import TinyNet, first_mismatch, make_batches  # noqa: E402
+from conftest import TinyNet, first_mismatch, halfway_case, make_batches  # noqa: E402
+from test_numeric_policy import SKIP_RULE_CASES, skip_rule_case  # noqa: E402
 
 SIZES = [1, 7, 123, 4097]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -391,6 +392,35 @@ def test_float64_params_use_the_reference(backend):
     backend.restore(layout, bits, aux, saved)
     for p, o in zip(layout.params, originals):
         assert torch.equal(p, o)
+
+
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # numpy on inf/NaN
+@pytest.mark.parametrize("case", SKIP_RULE_CASES, ids=[c[0] for c in SKIP_RULE_CASES])
+def test_skip_rule_is_the_reference_one(backend, case):
+    """The reference's skip rule (see tests/test_numeric_policy.py): the same decision, a norm that
+    does not overflow for finite gradients, and the reference's perturbation."""
+    _, values, dtype, weight, perturbed = case
+    layout, params, grads = skip_rule_case(values, dtype, weight)
+    norm = backend.grad_norm(layout, grads)
+    assert norm.dtype == ref.grad_norm_reference(layout, grads).dtype
+    assert bool(torch.isfinite(norm)) == perturbed, f"norm {norm.item()!r}"
+    if perturbed:
+        exact = ref.grad_sumsq_reference(layout, grads).sqrt()
+        torch.testing.assert_close(norm.double(), exact, rtol=1e-6, atol=0)
+    twin, originals, _, saved, _ = _perturb_both(backend, layout, grads, None, norm)
+    for i, (p, q) in enumerate(zip(layout.params, twin.params)):
+        assert torch.equal(p, q), f"param {i}: {first_mismatch(p, q)}"
+    assert (not torch.equal(layout.params[0], originals[0])) == perturbed
+    backend.restore(layout, None, None, saved)
+    for p, o in zip(layout.params, originals):
+        assert torch.equal(p, o)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_perturbation_halfway_between_two_values_rounds_to_nearest_even(backend, dtype):
+    layout, grads, norm, want = halfway_case(dtype)
+    backend.perturb(layout, grads, None, None, norm, 1e-12)
+    assert torch.equal(layout.params[0], want), first_mismatch(layout.params[0], want)
 
 
 def test_perturb_rejects_bad_input(backend):

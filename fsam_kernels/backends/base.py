@@ -81,7 +81,8 @@ class Backend:
 
     # --- perturb / restore
     def grad_norm(self, layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-        """0-dim fp32 device tensor; no host synchronisation."""
+        """0-dim device tensor in the norm dtype (fp64 when a tensor computes in fp64, else fp32; see
+        :mod:`fsam_kernels.reference`); no host synchronisation."""
         raise NotImplementedError
 
     def perturb(

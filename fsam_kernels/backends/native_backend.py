@@ -219,10 +219,10 @@ class NativeBackend(Backend):
             sizes,
             [float(layout.rho[i]) for i in idx],
             [layout.adaptive[i] for i in idx],
-            norm.detach().float(),
+            norm.detach(),  # in the norm dtype: the scale is computed in it (see fsam_kernels.reference)
             float(eps),
         )
-        return {"index": idx, "values": saved, "norm": norm.detach().float()}
+        return {"index": idx, "values": saved, "norm": norm.detach()}
 
     def restore(self, layout, bits, aux, saved) -> None:
         if saved is None:

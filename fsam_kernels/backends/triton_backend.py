@@ -160,13 +160,13 @@ class TritonBackend(Backend):
         return self._plans.get(layout.tensors_key, lambda: _LayoutPlan(layout))
 
     def _device_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(a dummy mask, dummy prefix counts, a one-element fp32 zero), allocated once per device: the
+        """(a dummy mask, dummy prefix counts, a one-element fp64 zero), allocated once per device: the
         arguments of launches that touch no masked tensor."""
         if device not in self._constants:
             self._constants[device] = (
                 torch.zeros(64, dtype=torch.uint8, device=device),
                 torch.zeros(1, dtype=torch.int64, device=device),
-                torch.zeros(1, dtype=torch.float32, device=device),
+                torch.zeros(1, dtype=torch.float64, device=device),
             )
         return self._constants[device]
 
@@ -390,16 +390,21 @@ class TritonBackend(Backend):
         _, _, zero = self._device_constants(layout.device)
         extra = zero
         if fallback:
-            other = ref.grad_norm_reference(layout, [g if i in fallback else None for i, g in enumerate(grads)])
-            extra = (other * other).reshape(1)
+            extra = ref.grad_sumsq_reference(layout, [g if i in fallback else None for i, g in enumerate(grads)])
+            extra = extra.reshape(1)
         with _device_guard(layout.device):
-            return _kernels()[1].grad_norm(groups, layout.device, extra)
+            return _kernels()[1].grad_norm(groups, layout.device, extra, ref.norm_dtype(layout, grads))
 
     def perturb(self, layout, grads, bits, aux, norm, eps) -> Any:
         grads = self._check_grads(layout, grads, "perturb")
         if not isinstance(norm, torch.Tensor) or norm.numel() != 1 or norm.device != layout.device:
             raise ValueError(f"perturb: expected norm to be a one-element tensor on {layout.device}")
         plan = self._plan(layout)
+        if norm.dtype == torch.float64:
+            # an fp64 norm (a model with fp64 tensors): its scale is computed in fp64 and the fp64 tensors
+            # go through the reference anyway, so the reference perturbs every tensor
+            applied = torch.ones(1, dtype=torch.int32, device=layout.device)
+            return _Saved([], {}, applied, bits, None, plan.dense_total, ref.perturb_reference(layout, grads, bits, norm, eps))
         groups, fallback = self._groups_for(layout, plan, grads)
         needs_mask = any(grads[i] is not None for i in layout.masked_index)
         dummy_mask, dummy_prefix, _ = self._device_constants(layout.device)

@@ -131,6 +131,9 @@ def _scenarios(backend) -> None:
     full_step(lay, grads_of(lay), 1, True)
     acc = [torch.zeros(100)]
     backend.fisher_accumulate(acc, grads_of(lay))
+    # an fp64 tensor makes the norm fp64 (its squares come from the reference)
+    lay = layout([300, 50], [torch.float32, torch.float64])
+    backend.grad_norm(lay, grads_of(lay))
     # the sampled bracket, single-program and parallel threshold searches
     saved = (backend.sample_size, backend.candidate_capacity, backend.parallel_select_min)
     try:

@@ -1,7 +1,13 @@
 """Global gradient norm ``sqrt(sum_i ||a_i * g_i||^2)`` (``a_i = |w_i|`` for ASAM groups, else 1).
 
-One launch per (weight dtype, gradient dtype) group writes one fp32 partial sum per chunk; one
+One launch per (weight dtype, gradient dtype) group writes one partial sum per chunk; one
 single-program launch adds the partials in fp64 in a fixed order, so the norm is deterministic.
+
+Squares of finite inputs must not overflow (the skip rule of :mod:`fsam_kernels.reference`): a chunk
+sums its squares in fp32 and, only when that sum overflowed (an element beyond ~1.8e19, or an inf/NaN),
+sums them again with each square in fp64, where finite inputs cannot overflow. The common case stays a
+streaming fp32 kernel; squaring every element in fp64 would also be exact, but costs on GPUs with a
+low fp64 rate (1/64 of fp32 on consumer parts).
 """
 from __future__ import annotations
 
@@ -28,11 +34,17 @@ def _sumsq_kernel(w_ptrs, g_ptrs, numels, adaptive, chunk_slot, chunk_start, par
     offs = start + tl.arange(0, BLOCK)
     inside = offs < n
     gp = tl.load(g_ptrs + slot).to(tl.pointer_type(G_DTYPE))
-    v = tl.load(gp + offs, mask=inside, other=0.0).to(tl.float32)
+    g = tl.load(gp + offs, mask=inside, other=0.0)
+    w = tl.full([BLOCK], 1.0, tl.float32)
     if tl.load(adaptive + slot) != 0:
         wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
-        v = tl.abs(tl.load(wp + offs, mask=inside, other=0.0).to(tl.float32)) * v
-    tl.store(partials + c, _sum(v * v, 0))
+        w = tl.load(wp + offs, mask=inside, other=0.0).to(tl.float32)
+    v = tl.abs(w) * g.to(tl.float32)
+    total = _sum(v * v, 0).to(tl.float64)
+    if (total - total) != 0:  # overflowed (or an inf/NaN input): every square again, in fp64
+        v64 = tl.abs(w.to(tl.float64)) * g.to(tl.float64)
+        total = _sum(v64 * v64, 0)
+    tl.store(partials + c, total)
 
 
 @triton.jit
@@ -44,15 +56,17 @@ def _sqrt_of_sum_kernel(partials, n, extra, out, BLOCK: tl.constexpr):
         offs = i + tl.arange(0, BLOCK)
         acc += tl.load(partials + offs, mask=offs < n, other=0.0).to(tl.float64)
         i += BLOCK
-    total = _sum(acc, 0) + tl.load(extra).to(tl.float64)
-    tl.store(out, tl.sqrt_rn(total.to(tl.float32)))
+    total = _sum(acc, 0) + tl.load(extra)
+    # rounded to out's dtype (the norm dtype) after the root: inf beyond its range (the skip rule)
+    tl.store(out, tl.sqrt(total).to(out.dtype.element_ty))
 
 
-def grad_norm(groups, device: torch.device, extra_sumsq: torch.Tensor) -> torch.Tensor:
-    """Norm over the tensors of ``groups`` (see ``backends.triton_backend._Group``) plus
-    ``extra_sumsq`` (a 1-element fp32 device tensor: the squared norm of tensors done elsewhere)."""
+def grad_norm(groups, device: torch.device, extra_sumsq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Norm, in ``dtype`` (the norm dtype), over the tensors of ``groups`` (see
+    ``backends.triton_backend._Group``) plus ``extra_sumsq`` (a 1-element fp64 device tensor: the sum of
+    squares of tensors done elsewhere)."""
     total = sum(g.n_chunks for g in groups)
-    partials = torch.empty(max(total, 1), dtype=torch.float32, device=device)
+    partials = torch.empty(max(total, 1), dtype=torch.float64, device=device)
     base = 0
     for g in groups:
         if g.n_chunks:
@@ -61,6 +75,6 @@ def grad_norm(groups, device: torch.device, extra_sumsq: torch.Tensor) -> torch.
                 W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype), BLOCK=CHUNK, num_warps=8,
             )
         base += g.n_chunks
-    out = torch.empty((), dtype=torch.float32, device=device)
+    out = torch.empty((), dtype=dtype, device=device)
     _sqrt_of_sum_kernel[(1,)](partials, total, extra_sumsq, out, BLOCK=_FINAL_BLOCK, num_warps=8)
     return out
