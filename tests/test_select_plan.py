@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import shapes as S
 from fsam_kernels.backends.triton_backend import TritonBackend
-from fsam_kernels.triton_kernels.select_plan import MAX_BUFFER, budget, chunks_of
+from fsam_kernels.triton_kernels.select_plan import MAX_BUFFER, bracket_ranks, budget, candidate_capacity, chunks_of
 
 SIZES = {
     "decoder-1.3b": (S.decoder_1p3b().numel, chunks_of(S.decoder_1p3b().numel_list)),
@@ -54,3 +54,16 @@ def test_sample_grows_with_n_and_plan_rejects_bad_settings():
     backend.scan_block = 3
     with pytest.raises(ValueError, match="scan_block"):
         backend.select_plan(100, 1, 5)
+
+
+def test_candidate_buffer_grows_with_the_bracket():
+    floor, ceiling, samples = 1 << 22, 1 << 24, 1 << 18
+    for n, q in ((355_000_000, 0.1), (1_300_000_000, 0.1), (1_300_000_000, 0.5), (100_000_000, 0.5)):
+        hi, lo = bracket_ranks(n, int(q * n), samples)
+        cap = candidate_capacity(n, samples, hi, lo, floor, ceiling)
+        expected = (lo - hi - 1) * n / samples  # keys strictly inside the bracket, on average
+        assert floor <= cap <= ceiling and cap >= min(1.2 * expected, ceiling), (n, q, cap, expected)
+    # 1.3B values at 10 % or 50 % kept outgrow a 4M-key buffer: the fixed buffer fell back on every update
+    hi, lo = bracket_ranks(1_300_000_000, 130_000_000, samples)
+    assert (lo - hi - 1) * 1_300_000_000 / samples > floor
+    assert candidate_capacity(1000, 64, 10, 30, 4, 1 << 20) == min(1000, 19 * 16 + 19 * 16 // 4)

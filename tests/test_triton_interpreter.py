@@ -328,21 +328,6 @@ def test_select_mask_is_exact_on_every_path_without_the_reference(backend, monke
     assert aux["prefix"].tolist() == want_prefix and aux["totals"] == want_totals
 
 
-def test_candidate_buffer_grows_with_the_bracket():
-    from fsam_kernels.triton_kernels.select_plan import bracket_ranks, candidate_capacity
-
-    floor, ceiling, samples = 1 << 22, 1 << 24, 1 << 18
-    for n, q in ((355_000_000, 0.1), (1_300_000_000, 0.1), (1_300_000_000, 0.5), (100_000_000, 0.5)):
-        hi, lo = bracket_ranks(n, int(q * n), samples)
-        cap = candidate_capacity(n, samples, hi, lo, floor, ceiling)
-        expected = (lo - hi - 1) * n / samples  # keys strictly inside the bracket, on average
-        assert floor <= cap <= ceiling and cap >= min(1.2 * expected, ceiling), (n, q, cap, expected)
-    # 1.3B values at 10 % or 50 % kept outgrow a 4M-key buffer: the fixed buffer fell back on every update
-    hi, lo = bracket_ranks(1_300_000_000, 130_000_000, samples)
-    assert (lo - hi - 1) * 1_300_000_000 / samples > floor
-    assert candidate_capacity(1000, 64, 10, 30, 4, 1 << 20) == min(1000, 19 * 16 + 19 * 16 // 4)
-
-
 def test_select_mask_rejects_bad_input(backend):
     layout = make_layout([7, 9])
     scores = rand_like_list(layout.masked_params)
