@@ -418,7 +418,7 @@ def _chunk_counts(counts, n_chunks, chunk_group, offs):
 @triton.jit
 def _block_ties(sums, n_blocks, offs, N_GROUPS: tl.constexpr):
     """Keys ``== T`` of blocks ``offs``, all groups together."""
-    eq = tl.zeros(offs.shape, tl.int64)
+    eq = tl.full(offs.shape, 0, tl.int64)
     for g in tl.static_range(N_GROUPS):
         eq += tl.load(sums + (N_GROUPS + g) * n_blocks + offs, mask=offs < n_blocks, other=0)
     return eq
