@@ -88,7 +88,7 @@ class Plan:
     def op_cases(self) -> list[OpCase]:
         if "ops" not in self.parts:
             return []
-        return [OpCase(s, d, m, op) for s in S.shape_sets(self.mode) for d in DTYPES
+        return [OpCase(s, d, m, op) for s in S.shape_sets(self.mode) for d in DTYPES if s.measures(d)
                 for m in method_names(self.backends) for op in method_ops(m)]
 
     def memory_cases(self) -> list[WorkloadCase]:
@@ -100,7 +100,7 @@ class Plan:
         sets = self._model_sets()
         if len(sets) > 2:  # bytes per parameter hardly depend on the model: the smallest and largest suffice
             sets = [min(sets, key=lambda s: s.numel), max(sets, key=lambda s: s.numel)]
-        return [WorkloadCase(s, d, m) for s in sets for d in DTYPES for m in methods]
+        return [WorkloadCase(s, d, m) for s in sets for d in DTYPES if s.measures(d) for m in methods]
 
     def launch_cases(self) -> list[WorkloadCase]:
         if "launches" not in self.parts:

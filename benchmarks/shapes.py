@@ -2,7 +2,9 @@
 
 Each set is the list of tensor shapes, in ``model.parameters()`` order, that an optimizer would see.
 The encoder formula reproduces Hugging Face's BERT/RoBERTa sequence classifiers tensor for tensor
-(RoBERTa-large: 355,361,794 values in 393 tensors); the decoder is OPT-1.3B-shaped (tied LM head).
+(RoBERTa-large: 355,361,794 values in 393 tensors); the decoder is OPT-1.3B-shaped (tied LM head);
+the 7B set is Llama-2-7B's (6,738,415,616 values in 291 tensors), measured in bf16 only, as it is
+fine-tuned.
 """
 from __future__ import annotations
 
@@ -14,10 +16,18 @@ from math import prod
 class ShapeSet:
     name: str
     shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...] = ()  # the only weight dtypes measured (torch names); empty: every one
 
     @property
     def numel(self) -> int:
         return sum(prod(s) for s in self.shapes)
+
+    @property
+    def numel_list(self) -> list[int]:
+        return [prod(s) for s in self.shapes]
+
+    def measures(self, dtype) -> bool:
+        return not self.dtypes or str(dtype).removeprefix("torch.") in self.dtypes
 
     @property
     def n_tensors(self) -> int:
@@ -64,6 +74,19 @@ def decoder_1p3b() -> ShapeSet:
     return ShapeSet("decoder-1.3b", tuple(decoder_shapes(vocab=50272, max_pos=2048, hidden=2048, layers=24, ffn=8192)))
 
 
+def llama_shapes(*, vocab: int, hidden: int, layers: int, ffn: int) -> list[tuple[int, ...]]:
+    """Llama decoder in Hugging Face's parameter order: embeddings, per layer q/k/v/o, gate/up/down
+    and two RMSNorm weights, the final norm, an untied LM head (no biases)."""
+    h = hidden
+    per_layer = [(h, h)] * 4 + [(ffn, h), (ffn, h), (h, ffn), (h,), (h,)]
+    return [(vocab, h)] + per_layer * layers + [(h,), (vocab, h)]
+
+
+def llama2_7b() -> ShapeSet:
+    return ShapeSet("llama-2-7b", tuple(llama_shapes(vocab=32000, hidden=4096, layers=32, ffn=11008)),
+                    dtypes=("bfloat16",))
+
+
 def sweep(total: int, n_matrices: int = 64) -> ShapeSet:
     """``total`` values (rounded down to whole rows): ``n_matrices`` weight matrices, each with a bias
     vector, like a stack of linear layers; the sweep shows how cost grows with size alone."""
@@ -90,7 +113,7 @@ def shape_sets(mode: str) -> list[ShapeSet]:
     """The parameter sets a run covers: real models first, then the sweep in growing size."""
     if mode == "full":
         # the issue's reference model first: a time-limited run keeps what matters most
-        return [roberta_large(), bert_base(), decoder_1p3b()] + [sweep(n) for n in FULL_SWEEP]
+        return [roberta_large(), bert_base(), decoder_1p3b(), llama2_7b()] + [sweep(n) for n in FULL_SWEEP]
     if mode == "quick":
         # the 393 tensors of the reference model at 1/16 and 1/4 of its width (1.44M and 22.4M values)
         return [roberta_large(16), roberta_large(4)] + [sweep(n) for n in QUICK_SWEEP]

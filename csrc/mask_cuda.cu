@@ -103,6 +103,14 @@ KeyTable key_table(at::TensorList scores, at::IntArrayRef bit_offsets) {
   return table;
 }
 
+// Grid for the histogram kernels: enough blocks to fill the GPU, and at least enough that no block
+// visits 2**31 keys or more in its grid-stride loop, since a block counts in 32-bit shared memory
+// bins (reached only past 2**40 values on an H200, but a smaller GPU gets there sooner).
+int histogram_grid(int64_t units) {
+  constexpr int64_t kMaxUnitsPerBlock = (int64_t{1} << 31) / kUnit;
+  return static_cast<int>(std::max<int64_t>(grid_for(units), (units + kMaxUnitsPerBlock - 1) / kMaxUnitsPerBlock));
+}
+
 __global__ void init_state_kernel(SelectState* state, uint32_t prefix, uint32_t prefix_mask, long long remaining) {
   state->prefix = prefix;
   state->prefix_mask = prefix_mask;
@@ -271,7 +279,7 @@ template <bool kSquare>
 void launch_select(const KeyInfo* infos, int n_tensors, int64_t units, int64_t n, int64_t k, SelectState* state,
                    uint8_t* bits, const at::TensorOptions& opts) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int grid = grid_for(units);
+  const int grid = histogram_grid(units);
   at::Tensor ties_before;
   if (k == n) {  // threshold: the smallest possible key; every element is a taken "tie"
     init_state_kernel<<<1, 1, 0, stream>>>(state, 0u, 0xffffffffu, n);
@@ -382,7 +390,7 @@ at::Tensor key_histogram_cuda(at::TensorList scores, bool square, int64_t prefix
   const auto* info_ptr = table_ptr<KeyInfo>(table);
   const auto* row_ptr = table_ptr<int64_t>(row_table);
   const int count = static_cast<int>(infos.size());
-  const int grid = grid_for(units);
+  const int grid = histogram_grid(units);
   if (square) {
     key_histogram_kernel<true><<<grid, kThreads, 0, stream>>>(info_ptr, row_ptr, count, units, static_cast<int32_t>(prefix),
                                                               static_cast<int>(shift), static_cast<int>(high),

@@ -39,6 +39,9 @@ def test_shape_sets_match_the_models():
     assert (rl.numel, rl.n_tensors) == (355_361_794, 393)
     assert 105e6 < S.bert_base().numel < 115e6
     assert 1.2e9 < S.decoder_1p3b().numel < 1.4e9
+    llama = S.llama2_7b()  # Llama-2-7B as Hugging Face lists it; measured in bf16 only
+    assert (llama.numel, llama.n_tensors) == (6_738_415_616, 291) and llama in S.shape_sets("full")
+    assert llama.measures(torch.bfloat16) and not llama.measures(torch.float32) and rl.measures(torch.float32)
     sizes = [s.numel for s in S.shape_sets("full") if s.name.startswith("sweep")]
     assert sizes == sorted(sizes) and sizes[0] <= 1e6 and sizes[-1] >= 0.99e9
     with pytest.raises(ValueError, match="mode"):

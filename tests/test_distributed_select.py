@@ -115,6 +115,17 @@ def test_tie_quotas_follow_global_order():
     assert ds.tie_quotas(ties, 13).tolist() == [[2, 0, 5], [1, 4, 1]]
 
 
+def test_driver_counts_past_2_31_exactly():
+    # 70B values sharded: digit and tie counts past 32 bits (no int32 or float on the way)
+    big = 1 << 31
+    hist = torch.zeros(256, dtype=torch.int64)
+    hist[200], hist[100] = 3 * big, 5 * big + 1
+    assert ds.next_digit(hist, 3 * big + 7) == (100, 7)
+    assert ds.next_digit(hist, 8 * big + 1) == (100, 5 * big + 1)
+    ties = torch.tensor([[2 * big, 5], [big + 3, 9]])  # global order: (t0,r0) (t0,r1) (t1,r0) (t1,r1)
+    assert ds.tie_quotas(ties, 3 * big + 4).tolist() == [[2 * big, 1], [big + 3, 0]]
+
+
 def test_next_digit_detects_inconsistent_histograms():
     hist = torch.zeros(256, dtype=torch.int64)
     hist[3] = 2

@@ -252,31 +252,81 @@ def test_radix_passes_find_order_statistics():
         assert out.tolist() == [ordered[rank_a - 1], near[int(sel[5]) - 1]]
 
 
-def test_select_mask_falls_back_when_candidates_overflow(backend, monkeypatch):
-    monkeypatch.setattr(backend, "candidate_capacity", 4)
-    monkeypatch.setattr(backend, "max_candidate_capacity", 4)
-    monkeypatch.setattr(backend, "sample_size", 64)
-    layout = make_layout([4097, 300])
-    scores = rand_like_list(layout.masked_params)
-    before = backend.select_fallbacks
-    got = backend.select_mask(layout, scores, 2000, True)
-    assert backend.select_fallbacks == before + 1
-    assert_same_mask(layout, got, ref.select_mask_reference(layout, scores, 2000, True))
+# Every branch of the select on a few thousand values: the constants shrunk so that a 64-key sample
+# and a 4-key candidate buffer miss or overflow by design, and 2-chunk scan blocks over 6 chunks.
+_SAMPLES = 64
 
 
-def test_candidate_buffer_grows_with_the_bracket():
-    from fsam_kernels.triton_kernels.select import bracket_ranks, candidate_capacity
+def _repair_layout():
+    # mixed weight dtypes: the per-chunk prefix counts restart in each saved-buffer group
+    g = torch.Generator().manual_seed(4)
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16]
+    params = [torch.randn(n, generator=g).to(dt) for n, dt in zip([4097, 300, 5000, 7], dtypes)]
+    return ParamLayout(params, [True] * 4, [0.05] * 4, [False] * 4)
 
-    floor, ceiling, samples = 1 << 22, 1 << 24, 1 << 18
-    for n, q in ((355_000_000, 0.1), (1_300_000_000, 0.1), (1_300_000_000, 0.5), (100_000_000, 0.5)):
-        hi, lo = bracket_ranks(n, int(q * n), samples)
-        cap = candidate_capacity(n, samples, hi, lo, floor, ceiling)
-        expected = (lo - hi - 1) * n / samples  # keys strictly inside the bracket, on average
-        assert floor <= cap <= ceiling and cap >= min(1.2 * expected, ceiling), (n, q, cap, expected)
-    # 1.3B values at 10 % or 50 % kept outgrow a 4M-key buffer: the fixed buffer fell back on every update
-    hi, lo = bracket_ranks(1_300_000_000, 130_000_000, samples)
-    assert (lo - hi - 1) * 1_300_000_000 / samples > floor
-    assert candidate_capacity(1000, 64, 10, 30, 4, 1 << 20) == min(1000, 19 * 16 + 19 * 16 // 4)
+
+def _repair_cases(n):
+    """(flat fp32 scores, k, whether the sampled bracket must be repaired) per case."""
+    g = torch.Generator().manual_seed(6)
+    at_samples = torch.zeros(n, dtype=torch.bool)
+    at_samples[[((2 * s + 1) * n) // (2 * _SAMPLES) for s in range(_SAMPLES)]] = True  # what the sample reads
+    ties = torch.randint(0, 3, (n,), generator=g).float()
+    rand = torch.rand(n, generator=g)
+    return {
+        # the sample sees only zeros: the bracket collapses onto 0, far below the k-th key
+        "threshold-above-bracket": (torch.where(at_samples, 0.0, torch.rand(n, generator=g) + 0.5), n // 2, True),
+        # the sample sees only the two top values: the bracket sits above the k-th key (ties below it)
+        "threshold-below-bracket": (torch.where(at_samples, 1e6 * (1 + torch.arange(n) % 2),
+                                                torch.randint(0, 1000, (n,), generator=g).float()), n // 2, True),
+        "candidates-overflow": (rand, n // 2, True),
+        "heavy-ties": (ties, n // 2, None),
+        "all-equal": (torch.full((n,), 0.25), n // 3, False),
+        "k=1": (rand, 1, None),
+        "k=N": (ties, n, None),
+    }
+
+
+def _expected_prefix(layout, bits, backend):
+    """Per chunk, the masked elements of the earlier chunks of its weight-dtype group."""
+    from fsam_kernels.triton_kernels import CHUNK
+    from fsam_kernels.triton_kernels.tables import DTYPE_CODES
+
+    prefix, totals = [], [0] * 4
+    for j, i in enumerate(layout.masked_index):
+        code, mask = DTYPE_CODES[layout.params[i].dtype], ref.mask_of(layout, bits, j)
+        for start in range(0, layout.numel[i], CHUNK):
+            prefix.append(totals[code])
+            totals[code] += int(mask[start : start + CHUNK].sum())
+    return prefix, tuple(totals)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-program", "many-programs"])
+def test_select_mask_is_exact_on_every_path_without_the_reference(backend, monkeypatch, parallel):
+    reference = ref.select_mask_reference
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the Triton select called the reference")
+
+    monkeypatch.setattr(ref, "select_mask_reference", no_reference)
+    for name, value in (("sample_size", _SAMPLES), ("max_sample_size", _SAMPLES), ("candidate_capacity", 4),
+                        ("max_candidate_capacity", 4), ("scan_block", 2),
+                        ("parallel_select_min", 0 if parallel else 1 << 24)):
+        monkeypatch.setattr(backend, name, value)
+    layout = _repair_layout()
+    n = layout.n_masked
+    assert backend.select_plan(n, 6, n // 2).n_samples == _SAMPLES
+    for case, (flat, k, repaired) in _repair_cases(n).items():
+        scores = list(flat.split(layout.numel))
+        before = backend.select_fallbacks
+        got = backend.select_mask(layout, scores, k, False)
+        assert_same_mask(layout, got, reference(layout, scores, k, False))
+        if repaired is not None:
+            assert backend.select_fallbacks - before == int(repaired), case
+        want_prefix, want_totals = _expected_prefix(layout, got, backend)
+        aux = backend.mask_aux(layout, got)  # the counts the select produced
+        assert aux["prefix"].tolist() == want_prefix and aux["totals"] == want_totals, case
+    aux = backend.mask_aux(layout, got.clone())  # counted again from the bits alone (k = 0 scan)
+    assert aux["prefix"].tolist() == want_prefix and aux["totals"] == want_totals
 
 
 def test_select_mask_rejects_bad_input(backend):

@@ -7,8 +7,10 @@ dtype) group; a model usually has one group):
 * ``grad_norm``: 1 per group + 1 final reduction.
 * ``select_mask``: 7 (see :mod:`fsam_kernels.triton_kernels.select`), one host synchronisation; it
   also yields the mask's per-chunk prefix counts, so the following ``mask_aux`` costs nothing. From
-  ``parallel_select_min`` masked values on, 17: the two single-program searches become radix passes
-  over many programs (:mod:`fsam_kernels.triton_kernels.radix`).
+  ``parallel_select_min`` masked values on, 19: the single-program searches become radix passes
+  over many programs (:mod:`fsam_kernels.triton_kernels.radix`) and the scan three launches over
+  blocks of chunks. A sampled bracket that missed (rare) costs 4 radix passes over the scores and a
+  second write, exact; the reference is never called.
 * ``perturb`` and ``restore``: 1 per group each.
 * under FSDP2 (sharded scores), ``key_histogram``: 1 per radix pass; ``mask_from_threshold``: 2 and a
   few small torch ops (see :mod:`fsam_kernels.triton_kernels.histogram`).
@@ -107,21 +109,37 @@ class _Saved:
 
 class TritonBackend(Backend):
     name = "triton"
-    # Threshold search: keys sampled for the bracket, and the candidate buffer (int32 keys).
+    # Global top-k mask (see :mod:`fsam_kernels.triton_kernels.select_plan` for the sizes and their
+    # memory bound). Keys sampled for the bracket: at least this many, growing like N**(2/3) ...
     sample_size = 1 << 18
-    candidate_capacity = 1 << 22  # the least; grown to the bracket's expected count, up to the most:
-    max_candidate_capacity = 1 << 24  # 64 MiB (the mask's memory budget)
-    # From this many masked values on, the bracket and the threshold among the candidates are found by
-    # radix passes over many programs (10 more launches) rather than by one program each, whose single
-    # SM takes milliseconds over millions of candidates.
+    max_sample_size = 1 << 26  # ... up to this many (256 MiB, reached from ~2**37 values)
+    # Candidate buffer (int32 keys): at least this many, grown to the bracket's expected count, up to
+    # what the memory budget (64 MiB + N / 64 bytes) leaves, or to max_candidate_capacity if set.
+    candidate_capacity = 1 << 22
+    max_candidate_capacity: Optional[int] = None
+    # From this many masked values on, the bracket, the threshold among the candidates and the scan
+    # run over many programs (radix passes, blocks of scan_block chunks) rather than in one program
+    # each, whose single SM takes milliseconds over millions of candidates or chunks.
     parallel_select_min = 1 << 24
+    scan_block = 1024
 
     def __init__(self) -> None:
         self._plans = TableCache(4)  # tensors_key -> _LayoutPlan
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._last_mask: Optional[tuple] = None  # (weakref to bits, version, layout.tensors_key, aux)
-        self.select_fallbacks = 0  # masks the sampled bracket missed (built by the reference instead)
+        # masks whose sampled bracket missed the k-th key or whose candidates overflowed: finished by
+        # radix passes over the scores (exact, a few more streaming reads)
+        self.select_fallbacks = 0
         self._triton_installed: Optional[bool] = None  # looked up once, without importing Triton
+
+    def select_plan(self, n_total: int, n_chunks: int, k: int):
+        """Sizes of the mask update of ``k`` of ``n_total`` values in ``n_chunks`` chunks (host
+        arithmetic, nothing allocated): :class:`~fsam_kernels.triton_kernels.select_plan.SelectPlan`."""
+        from ..triton_kernels.select_plan import plan_select
+
+        return plan_select(n_total, n_chunks, k, least_samples=self.sample_size, most_samples=self.max_sample_size,
+                           least_capacity=self.candidate_capacity, most_capacity=self.max_candidate_capacity,
+                           parallel_min=self.parallel_select_min, scan_block=self.scan_block)
 
     # ------------------------------------------------------------------ device support
     def supports(self, device: torch.device) -> bool:
@@ -320,15 +338,11 @@ class TritonBackend(Backend):
         if k == 0 or plan.masked is None:
             bits = layout.empty_mask()
             return bits
+        sp = self.select_plan(plan.masked.n_total, plan.masked.n_chunks, k)
         with _device_guard(layout.device):
-            result = _kernels()[3].select_mask(
-                plan.masked, scores, k, square, layout.mask_bytes, self.sample_size, self.candidate_capacity,
-                self.max_candidate_capacity, parallel=plan.masked.n_total >= self.parallel_select_min,
-            )
-        if result is None:  # the sampled bracket missed the k-th key: exact but slow path
-            self.select_fallbacks += 1
-            return ref.select_mask_reference(layout, scores, k, square)
-        bits, prefix, totals = result
+            bits, prefix, totals, repaired = _kernels()[3].select_mask(
+                plan.masked, scores, k, square, layout.mask_bytes, sp)
+        self.select_fallbacks += int(repaired)
         self._last_mask = (weakref.ref(bits), bits._version, layout.tensors_key, {"prefix": prefix, "totals": totals})
         return bits
 
@@ -377,7 +391,8 @@ class TritonBackend(Backend):
         if last is not None and last[0]() is bits and last[1] == bits._version and last[2] is layout.tensors_key:
             return last[3]
         with _device_guard(layout.device):
-            prefix, totals = _kernels()[3].mask_prefix_counts(plan.masked, bits)
+            prefix, totals = _kernels()[3].mask_prefix_counts(
+                plan.masked, bits, self.scan_block, plan.masked.n_total >= self.parallel_select_min)
         aux = {"prefix": prefix, "totals": totals}
         self._last_mask = (weakref.ref(bits), bits._version, layout.tensors_key, aux)
         return aux

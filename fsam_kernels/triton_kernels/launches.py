@@ -146,6 +146,21 @@ def _scenarios(backend) -> None:
             full_step(lay, grads_of(lay), 3000, False)
     finally:
         backend.sample_size, backend.candidate_capacity, backend.parallel_select_min = saved
+    # a bracket whose candidates overflow: the repair's radix passes over the scores, both variants
+    saved = (backend.sample_size, backend.max_sample_size, backend.candidate_capacity,
+             backend.max_candidate_capacity, backend.parallel_select_min)
+    try:
+        backend.sample_size = backend.max_sample_size = 64
+        backend.candidate_capacity = backend.max_candidate_capacity = 4
+        for parallel_min in (1 << 62, 0):
+            backend.parallel_select_min = parallel_min
+            for dt in dtypes:
+                lay = layout([3000, 9000, 1], [dt] * 3)
+                bits = full_step(lay, grads_of(lay), 1200, True)
+            backend.mask_aux(lay, bits.clone())  # a mask it did not build (a checkpoint's): counted from the bits
+    finally:
+        (backend.sample_size, backend.max_sample_size, backend.candidate_capacity, backend.max_candidate_capacity,
+         backend.parallel_select_min) = saved
     # FSDP2's sharded top-k: histograms below and at the top digit, the mask from a threshold
     for dt in dtypes:
         lay = layout([123, 4097], [dt] * 2)
