@@ -419,7 +419,8 @@ class TritonBackend(Backend):
             # an fp64 norm (a model with fp64 tensors): its scale is computed in fp64 and the fp64 tensors
             # go through the reference anyway, so the reference perturbs every tensor
             applied = torch.ones(1, dtype=torch.int32, device=layout.device)
-            return _Saved([], {}, applied, bits, None, plan.dense_total, ref.perturb_reference(layout, grads, bits, norm, eps))
+            return _Saved([], {}, applied, bits, None, plan.dense_total,
+                          ref.perturb_reference(layout, grads, bits, norm, eps), plan)
         groups, fallback = self._groups_for(layout, plan, grads)
         needs_mask = any(grads[i] is not None for i in layout.masked_index)
         dummy_mask, dummy_prefix, _ = self._device_constants(layout.device)
