@@ -66,14 +66,39 @@ def load_error(name: str) -> Optional[str]:
 
 
 def available_backends(device: Union[str, torch.device, None] = None) -> list[str]:
-    """Names of the backends that load and can run on ``device`` (default: the CPU)."""
+    """Names of the backends that load and can run on ``device`` (default: the CPU), in ``"auto"``'s
+    order of preference (its first is what ``"auto"`` picks)."""
     dev = torch.device(device if device is not None else "cpu")
+    order = AUTO_ORDER.get(dev.type, ())
     names = []
-    for name in _REGISTRY:
+    for name in [*order, *(n for n in _REGISTRY if n not in order)]:
         b = _load(name)
         if b is not None and b.supports(dev):
             names.append(name)
     return names
+
+
+_FIXES = {
+    "native": "the native extension was not built (a pure-Python install); reinstall with "
+              "`pip install --no-build-isolation .` in an environment with the torch you use",
+    "triton": "Triton is not installed (`pip install triton`)",
+}
+
+
+def _warn_not_built(missing: list[str], dev: torch.device) -> None:
+    """Once per device type: "auto" fell back to the pure-torch backend because a compiled one that
+    would serve this device is not there, and how to get it."""
+    key = f"not-built:{dev.type}"
+    if key in _warned:
+        return
+    _warned.add(key)
+    fixes = "; ".join(_FIXES.get(name, f"backend {name!r} is not installed") for name in missing)
+    warnings.warn(
+        f"fsam_kernels: backend='auto' uses the slower pure-torch backend on {dev.type}: {fixes}. "
+        "`python -m fsam_kernels` shows what was built.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def requested_backend(name: str) -> str:
@@ -92,11 +117,14 @@ def get_backend(name: str, device: Union[str, torch.device]) -> Backend:
     dev = torch.device(device)
     name = requested_backend(name)
     if name == "auto":
+        missing = []  # compiled backends that would serve this device but are not built or installed
         for candidate in AUTO_ORDER.get(dev.type, ("torch",)):
             b = _load(candidate)
             if b is None:
                 err = _load_errors[candidate]
-                if candidate not in _warned and not err.startswith("ModuleNotFoundError"):
+                if err.startswith("ModuleNotFoundError"):
+                    missing.append(candidate)
+                elif candidate not in _warned:
                     _warned.add(candidate)
                     warnings.warn(
                         f"fsam_kernels: backend {candidate!r} failed to load ({err}); falling back",
@@ -105,6 +133,8 @@ def get_backend(name: str, device: Union[str, torch.device]) -> Backend:
                     )
                 continue
             if b.supports(dev):
+                if b.name == "torch" and missing:
+                    _warn_not_built(missing, dev)
                 return b
         return _load("torch")
     if name not in _REGISTRY:
