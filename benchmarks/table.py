@@ -1,4 +1,4 @@
-"""Markdown tables from a benchmark CSV (what the README's benchmark section shows).
+"""Markdown tables from a benchmark CSV (what docs/benchmarks.md shows).
 
     python benchmarks/table.py benchmarks/results/cpu-quick.csv [--shapes roberta-large/8] [--dtype float32]
 

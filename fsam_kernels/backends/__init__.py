@@ -24,7 +24,7 @@ _REGISTRY: dict[str, str] = {
 }
 
 # Preference of backend="auto", per device type. On CUDA "native" and "triton" are ordered by what the
-# benchmarks measured (see README); on the CPU the compiled extension beats the reference.
+# benchmarks measured (see docs/benchmarks.md); on the CPU the compiled extension beats the reference.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "native", "torch"),
     "cpu": ("native", "torch"),
