@@ -3,14 +3,16 @@
 # the repository copied in, run as root), in at most 7 minutes, build included:
 #   stage    limit  what
 #   env        10   nvidia-smi, versions
-#   triton    110   the Triton GPU tests (they need no build): pytest -m "gpu and triton"
+#   warm       40   every recorded Triton launch compiled for this GPU in parallel (compile_check --jobs):
+#                   registers and spills in the log, and the tests then find the kernels in Triton's cache
+#   triton    100   the Triton GPU tests (they need no build): pytest -m "gpu and triton"
 #   build     120   the CUDA extension, FSAM_FORCE_CUDA=1: a compile or link error fails the check
 #   native     80   the native CUDA and the other GPU tests: pytest -m "gpu and not triton"
 #   backends   10   which backends load, and why not
 #   bench      what is left of the total less 15 s; skipped under 60 s (benchmarks/run.py --budget)
 #   tables     10   README tables and the targets (benchmarks/table.py)
 # Every stage runs under `timeout` (plus 5 s to kill), so the fixed limits and the slack add up to
-# 370 s and the benchmark gets what the others leave of FSAM_CHECK_TOTAL. A failed build skips the
+# 405 s and the benchmark gets what the others leave of FSAM_CHECK_TOTAL. A failed build skips the
 # native tests and the benchmark. Tests print one line each (-v) and a summary of failures, errors
 # and skips (-rfEs), so a stage killed by its limit still tells what passed. Plots are drawn from the
 # CSV afterwards, on any machine (benchmarks/plot.py), except in the tiny mode, which tries them.
@@ -70,7 +72,13 @@ PYTEST_ARGS=(tests -v -rfEs --durations=15 -p no:cacheprovider -o addopts="" --i
 stage env 10 bash -c "nvidia-smi || true; nvcc --version | tail -2 || true; $PY -c 'import torch, triton, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no cuda\")'"
 
 # Triton first: its kernels have never run on a GPU, and they need no build.
-stage triton 110 "${TRITON_TESTS[@]}" "${PYTEST_ARGS[@]}" --timeout=100 || FAILED=1
+if [ "$MODE" != tiny ]; then
+  CC=$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}{c[1]}")' 2>/dev/null || echo 90)
+  stage warm 40 "$PY" -m fsam_kernels.triton_kernels.compile_check "$CC" --jobs "$(nproc)"
+  rc=$?
+  [ $rc -eq 0 ] || [ $rc -eq 124 ] || [ $rc -eq 137 ] || FAILED=1  # out of time: the tests compile the rest
+fi
+stage triton 100 "${TRITON_TESTS[@]}" "${PYTEST_ARGS[@]}" --timeout=90 || FAILED=1
 
 BUILT=1
 if [ "${FSAM_CHECK_SKIP_BUILD:-0}" != 1 ]; then

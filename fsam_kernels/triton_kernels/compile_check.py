@@ -111,8 +111,8 @@ def _signature(fn, rec: dict):
             constexprs[(i,)] = key
             continue
         signature[name] = kind
-        if key == "D":
-            attrs[(i,)] = [["tt.divisibility", 16]]
+        if isinstance(key, str):  # as the JIT does, so both share Triton's cache (compile_check warms it)
+            attrs[(i,)] = [["tt.divisibility", 16]] if key == "D" else []
     return signature, constexprs, attrs
 
 
@@ -177,11 +177,28 @@ def unrecorded_kernels(records: list[dict]) -> list[str]:
     return missing
 
 
+def _compile_or_report(job: tuple[dict, int]) -> tuple[bool, str]:
+    rec, arch = job
+    try:
+        return True, compile_one(rec, arch).line()
+    except Exception as exc:  # report every failure, not only the first
+        return False, f"FAILED {rec['kernel']} {rec['constexprs']} {rec['runtime']}: {type(exc).__name__}: {exc}"
+
+
 def main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m fsam_kernels.triton_kernels.compile_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("arch", nargs="?", type=int, default=90, help="CUDA compute capability, e.g. 90 or 80")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="compile in this many processes (on a GPU machine, before the GPU tests: the JIT then "
+                         "finds every kernel in Triton's cache)")
+    args = ap.parse_args(argv[1:])
     if interpreted():
         print("compile_check: unset TRITON_INTERPRET to compile the kernels", file=sys.stderr)
         return 2
-    arch = int(argv[1]) if len(argv) > 1 else 90
+    arch = args.arch
     failed = 0
     recorded = recorded_launches()
     for name in unrecorded_kernels(recorded):
@@ -189,13 +206,17 @@ def main(argv: list[str]) -> int:
         print(f"FAILED {name}: no recorded launch (add a scenario to {__package__}.launches)")
     records = variants(recorded)
     print(f"compile_check: {len(records)} launch configurations for sm_{arch}")
-    for rec in records:
-        try:
-            print(compile_one(rec, arch).line(), flush=True)
-        except Exception as exc:  # report every failure, not only the first
-            failed += 1
-            print(f"FAILED {rec['kernel']} {rec['constexprs']} {rec['runtime']}: {type(exc).__name__}: {exc}",
-                  flush=True)
+    jobs = [(rec, arch) for rec in records]
+    if args.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            results = pool.map(_compile_or_report, jobs, chunksize=1)
+    else:
+        results = map(_compile_or_report, jobs)
+    for ok, line in results:
+        failed += not ok
+        print(line, flush=True)
     if failed:
         print(f"compile_check: {failed} of {len(records)} configurations failed for sm_{arch}")
         return 1
