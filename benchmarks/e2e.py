@@ -1,12 +1,20 @@
-"""End to end: one training step of a RoBERTa-shaped sequence classifier (random init, bf16 autocast).
+"""End to end: one training step of a RoBERTa-shaped sequence classifier or of an MLP stack (random
+init, bf16 autocast).
+
+The MLP (``mlp-*``: a few million values in ~50 tensors, one feature vector per example) is where the
+optimizer's work weighs in a step; in the tiny RoBERTa the forward and backward passes dominate.
 
 Methods: the base AdamW step, dense SAM (davda54-style loop and ``_foreach``), naive FSAM, and
 :class:`fsam_kernels.FSAM` on each backend. ``e2e_step`` is a step without a mask update (the mask is
 rebuilt every ``mask_update_interval=100`` steps); ``e2e_mask_step`` is a step that rebuilds it, and
 ``e2e_step_amortized`` = ``e2e_step + (e2e_mask_step - e2e_step) / 100``, per percentile.
+
+:func:`measure_e2e_interleaved` times several methods in turn, one step each per round, so that load
+changing during the run (a shared machine) weighs on every method alike and their ratios hold.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
@@ -14,7 +22,7 @@ import torch
 from fsam_kernels import FSAM
 
 from .baselines import ForeachSAM, LoopSAM, NaiveFSAM
-from .harness import Row, run_rounds, timed_row
+from .harness import Row, run_rounds, synchronize, timed_row, timer_for
 from .ops import EPS, RHO, SPARSITY
 
 MASK_UPDATE_INTERVAL = 100
@@ -31,13 +39,38 @@ MODEL_CONFIGS: dict[str, dict[str, int]] = {
     "tiny-roberta-L2-H64": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=256, max_position_embeddings=514, type_vocab_size=1),
 }
+# MLP stacks: ``layers`` Linear(width, width) + GELU, then a Linear(width, 2) head.
+MLP_CONFIGS: dict[str, dict[str, int]] = {
+    "mlp-L24-W512": dict(width=512, layers=24),  # 50 tensors, 6.3M values
+}
+
+
+class MLPClassifier(torch.nn.Module):
+    """An MLP stack over one feature vector per example, with the Hugging Face call convention."""
+
+    def __init__(self, width: int, layers: int, num_labels: int = 2) -> None:
+        super().__init__()
+        blocks: list[torch.nn.Module] = []
+        for _ in range(layers):
+            blocks += [torch.nn.Linear(width, width), torch.nn.GELU()]
+        self.body = torch.nn.Sequential(*blocks)
+        self.head = torch.nn.Linear(width, num_labels)
+        self.config = SimpleNamespace(width=width)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+        logits = self.head(self.body(features))
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.float(), labels), logits=logits)
 
 
 def build_model(name: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    if name in MLP_CONFIGS:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return MLPClassifier(**MLP_CONFIGS[name]).train()
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"Invalid model: {name!r}; expected one of {list(MODEL_CONFIGS)}")
+        raise ValueError(f"Invalid model: {name!r}; expected one of {list(MODEL_CONFIGS) + list(MLP_CONFIGS)}")
     torch.manual_seed(seed)
     config = RobertaConfig(**MODEL_CONFIGS[name], num_labels=2)
     with torch.device(device):  # initialise on the device: much faster than init on the CPU + copy
@@ -46,7 +79,14 @@ def build_model(name: str, device: torch.device, seed: int = 0) -> torch.nn.Modu
 
 
 def make_batch(model: torch.nn.Module, batch: int, seq: int, device: torch.device, seed: int = 0) -> dict:
+    """Random inputs and labels; for an MLP, ``batch`` feature vectors (``seq`` must be 1)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    if isinstance(model, MLPClassifier):
+        if seq != 1:
+            raise ValueError(f"Invalid seq for an MLP: {seq}; expected 1 (one feature vector per example)")
+        features = torch.randn(batch, model.config.width, generator=gen)
+        labels = torch.randint(0, 2, (batch,), generator=gen)
+        return {"features": features.to(device), "labels": labels.to(device)}
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, seq), generator=gen)
     labels = torch.randint(0, 2, (batch,), generator=gen)
@@ -111,6 +151,10 @@ def e2e_methods(backends: list[str]) -> list[str]:
     return ["adamw", "sam_loop", "sam_foreach", "fsam_naive"] + [f"fsam[{b}]" for b in backends]
 
 
+def _is_masked(method: str) -> bool:
+    return method == "fsam_naive" or method.startswith("fsam[")
+
+
 def measure_e2e(model: torch.nn.Module, batch: dict, model_name: str, method: str, *, rounds: int, warmup: int,
                 mode: str, pedantic_for: Optional[Callable[[str], Callable[..., Any]]] = None) -> list[Row]:
     """Rows ``e2e_step`` (and for the masked methods ``e2e_mask_step`` and ``e2e_step_amortized``).
@@ -118,25 +162,66 @@ def measure_e2e(model: torch.nn.Module, batch: dict, model_name: str, method: st
     ``pedantic_for(op)`` may hand out a pytest-benchmark ``pedantic`` per timed op.
     """
     device = next(model.parameters()).device
-    size = sum(p.numel() for p in model.parameters())
-    n_tensors = len(list(model.parameters()))
-    seq = batch["input_ids"].shape
-    shapes = f"{model_name} b{seq[0]} s{seq[1]}"
-    masked = method == "fsam_naive" or method.startswith("fsam[")
-    plans = [("e2e_step", MASK_UPDATE_INTERVAL)] + ([("e2e_mask_step", 1)] if masked else [])
-    rows: dict[str, Row] = {}
+    plans = [("e2e_step", MASK_UPDATE_INTERVAL)] + ([("e2e_mask_step", 1)] if _is_masked(method) else [])
+    times: dict[str, list[float]] = {}
     for op, interval in plans:
-        trainer = Trainer(model, batch, method, interval)
-        if interval > 1:
-            trainer.step()  # the first step builds the mask; the timed ones must not
+        trainer = _ready_trainer(model, batch, method, interval)
         pedantic = pedantic_for(op) if pedantic_for is not None else None
-        times = run_rounds(trainer.step, device, rounds=rounds, warmup=warmup, pedantic=pedantic)
-        row = Row(op=op, method=method, backend=method[5:-1] if method.startswith("fsam[") else "", shapes=shapes,
-                  size=size, n_tensors=n_tensors, dtype="bf16-autocast").with_conditions(device, mode)
-        rows[op] = timed_row(row, times, 0)
+        times[op] = run_rounds(trainer.step, device, rounds=rounds, warmup=warmup, pedantic=pedantic)
         del trainer
         model.zero_grad(set_to_none=True)
-    if masked:
+    return _rows(model, batch, model_name, method, times, mode)
+
+
+def measure_e2e_interleaved(model: torch.nn.Module, batch: dict, model_name: str, methods: list[str], *, rounds: int,
+                            warmup: int, mode: str) -> list[Row]:
+    """The rows of :func:`measure_e2e` for every method, their steps interleaved: each round times one
+    step of every (method, op) in turn, starting one further each round. Every method keeps its own
+    optimizer state on the shared model (more memory than one at a time: for CPU-sized models)."""
+    device = next(model.parameters()).device
+    trainers = []
+    for method in methods:
+        for op, interval in [("e2e_step", MASK_UPDATE_INTERVAL)] + ([("e2e_mask_step", 1)] if _is_masked(method) else []):
+            trainers.append((method, op, _ready_trainer(model, batch, method, interval)))
+    timer = timer_for(device)
+    times: dict[tuple[str, str], list[float]] = {(m, op): [] for m, op, _ in trainers}
+    for r in range(warmup + rounds):
+        shift = r % len(trainers)
+        for method, op, trainer in trainers[shift:] + trainers[:shift]:
+            synchronize(device)
+            start = timer()
+            trainer.step()
+            end = timer()
+            if r >= warmup:
+                times[(method, op)].append(float(end - start))
+    model.zero_grad(set_to_none=True)
+    rows = []
+    for method in methods:
+        rows += _rows(model, batch, model_name, method, {op: t for (m, op), t in times.items() if m == method}, mode)
+    return rows
+
+
+def _ready_trainer(model: torch.nn.Module, batch: dict, method: str, interval: int) -> Trainer:
+    trainer = Trainer(model, batch, method, interval)
+    if interval > 1:
+        trainer.step()  # the first step builds the mask; the timed ones must not
+    return trainer
+
+
+def _rows(model: torch.nn.Module, batch: dict, model_name: str, method: str, times: dict[str, list[float]],
+          mode: str) -> list[Row]:
+    """``e2e_step`` (and ``e2e_mask_step``, ``e2e_step_amortized``) rows from the seconds per step."""
+    device = next(model.parameters()).device
+    size = sum(p.numel() for p in model.parameters())
+    n_tensors = len(list(model.parameters()))
+    inputs = batch["input_ids"] if "input_ids" in batch else batch["features"][:, None]
+    shapes = f"{model_name} b{inputs.shape[0]} s{inputs.shape[1]}"
+    rows: dict[str, Row] = {}
+    for op, op_times in times.items():
+        row = Row(op=op, method=method, backend=method[5:-1] if method.startswith("fsam[") else "", shapes=shapes,
+                  size=size, n_tensors=n_tensors, dtype="bf16-autocast").with_conditions(device, mode)
+        rows[op] = timed_row(row, op_times, 0)
+    if _is_masked(method):
         steady, update = rows["e2e_step"], rows["e2e_mask_step"]
         am = Row(op="e2e_step_amortized", method=method, backend=steady.backend, shapes=shapes, size=size,
                  n_tensors=n_tensors, dtype=steady.dtype, rounds=steady.rounds).with_conditions(device, mode)

@@ -21,14 +21,17 @@ class Settings:
     e2e_models: tuple[tuple[str, int, int], ...]  # (model, batch, seq)
     e2e_rounds: int
     e2e_warmup: int
+    # all methods of a model timed in one case, their steps interleaved (steady ratios on a shared
+    # machine; every method's optimizer state at once, so only for small models)
+    e2e_interleaved: bool = False
 
 
 SETTINGS = {
     "full": Settings(rounds=10, warmup=2, e2e_rounds=10, e2e_warmup=3,
                      e2e_models=(("roberta-large", 16, 128), ("roberta-base", 32, 128))),
-    "quick": Settings(rounds=5, warmup=1, e2e_rounds=3, e2e_warmup=1,
-                      e2e_models=(("tiny-roberta-L2-H64", 16, 32),)),
-    "tiny": Settings(rounds=1, warmup=0, e2e_rounds=1, e2e_warmup=0,
+    "quick": Settings(rounds=5, warmup=1, e2e_rounds=15, e2e_warmup=2, e2e_interleaved=True,
+                      e2e_models=(("tiny-roberta-L2-H64", 16, 32), ("mlp-L24-W512", 16, 1))),
+    "tiny": Settings(rounds=1, warmup=0, e2e_rounds=1, e2e_warmup=0, e2e_interleaved=True,
                      e2e_models=(("tiny-roberta-L2-H64", 2, 8),)),
 }
 
@@ -63,11 +66,11 @@ class E2ECase:
     model: str
     batch: int
     seq: int
-    method: str
+    methods: tuple[str, ...]  # several: timed interleaved
 
     @property
     def id(self) -> str:
-        return f"{self.model}-b{self.batch}-s{self.seq}-{self.method}"
+        return f"{self.model}-b{self.batch}-s{self.seq}-{'+'.join(self.methods)}"
 
 
 @dataclass
@@ -115,7 +118,10 @@ class Plan:
             return []
         from .e2e import e2e_methods
 
-        return [E2ECase(model, b, s, m) for model, b, s in self.settings.e2e_models for m in e2e_methods(self.backends)]
+        methods = e2e_methods(self.backends)
+        if self.settings.e2e_interleaved:
+            return [E2ECase(model, b, s, tuple(methods)) for model, b, s in self.settings.e2e_models]
+        return [E2ECase(model, b, s, (m,)) for model, b, s in self.settings.e2e_models for m in methods]
 
 
 # --------------------------------------------------------------------------- shared workloads

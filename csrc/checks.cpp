@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <vector>
 
 namespace fsam {
 
@@ -21,6 +22,17 @@ void check_on(const char* op, const char* arg, int64_t i, const at::Tensor& t, c
   TORCH_CHECK_VALUE(t.device() == dev, op, ": expected ", arg, "[", i, "] on ", dev, ", got ", t.device());
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", arg, "[", i, "] to be contiguous");
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, op, ": expected ", arg, "[", i, "] to be a dense (strided) tensor");
+}
+
+// A gradient: like check_on, but any strides (the kernels read a contiguous copy when needed).
+void check_grad(const char* op, int64_t i, const at::Tensor& g, const at::Tensor& param, bool allow_double) {
+  TORCH_CHECK_VALUE(g.device() == param.device(), op, ": expected grads[", i, "] on ", param.device(), ", got ",
+                    g.device());
+  TORCH_CHECK_VALUE(g.layout() == at::kStrided, op, ": expected grads[", i, "] to be a dense (strided) tensor");
+  TORCH_CHECK_TYPE(is_kernel_float(g.scalar_type(), allow_double), op, ": expected grads[", i, "] of dtype ",
+                   dtypes_expected(allow_double), ", got ", g.scalar_type());
+  TORCH_CHECK_VALUE(param.numel() == g.numel(), op, ": grads[", i, "] has ", g.numel(), " elements, params[", i,
+                    "] has ", param.numel());
 }
 
 void check_float(const char* op, const char* arg, int64_t i, const at::Tensor& t, bool allow_double) {
@@ -125,7 +137,16 @@ void validate_mask_bits(const char* op, const at::Tensor& bits) {
                     " bytes, got ", bits.numel());
 }
 
-void validate_grad_norm(const char* op, at::TensorList params, at::TensorList grads, size_t n_adaptive,
+std::vector<at::Tensor> contiguous_grads(const OptionalTensors& grads) {
+  std::vector<at::Tensor> out(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    std::optional<at::Tensor> g = grads.get(i);
+    if (g.has_value() && g->defined()) out[i] = g->is_contiguous() ? std::move(*g) : g->contiguous();
+  }
+  return out;
+}
+
+void validate_grad_norm(const char* op, at::TensorList params, const OptionalTensors& grads, size_t n_adaptive,
                         bool allow_double) {
   TORCH_CHECK_VALUE(params.size() == grads.size() && params.size() == n_adaptive, op,
                     ": expected params, grads and adaptive of the same length, got ", params.size(), ", ", grads.size(),
@@ -134,25 +155,24 @@ void validate_grad_norm(const char* op, at::TensorList params, at::TensorList gr
   const at::Device dev = params[0].device();
   for (size_t i = 0; i < params.size(); ++i) {
     check_on(op, "params", i, params[i], dev);
-    check_on(op, "grads", i, grads[i], dev);
     check_float(op, "params", i, params[i], allow_double);
-    check_float(op, "grads", i, grads[i], allow_double);
-    TORCH_CHECK_VALUE(params[i].numel() == grads[i].numel(), op, ": grads[", i, "] has ", grads[i].numel(),
-                      " elements, params[", i, "] has ", params[i].numel());
+    const std::optional<at::Tensor> g = grads.get(i);
+    if (g.has_value() && g->defined()) check_grad(op, i, *g, params[i], allow_double);
   }
 }
 
-void validate_perturb_restore(const char* op, at::TensorList params, at::TensorList grads, at::TensorList saved,
+void validate_perturb_restore(const char* op, at::TensorList params, const OptionalTensors* grads, at::TensorList saved,
+                              at::IntArrayRef saved_slots, at::IntArrayRef saved_offsets, at::IntArrayRef saved_counts,
                               const at::Tensor& bits, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
-                              at::IntArrayRef saved_counts, size_t n_rho, size_t n_adaptive, const at::Tensor& norm,
-                              bool allow_double) {
-  const bool with_grads = !grads.empty() || params.empty();
-  TORCH_CHECK_VALUE(saved.size() == params.size() && (!with_grads || grads.size() == params.size()), op,
-                    ": expected params, ", with_grads ? "grads and " : "", "saved of the same length, got ",
-                    params.size(), with_grads ? ", " + std::to_string(grads.size()) : std::string(), " and ", saved.size());
-  TORCH_CHECK_VALUE(n_rho == params.size() && n_adaptive == params.size(), op,
-                    ": expected one rho and one adaptive flag per parameter (", params.size(), "), got ", n_rho, " and ",
-                    n_adaptive);
+                              size_t n_rho, size_t n_adaptive, const at::Tensor& norm, bool allow_double) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(grads == nullptr || grads->size() == n, op, ": expected one gradient (or None) per parameter (", n,
+                    "), got ", grads == nullptr ? 0 : grads->size());
+  TORCH_CHECK_VALUE(saved_slots.size() == n && saved_offsets.size() == n && saved_counts.size() == n, op,
+                    ": expected one saved slot, offset and count per parameter (", n, "), got ", saved_slots.size(),
+                    ", ", saved_offsets.size(), " and ", saved_counts.size());
+  TORCH_CHECK_VALUE(n_rho == n && n_adaptive == n, op, ": expected one rho and one adaptive flag per parameter (", n,
+                    "), got ", n_rho, " and ", n_adaptive);
   validate_mask_bits(op, bits);
   TORCH_CHECK_TYPE(block_prefix.scalar_type() == at::kLong, op, ": expected block_prefix of dtype int64, got ",
                    block_prefix.scalar_type());
@@ -166,37 +186,49 @@ void validate_perturb_restore(const char* op, at::TensorList params, at::TensorL
   TORCH_CHECK_VALUE(norm_ok, op, ": expected norm to be a 0-dim ", allow_double ? "float32 or float64" : "float32",
                     " tensor, got ", norm.defined() ? c10::str(norm.scalar_type(), norm.sizes()) : std::string("undefined"));
   check_offsets(op, bit_offsets, params, bits.numel() * 8, /*allow_dense=*/true);
-  TORCH_CHECK_VALUE(saved_counts.size() == params.size(), op, ": expected one saved count per parameter (",
-                    params.size(), "), got ", saved_counts.size());
-  if (params.empty()) return;
+  if (n == 0) return;
   const at::Device dev = params[0].device();
   TORCH_CHECK_VALUE(bits.device() == dev, op, ": expected bits on ", dev, ", got ", bits.device());
   TORCH_CHECK_VALUE(block_prefix.device() == dev, op, ": expected block_prefix on ", dev, ", got ", block_prefix.device());
   TORCH_CHECK_VALUE(norm.device() == dev, op, ": expected norm on ", dev, ", got ", norm.device());
-  for (size_t i = 0; i < params.size(); ++i) {
+  for (size_t s = 0; s < saved.size(); ++s) {
+    check_on(op, "saved", s, saved[s], dev);
+    check_float(op, "saved", s, saved[s], allow_double);
+  }
+  std::vector<int64_t> next_free(saved.size(), 0);  // per buffer: where the previous tensor's originals end
+  for (size_t i = 0; i < n; ++i) {
     check_on(op, "params", i, params[i], dev);
     check_float(op, "params", i, params[i], allow_double);
-    check_on(op, "saved", i, saved[i], dev);
-    TORCH_CHECK_TYPE(saved[i].scalar_type() == params[i].scalar_type(), op, ": expected saved[", i, "] of dtype ",
-                     params[i].scalar_type(), " (the parameter's), got ", saved[i].scalar_type());
+    const int64_t slot = saved_slots[i];
+    if (grads != nullptr) {
+      const std::optional<at::Tensor> g = grads->get(i);
+      const bool has_grad = g.has_value() && g->defined();
+      TORCH_CHECK_VALUE(has_grad == (slot != -1), op, ": expected grads[", i, "] ",
+                        has_grad ? "to be None, as saved_slots[" : "to be a tensor, as saved_slots[", i, "] is ", slot);
+      if (has_grad) check_grad(op, i, *g, params[i], allow_double);
+    }
+    if (slot == -1) continue;
+    TORCH_CHECK_VALUE(slot >= 0 && slot < static_cast<int64_t>(saved.size()), op, ": expected saved_slots[", i,
+                      "] in [0, ", saved.size(), ") (an index into saved) or -1, got ", slot);
+    TORCH_CHECK_TYPE(saved[slot].scalar_type() == params[i].scalar_type(), op, ": expected saved[", slot,
+                     "] (the buffer of params[", i, "]) of dtype ", params[i].scalar_type(),
+                     " (the parameter's), got ", saved[slot].scalar_type());
+    const int64_t count = saved_counts[i];
     if (bit_offsets[i] == -1) {
-      TORCH_CHECK_VALUE(saved_counts[i] == params[i].numel(), op, ": expected saved_counts[", i,
-                        "] of a dense tensor to be its numel ", params[i].numel(), ", got ", saved_counts[i]);
-      TORCH_CHECK_VALUE(saved[i].numel() == params[i].numel(), op, ": saved[", i, "] of a dense tensor must have ",
-                        params[i].numel(), " elements, got ", saved[i].numel());
+      TORCH_CHECK_VALUE(count == params[i].numel(), op, ": expected saved_counts[", i, "] of a dense tensor to be its numel ",
+                        params[i].numel(), ", got ", count);
     } else {
-      TORCH_CHECK_VALUE(saved_counts[i] >= 0 && saved_counts[i] <= params[i].numel(), op, ": expected saved_counts[", i,
-                        "] (the set mask bits of params[", i, "]) in [0, ", params[i].numel(), "], got ",
-                        saved_counts[i]);
-      TORCH_CHECK_VALUE(saved[i].numel() == saved_counts[i], op, ": saved[", i, "] must hold the ", saved_counts[i],
-                        " masked elements of params[", i, "], got ", saved[i].numel());
+      TORCH_CHECK_VALUE(count >= 0 && count <= params[i].numel(), op, ": expected saved_counts[", i,
+                        "] (the set mask bits of params[", i, "]) in [0, ", params[i].numel(), "], got ", count);
     }
-    if (with_grads) {
-      check_on(op, "grads", i, grads[i], dev);
-      check_float(op, "grads", i, grads[i], allow_double);
-      TORCH_CHECK_VALUE(params[i].numel() == grads[i].numel(), op, ": grads[", i, "] has ", grads[i].numel(),
-                        " elements, params[", i, "] has ", params[i].numel());
-    }
+    const int64_t offset = saved_offsets[i];
+    TORCH_CHECK_VALUE(offset >= next_free[slot], op, ": expected saved_offsets[", i, "] >= ", next_free[slot],
+                      " (where the previous tensor's originals in saved[", slot,
+                      "] end): ranges follow parameter order without overlapping, got ", offset);
+    TORCH_CHECK_VALUE(offset + count <= saved[slot].numel(), op, ": saved[", slot, "] must hold the ", count,
+                      " originals of params[", i, "] from offset ", offset, ", but has ", saved[slot].numel(),
+                      " elements");
+    next_free[slot] = offset + count;
   }
 }
 

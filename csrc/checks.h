@@ -6,9 +6,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
 #include <c10/util/ArrayRef.h>
 
+#include <optional>
+
 #include <cstdint>
+#include <vector>
 
 namespace fsam {
 
@@ -35,17 +39,29 @@ void validate_fisher_accumulate(const char* op, at::TensorList accum, at::Tensor
 
 void validate_mask_bits(const char* op, const at::Tensor& bits);
 
-void validate_grad_norm(const char* op, at::TensorList params, at::TensorList grads, size_t n_adaptive,
+// Gradients are optional per parameter (a parameter without one is left out) and may be strided:
+// the kernels read a contiguous copy of a non-contiguous gradient.
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+// The gradients as contiguous tensors, undefined where a parameter has none; a strided gradient is
+// copied (on its device's current stream), a contiguous one only referenced.
+std::vector<at::Tensor> contiguous_grads(const OptionalTensors& grads);
+
+void validate_grad_norm(const char* op, at::TensorList params, const OptionalTensors& grads, size_t n_adaptive,
                         bool allow_double);
 
-// Shared by masked_perturb and masked_restore, on every device. `grads` may be empty (restore).
-// saved_counts[i] is the number of elements saved for params[i]: its numel for a dense tensor, the
-// number of its set mask bits for a masked one (the caller counts them once per mask, e.g. from
-// mask_block_prefix); saved[i] must hold exactly that many. The kernels trust that the counts agree
-// with bits / block_prefix (no device read here); if they do not, they never write outside saved[i].
-void validate_perturb_restore(const char* op, at::TensorList params, at::TensorList grads, at::TensorList saved,
+// Shared by masked_perturb and masked_restore, on every device. `grads` is null for restore.
+// The originals are compact, in one buffer per weight dtype: params[i] keeps its saved_counts[i]
+// originals at saved[saved_slots[i]][saved_offsets[i] :][: saved_counts[i]]; saved_slots[i] == -1
+// leaves params[i] alone (perturb requires a gradient exactly where the slot is not -1). A count is
+// the tensor's numel when dense, the number of its set mask bits when masked (the caller counts them
+// once per mask, e.g. from mask_block_prefix). Ranges inside one buffer must follow parameter order
+// without overlapping, so parallel chunks never write the same element. The kernels trust that the
+// counts agree with bits / block_prefix (no device read here); if they do not, they never write
+// outside a tensor's range.
+void validate_perturb_restore(const char* op, at::TensorList params, const OptionalTensors* grads, at::TensorList saved,
+                              at::IntArrayRef saved_slots, at::IntArrayRef saved_offsets, at::IntArrayRef saved_counts,
                               const at::Tensor& bits, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
-                              at::IntArrayRef saved_counts, size_t n_rho, size_t n_adaptive, const at::Tensor& norm,
-                              bool allow_double);
+                              size_t n_rho, size_t n_adaptive, const at::Tensor& norm, bool allow_double);
 
 }  // namespace fsam

@@ -1,9 +1,11 @@
 // Gradient norm, masked perturbation and exact restore on the CPU.
 //
-// The saved originals are compact: for a masked tensor, the j-th set bit of its mask saves its value
-// at saved[j]. Each chunk finds its first saved position from the per-block prefix counts
-// (mask_block_prefix), so chunks run in parallel. Dense tensors (bit offset -1) save every element.
-// saved_counts (validated against saved in checks.cpp, the same on every device) sizes each buffer.
+// The saved originals are compact, one buffer per weight dtype: tensor i's start at saved_offsets[i]
+// of buffer saved_slots[i] (-1: no gradient, left alone); for a masked tensor, the j-th set bit of
+// its mask saves its value at slot j from there. Each chunk finds its first slot from the per-block
+// prefix counts (mask_block_prefix), so chunks of every tensor run in parallel (at::parallel_for).
+// Dense tensors (bit offset -1) save every element. saved_counts (validated against the buffers in
+// checks.cpp, the same on every device) bound each tensor's range.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -64,19 +66,22 @@ double sum_squares(const G* g, const W* w, int64_t begin, int64_t end) {
 }
 
 // The norm dtype (fsam_kernels.reference): fp64 when any tensor's weight or gradient is fp64.
-bool any_double(at::TensorList params, at::TensorList grads) {
+bool any_double(at::TensorList params, const std::vector<at::Tensor>& grads) {
   for (size_t t = 0; t < params.size(); ++t) {
+    if (!grads[t].defined()) continue;
     if (params[t].scalar_type() == at::kDouble || grads[t].scalar_type() == at::kDouble) return true;
   }
   return false;
 }
 
-at::Tensor grad_norm_cpu(at::TensorList params, at::TensorList grads, c10::List<bool> adaptive) {
+at::Tensor grad_norm_cpu(at::TensorList params, const OptionalTensors& grads_in, c10::List<bool> adaptive) {
   constexpr const char* op = "fsam_kernels::grad_norm";
-  validate_grad_norm(op, params, grads, adaptive.size(), /*allow_double=*/true);
+  validate_grad_norm(op, params, grads_in, adaptive.size(), /*allow_double=*/true);
+  const std::vector<at::Tensor> grads = contiguous_grads(grads_in);
   const bool fp64 = any_double(params, grads);
   at::Tensor out = at::empty({}, at::TensorOptions().dtype(fp64 ? at::kDouble : at::kFloat));
-  const auto chunks = make_chunks(grads);
+  const auto chunks = make_chunks(static_cast<int64_t>(grads.size()),
+                                  [&](int64_t t) { return grads[t].defined() ? grads[t].numel() : 0; });
   // Per-chunk partial sums added in a fixed order: deterministic, and at least as accurate as the
   // reference's per-tensor norms.
   std::vector<double> partial(chunks.size(), 0.0);
@@ -137,19 +142,27 @@ inline bool in_saved(int64_t pos, int64_t count) {
   return static_cast<uint64_t>(pos) < static_cast<uint64_t>(count);
 }
 
-void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& bits,
-                        const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::IntArrayRef saved_counts,
+// Chunks of the tensors that have originals to save or restore (saved slot != -1).
+std::vector<Chunk> saved_chunks(at::TensorList params, at::IntArrayRef saved_slots) {
+  return make_chunks(static_cast<int64_t>(params.size()),
+                     [&](int64_t t) { return saved_slots[t] == -1 ? int64_t{0} : params[t].numel(); });
+}
+
+void masked_perturb_cpu(at::TensorList params, const OptionalTensors& grads_in, at::TensorList saved,
+                        at::IntArrayRef saved_slots, at::IntArrayRef saved_offsets, at::IntArrayRef saved_counts,
+                        const at::Tensor& bits, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
                         at::ArrayRef<double> rho, c10::List<bool> adaptive, const at::Tensor& norm, double eps) {
   constexpr const char* op = "fsam_kernels::masked_perturb";
-  validate_perturb_restore(op, params, grads, saved, bits, block_prefix, bit_offsets, saved_counts, rho.size(),
-                           adaptive.size(), norm, /*allow_double=*/true);
+  validate_perturb_restore(op, params, &grads_in, saved, saved_slots, saved_offsets, saved_counts, bits, block_prefix,
+                           bit_offsets, rho.size(), adaptive.size(), norm, /*allow_double=*/true);
   if (params.empty()) return;
   const double n = norm.item<double>();
   if (!std::isfinite(n)) return;  // weights untouched, like the reference
   const bool norm_fp64 = norm.scalar_type() == at::kDouble;
+  const std::vector<at::Tensor> grads = contiguous_grads(grads_in);
   const uint8_t* mask = bits.data_ptr<uint8_t>();
   const int64_t* prefix = block_prefix.data_ptr<int64_t>();
-  const auto chunks = make_chunks(params);
+  const auto chunks = saved_chunks(params, saved_slots);
   for_each_chunk(chunks, [&](int64_t c) {
     const Chunk& ch = chunks[c];
     // The reference's roundings, in the norm's dtype: a correctly rounded reciprocal, then one
@@ -163,7 +176,7 @@ void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     dispatch_float(params[ch.t].scalar_type(), op, [&](auto* wtag) {
       using W = std::remove_pointer_t<decltype(wtag)>;
       W* w = static_cast<W*>(params[ch.t].data_ptr());
-      W* s = static_cast<W*>(saved[ch.t].data_ptr());
+      W* s = static_cast<W*>(saved[saved_slots[ch.t]].data_ptr()) + saved_offsets[ch.t];
       dispatch_float(grads[ch.t].scalar_type(), op, [&](auto* gtag) {
         using G = std::remove_pointer_t<decltype(gtag)>;
         const G* g = static_cast<const G*>(grads[ch.t].data_ptr());
@@ -196,24 +209,24 @@ void masked_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   });
 }
 
-void masked_restore_cpu(at::TensorList params, at::TensorList saved, const at::Tensor& bits,
-                        const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::IntArrayRef saved_counts,
-                        const at::Tensor& norm) {
+void masked_restore_cpu(at::TensorList params, at::TensorList saved, at::IntArrayRef saved_slots,
+                        at::IntArrayRef saved_offsets, at::IntArrayRef saved_counts, const at::Tensor& bits,
+                        const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, const at::Tensor& norm) {
   constexpr const char* op = "fsam_kernels::masked_restore";
-  validate_perturb_restore(op, params, {}, saved, bits, block_prefix, bit_offsets, saved_counts, params.size(),
-                           params.size(), norm, /*allow_double=*/true);
+  validate_perturb_restore(op, params, nullptr, saved, saved_slots, saved_offsets, saved_counts, bits, block_prefix,
+                           bit_offsets, params.size(), params.size(), norm, /*allow_double=*/true);
   if (params.empty()) return;
   if (!std::isfinite(norm.item<double>())) return;  // nothing was perturbed
   const uint8_t* mask = bits.data_ptr<uint8_t>();
   const int64_t* prefix = block_prefix.data_ptr<int64_t>();
-  const auto chunks = make_chunks(params);
+  const auto chunks = saved_chunks(params, saved_slots);
   for_each_chunk(chunks, [&](int64_t c) {
     const Chunk& ch = chunks[c];
     const int64_t bo = bit_offsets[ch.t];
     // Restoring copies bytes: no arithmetic, so any element size will do.
     const int64_t size = params[ch.t].element_size();
     char* w = static_cast<char*>(params[ch.t].data_ptr());
-    const char* s = static_cast<const char*>(saved[ch.t].data_ptr());
+    const char* s = static_cast<const char*>(saved[saved_slots[ch.t]].data_ptr()) + saved_offsets[ch.t] * size;
     if (bo == -1) {
       std::memcpy(w + ch.begin * size, s + ch.begin * size, (ch.end - ch.begin) * size);
       return;

@@ -8,8 +8,9 @@
 // is a popcount of the mask word below its lane. Both read the norm on the device and do nothing when
 // it is not finite. Arithmetic uses __fmul_rn / __fadd_rn / __frcp_rn: the reference's roundings
 // (scale = fl32(1 / (norm + eps)) * fl32(rho): a correctly rounded reciprocal, then one multiply).
-// saved_counts sizes each saved buffer (checked against it on the host, like the CPU path); the
-// kernel's slot bound only keeps counts that disagree with the mask inside the buffer.
+// Each tensor's originals are a range of its dtype's compact buffer, of saved_counts[t] elements
+// (checked on the host, like the CPU path); the kernel's slot bound only keeps counts that disagree
+// with the mask inside that range.
 #include <cub/block/block_reduce.cuh>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -104,8 +105,9 @@ __global__ void __launch_bounds__(kThreads) grad_norm_final_kernel(const double*
   if (threadIdx.x == 0) *out = static_cast<float>(sqrt(total));  // inf beyond fp32's range: the skip rule
 }
 
-at::Tensor grad_norm_cuda(at::TensorList params, at::TensorList grads, c10::List<bool> adaptive) {
-  validate_grad_norm("fsam_kernels::grad_norm", params, grads, adaptive.size(), /*allow_double=*/false);
+at::Tensor grad_norm_cuda(at::TensorList params, const OptionalTensors& grads_in, c10::List<bool> adaptive) {
+  validate_grad_norm("fsam_kernels::grad_norm", params, grads_in, adaptive.size(), /*allow_double=*/false);
+  const std::vector<at::Tensor> grads = contiguous_grads(grads_in);  // kept until the launch is queued
   TORCH_CHECK_VALUE(!params.empty(), "fsam_kernels::grad_norm: expected at least one parameter");
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -114,7 +116,7 @@ at::Tensor grad_norm_cuda(at::TensorList params, at::TensorList grads, c10::List
   int64_t units = 0;
   for (size_t t = 0; t < params.size(); ++t) {
     const int64_t n = params[t].numel();
-    if (n == 0) continue;
+    if (n == 0 || !grads[t].defined()) continue;
     const void* w = params[t].data_ptr();
     const void* g = grads[t].data_ptr();
     infos.push_back({w, g, n, units, dtype_code(params[t].scalar_type()), dtype_code(grads[t].scalar_type()),
@@ -232,9 +234,10 @@ __global__ void __launch_bounds__(kThreads) perturb_restore_kernel(const Perturb
   }
 }
 
-void launch_perturb_restore(bool restore, at::TensorList params, at::TensorList grads, at::TensorList saved,
-                            const at::Tensor& bits_in, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
-                            at::IntArrayRef saved_counts, at::ArrayRef<double> rho, const c10::List<bool>* adaptive,
+void launch_perturb_restore(bool restore, at::TensorList params, const std::vector<at::Tensor>& grads,
+                            at::TensorList saved, at::IntArrayRef saved_slots, at::IntArrayRef saved_offsets,
+                            at::IntArrayRef saved_counts, const at::Tensor& bits_in, const at::Tensor& block_prefix,
+                            at::IntArrayRef bit_offsets, at::ArrayRef<double> rho, const c10::List<bool>* adaptive,
                             const at::Tensor& norm, double eps) {
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -243,10 +246,12 @@ void launch_perturb_restore(bool restore, at::TensorList params, at::TensorList 
   int64_t units = 0;
   for (size_t t = 0; t < params.size(); ++t) {
     const int64_t n = params[t].numel();
-    if (n == 0) continue;
+    if (n == 0 || saved_slots[t] == -1) continue;
     const int32_t wdt = dtype_code(params[t].scalar_type());
-    infos.push_back({params[t].data_ptr(), restore ? nullptr : grads[t].data_ptr(), saved[t].data_ptr(), n, units,
-                     bit_offsets[t], saved_counts[t], restore ? 0.f : static_cast<float>(rho[t]), wdt,
+    // params[t]'s originals: a range of its dtype's compact buffer (validated: inside it, no overlap)
+    void* s = static_cast<char*>(saved[saved_slots[t]].data_ptr()) + saved_offsets[t] * params[t].element_size();
+    infos.push_back({params[t].data_ptr(), restore ? nullptr : grads[t].data_ptr(), s, n, units, bit_offsets[t],
+                     saved_counts[t], restore ? 0.f : static_cast<float>(rho[t]), wdt,
                      restore ? wdt : dtype_code(grads[t].scalar_type()), restore ? 0 : int32_t{adaptive->get(t)}});
     units += (n + kBlock - 1) / kBlock;
   }
@@ -261,24 +266,27 @@ void launch_perturb_restore(bool restore, at::TensorList params, at::TensorList 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void masked_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList saved, const at::Tensor& bits,
-                         const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::IntArrayRef saved_counts,
+void masked_perturb_cuda(at::TensorList params, const OptionalTensors& grads, at::TensorList saved,
+                         at::IntArrayRef saved_slots, at::IntArrayRef saved_offsets, at::IntArrayRef saved_counts,
+                         const at::Tensor& bits, const at::Tensor& block_prefix, at::IntArrayRef bit_offsets,
                          at::ArrayRef<double> rho, c10::List<bool> adaptive, const at::Tensor& norm, double eps) {
-  validate_perturb_restore("fsam_kernels::masked_perturb", params, grads, saved, bits, block_prefix, bit_offsets,
-                           saved_counts, rho.size(), adaptive.size(), norm, /*allow_double=*/false);
+  validate_perturb_restore("fsam_kernels::masked_perturb", params, &grads, saved, saved_slots, saved_offsets,
+                           saved_counts, bits, block_prefix, bit_offsets, rho.size(), adaptive.size(), norm,
+                           /*allow_double=*/false);
   if (params.empty()) return;
-  launch_perturb_restore(false, params, grads, saved, bits, block_prefix, bit_offsets, saved_counts, rho, &adaptive,
-                         norm, eps);
+  launch_perturb_restore(false, params, contiguous_grads(grads), saved, saved_slots, saved_offsets, saved_counts, bits,
+                         block_prefix, bit_offsets, rho, &adaptive, norm, eps);
 }
 
-void masked_restore_cuda(at::TensorList params, at::TensorList saved, const at::Tensor& bits,
-                         const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, at::IntArrayRef saved_counts,
-                         const at::Tensor& norm) {
-  validate_perturb_restore("fsam_kernels::masked_restore", params, {}, saved, bits, block_prefix, bit_offsets,
-                           saved_counts, params.size(), params.size(), norm, /*allow_double=*/false);
+void masked_restore_cuda(at::TensorList params, at::TensorList saved, at::IntArrayRef saved_slots,
+                         at::IntArrayRef saved_offsets, at::IntArrayRef saved_counts, const at::Tensor& bits,
+                         const at::Tensor& block_prefix, at::IntArrayRef bit_offsets, const at::Tensor& norm) {
+  validate_perturb_restore("fsam_kernels::masked_restore", params, nullptr, saved, saved_slots, saved_offsets,
+                           saved_counts, bits, block_prefix, bit_offsets, params.size(), params.size(), norm,
+                           /*allow_double=*/false);
   if (params.empty()) return;
-  launch_perturb_restore(true, params, {}, saved, bits, block_prefix, bit_offsets, saved_counts, {}, nullptr, norm,
-                         0.0);
+  launch_perturb_restore(true, params, {}, saved, saved_slots, saved_offsets, saved_counts, bits, block_prefix,
+                         bit_offsets, {}, nullptr, norm, 0.0);
 }
 
 }  // namespace

@@ -34,18 +34,21 @@ TORCH_LIBRARY(fsam_kernels, m) {
   // int64 exclusive prefix count of set bits per 512-bit block, plus the total at the end.
   m.def("mask_block_prefix(Tensor bits) -> Tensor");
   // Global L2 norm of the (ASAM-weighted) gradients, 0-dim, in the norm dtype (fp64 when a tensor is fp64,
-  // else fp32; inf where it exceeds that dtype: see fsam_kernels/reference.py).
-  m.def("grad_norm(Tensor[] params, Tensor[] grads, bool[] adaptive) -> Tensor");
-  // params += e on masked elements (bit_offsets[i] >= 0) or all elements (-1); originals into saved.
-  // saved_counts[i]: elements saved for params[i] (its set mask bits, or its numel when dense), the
-  // size saved[i] must have; checked on every device.
+  // else fp32; inf where it exceeds that dtype: see fsam_kernels/reference.py). A parameter whose grad
+  // is None does not count.
+  m.def("grad_norm(Tensor[] params, Tensor?[] grads, bool[] adaptive) -> Tensor");
+  // params += e on masked elements (bit_offsets[i] >= 0) or all elements (-1), for every parameter with
+  // a gradient; their originals into one compact buffer per weight dtype: params[i]'s saved_counts[i]
+  // originals (its set mask bits, or its numel when dense) at saved[saved_slots[i]][saved_offsets[i]:]
+  // (slot -1 exactly where grads[i] is None). Checked on every device (csrc/checks.h).
   m.def(
-      "masked_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saved, Tensor bits, Tensor block_prefix, "
-      "int[] bit_offsets, int[] saved_counts, float[] rho, bool[] adaptive, Tensor norm, float eps) -> ()");
-  // Writes saved back (a no-op when norm is not finite, like masked_perturb).
+      "masked_perturb(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] saved, int[] saved_slots, "
+      "int[] saved_offsets, int[] saved_counts, Tensor bits, Tensor block_prefix, int[] bit_offsets, float[] rho, "
+      "bool[] adaptive, Tensor norm, float eps) -> ()");
+  // Writes the originals back (a no-op when norm is not finite, like masked_perturb).
   m.def(
-      "masked_restore(Tensor(a!)[] params, Tensor[] saved, Tensor bits, Tensor block_prefix, int[] bit_offsets, "
-      "int[] saved_counts, Tensor norm) -> ()");
+      "masked_restore(Tensor(a!)[] params, Tensor[] saved, int[] saved_slots, int[] saved_offsets, "
+      "int[] saved_counts, Tensor bits, Tensor block_prefix, int[] bit_offsets, Tensor norm) -> ()");
 }
 
 namespace {

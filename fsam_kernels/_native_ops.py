@@ -127,24 +127,43 @@ def _mask_block_prefix_fake(bits):
     return bits.new_empty((bits.shape[0] // _MASK_ALIGN_BYTES + 1,), dtype=torch.int64)
 
 
+def _check_grads(op: str, params, grads) -> None:
+    """Gradients are optional (None: the parameter is left out) and may be strided."""
+    if len(grads) != len(params):
+        raise ValueError(f"{_NS}::{op}: expected one gradient (or None) per parameter ({len(params)}), got {len(grads)}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if g.device != p.device:
+            raise ValueError(f"{_NS}::{op}: expected grads[{i}] on {p.device}, got {g.device}")
+        if g.dtype not in _FLOATS:
+            raise TypeError(f"{_NS}::{op}: expected grads[{i}] of dtype float32, float16, bfloat16 or float64, got {g.dtype}")
+        if g.numel() != p.numel():
+            raise ValueError(f"{_NS}::{op}: grads[{i}] has {g.numel()} elements, params[{i}] has {p.numel()}")
+
+
 def _grad_norm_fake(params, grads, adaptive):
-    _check_same_numel("grad_norm", "params", params, "grads", grads)
-    if len(adaptive) != len(params):
-        raise ValueError(f"{_NS}::grad_norm: expected one adaptive flag per parameter ({len(params)}), got {len(adaptive)}")
+    if len(adaptive) != len(params) or len(grads) != len(params):
+        raise ValueError(f"{_NS}::grad_norm: expected params, grads and adaptive of the same length, got "
+                         f"{len(params)}, {len(grads)} and {len(adaptive)}")
     if not params:
         raise ValueError(f"{_NS}::grad_norm: expected at least one parameter")
     _check_list("grad_norm", "params", params, params[0].device, _FLOATS)
-    _check_list("grad_norm", "grads", grads, params[0].device, _FLOATS)
-    fp64 = any(torch.float64 in (p.dtype, g.dtype) for p, g in zip(params, grads))  # the norm dtype
+    _check_grads("grad_norm", params, grads)
+    # the norm dtype (see fsam_kernels.reference)
+    fp64 = any(g is not None and torch.float64 in (p.dtype, g.dtype) for p, g in zip(params, grads))
     return params[0].new_empty((), dtype=torch.float64 if fp64 else torch.float32)
 
 
-def _check_perturb_restore(op, params, saved, bits, block_prefix, bit_offsets, saved_counts, norm) -> None:
-    if not (len(saved) == len(bit_offsets) == len(params)):
-        raise ValueError(
-            f"{_NS}::{op}: expected params, saved and bit_offsets of the same length, got "
-            f"{len(params)}, {len(saved)} and {len(bit_offsets)}"
-        )
+def _check_perturb_restore(op, params, grads, saved, saved_slots, saved_offsets, saved_counts, bits, block_prefix,
+                           bit_offsets, norm) -> None:
+    """csrc/checks.cpp validate_perturb_restore (``grads`` is None for restore)."""
+    n = len(params)
+    if grads is not None:
+        _check_grads(op, params, grads)
+    if not (len(saved_slots) == len(saved_offsets) == len(saved_counts) == n):
+        raise ValueError(f"{_NS}::{op}: expected one saved slot, offset and count per parameter ({n}), got "
+                         f"{len(saved_slots)}, {len(saved_offsets)} and {len(saved_counts)}")
     if bits.dtype != torch.uint8 or block_prefix.dtype != torch.int64:
         raise TypeError(f"{_NS}::{op}: expected uint8 bits and int64 block_prefix, got {bits.dtype} and {block_prefix.dtype}")
     # the norm dtype (see fsam_kernels.reference); float64 norms only on the CPU, like float64 tensors
@@ -153,44 +172,57 @@ def _check_perturb_restore(op, params, saved, bits, block_prefix, bit_offsets, s
         names = " or ".join(str(d).replace("torch.", "") for d in norm_dtypes)
         raise ValueError(f"{_NS}::{op}: expected norm to be a 0-dim {names} tensor, got {norm.dtype} {tuple(norm.shape)}")
     _check_offsets(op, bit_offsets, params, bits.numel() * 8, allow_dense=True)
-    if len(saved_counts) != len(params):
-        raise ValueError(f"{_NS}::{op}: expected one saved count per parameter ({len(params)}), got {len(saved_counts)}")
-    for i, (p, s, o, n) in enumerate(zip(params, saved, bit_offsets, saved_counts)):
-        if o == -1 and n != p.numel():
+    if not params:
+        return
+    dev = params[0].device
+    for name, t in (("bits", bits), ("block_prefix", block_prefix), ("norm", norm)):
+        if t.device != dev:
+            raise ValueError(f"{_NS}::{op}: expected {name} on {dev}, got {t.device}")
+    _check_list(op, "saved", saved, dev, _FLOATS)
+    _check_list(op, "params", params, dev, _FLOATS)
+    next_free = [0] * len(saved)
+    for i, (p, slot, offset, count) in enumerate(zip(params, saved_slots, saved_offsets, saved_counts)):
+        if grads is not None and (grads[i] is None) != (slot == -1):
+            has = grads[i] is not None
+            raise ValueError(f"{_NS}::{op}: expected grads[{i}] {'to be None' if has else 'to be a tensor'}, as "
+                             f"saved_slots[{i}] is {slot}")
+        if slot == -1:
+            continue
+        if not 0 <= slot < len(saved):
+            raise ValueError(f"{_NS}::{op}: expected saved_slots[{i}] in [0, {len(saved)}) (an index into saved) or -1, "
+                             f"got {slot}")
+        if saved[slot].dtype != p.dtype:
+            raise TypeError(f"{_NS}::{op}: expected saved[{slot}] (the buffer of params[{i}]) of dtype {p.dtype} (the "
+                            f"parameter's), got {saved[slot].dtype}")
+        if bit_offsets[i] == -1 and count != p.numel():
             raise ValueError(
-                f"{_NS}::{op}: expected saved_counts[{i}] of a dense tensor to be its numel {p.numel()}, got {n}"
-            )
-        if o != -1 and not 0 <= n <= p.numel():
-            raise ValueError(
-                f"{_NS}::{op}: expected saved_counts[{i}] (the set mask bits of params[{i}]) in [0, {p.numel()}], got {n}"
-            )
-        if s.numel() != n:
-            what = "of a dense tensor must have" if o == -1 else "must hold the"
-            tail = " elements" if o == -1 else f" masked elements of params[{i}]"
-            raise ValueError(f"{_NS}::{op}: saved[{i}] {what} {n}{tail}, got {s.numel()}")
-    if params:
-        dev = params[0].device
-        _check_list(op, "params", params, dev, _FLOATS)
-        for name, t in (("bits", bits), ("block_prefix", block_prefix), ("norm", norm)):
-            if t.device != dev:
-                raise ValueError(f"{_NS}::{op}: expected {name} on {dev}, got {t.device}")
-        for i, (p, s) in enumerate(zip(params, saved)):
-            if s.dtype != p.dtype or s.device != dev:
-                raise TypeError(f"{_NS}::{op}: expected saved[{i}] of dtype {p.dtype} on {dev}, got {s.dtype} on {s.device}")
+                f"{_NS}::{op}: expected saved_counts[{i}] of a dense tensor to be its numel {p.numel()}, got {count}")
+        if bit_offsets[i] != -1 and not 0 <= count <= p.numel():
+            raise ValueError(f"{_NS}::{op}: expected saved_counts[{i}] (the set mask bits of params[{i}]) in "
+                             f"[0, {p.numel()}], got {count}")
+        if offset < next_free[slot]:
+            raise ValueError(f"{_NS}::{op}: expected saved_offsets[{i}] >= {next_free[slot]} (where the previous "
+                             f"tensor's originals in saved[{slot}] end): ranges follow parameter order without "
+                             f"overlapping, got {offset}")
+        if offset + count > saved[slot].numel():
+            raise ValueError(f"{_NS}::{op}: saved[{slot}] must hold the {count} originals of params[{i}] from offset "
+                             f"{offset}, but has {saved[slot].numel()} elements")
+        next_free[slot] = offset + count
 
 
-def _masked_perturb_fake(params, grads, saved, bits, block_prefix, bit_offsets, saved_counts, rho, adaptive, norm,
-                         eps) -> None:
-    _check_perturb_restore("masked_perturb", params, saved, bits, block_prefix, bit_offsets, saved_counts, norm)
-    _check_same_numel("masked_perturb", "params", params, "grads", grads)
-    if not (len(rho) == len(adaptive) == len(params)):
-        raise ValueError(f"{_NS}::masked_perturb: expected one rho and one adaptive flag per parameter ({len(params)})")
-    if params:
-        _check_list("masked_perturb", "grads", grads, params[0].device, _FLOATS)
+def _masked_perturb_fake(params, grads, saved, saved_slots, saved_offsets, saved_counts, bits, block_prefix,
+                         bit_offsets, rho, adaptive, norm, eps) -> None:
+    if not len(rho) == len(adaptive) == len(params):
+        raise ValueError(f"{_NS}::masked_perturb: expected one rho and one adaptive flag per parameter ({len(params)}), "
+                         f"got {len(rho)} and {len(adaptive)}")
+    _check_perturb_restore("masked_perturb", params, grads, saved, saved_slots, saved_offsets, saved_counts, bits,
+                           block_prefix, bit_offsets, norm)
 
 
-def _masked_restore_fake(params, saved, bits, block_prefix, bit_offsets, saved_counts, norm) -> None:
-    _check_perturb_restore("masked_restore", params, saved, bits, block_prefix, bit_offsets, saved_counts, norm)
+def _masked_restore_fake(params, saved, saved_slots, saved_offsets, saved_counts, bits, block_prefix, bit_offsets,
+                         norm) -> None:
+    _check_perturb_restore("masked_restore", params, None, saved, saved_slots, saved_offsets, saved_counts, bits,
+                           block_prefix, bit_offsets, norm)
 
 
 _FAKES = {

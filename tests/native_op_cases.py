@@ -16,7 +16,8 @@ def opcheck_cases(device="cpu"):
     bits = ref.pack_mask(lay, [torch.rand(7, generator=g).to(device) < 0.5, torch.rand(600, generator=g).to(device) < 0.5])
     prefix = torch.ops.fsam_kernels.mask_block_prefix(bits)
     counts = [ref.mask_popcount(bits[:64]), ref.mask_popcount(bits[64:]), 5]
-    saved = [torch.empty(c, device=device) for c in counts]
+    # the originals of the three tensors back to back in one buffer (their dtype's)
+    saved, slots, offsets = [torch.empty(sum(counts), device=device)], [0, 0, 0], [0, counts[0], counts[0] + counts[1]]
     norm = torch.tensor(2.5, device=device)
     nm = [torch.randn(8, 16, generator=g).to(device), torch.randn(4, 8, generator=g).to(device).half()]
 
@@ -27,10 +28,11 @@ def opcheck_cases(device="cpu"):
         "fisher_accumulate": ([rand(7), rand(600)], [gr[0], gr[1].half()]),
         "select_mask": ([gr[0], gr[1].bfloat16()], [0, 512], 192, 100, True),
         "mask_block_prefix": (bits,),
-        "grad_norm": (w, gr, [False, True, False]),
-        "masked_perturb": (w, gr, saved, bits, prefix, [0, 512, -1], counts, [0.1, 0.2, 0.3], [False, True, False], norm,
-                           1e-12),
-        "masked_restore": (w, saved, bits, prefix, [0, 512, -1], counts, norm),
+        # no gradient for the second parameter, a strided one for the third
+        "grad_norm": (w, [gr[0], None, torch.stack([gr[2], gr[2]], 1)[:, 0]], [False, True, False]),
+        "masked_perturb": (w, gr, saved, slots, offsets, counts, bits, prefix, [0, 512, -1], [0.1, 0.2, 0.3],
+                           [False, True, False], norm, 1e-12),
+        "masked_restore": (w, saved, slots, offsets, counts, bits, prefix, [0, 512, -1], norm),
         "key_histogram": ([gr[0], gr[1].half(), torch.empty(0, device=device)], True, 0x3F, 16, 8),
         "mask_from_threshold": ([gr[0], gr[1]], [0, 512], 192, False, 0x3E000000, [0, 3]),
         "select_nm_mask": (nm, [], [0, 512], 192, 2, 4, True),

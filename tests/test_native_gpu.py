@@ -77,12 +77,11 @@ def test_overlapping_offsets_and_bad_saved_counts_are_rejected_on_cuda(native):
     op = torch.ops.fsam_kernels
     with pytest.raises(ValueError, match=r"select_mask: expected bit_offsets\[1\] >= 1024"):
         op.select_mask(gr, [0, 512], 192, 1, True)
-    with pytest.raises(ValueError, match=r"masked_perturb: saved\[0\] must hold the 10 masked elements"):
-        op.masked_perturb(w, gr, [torch.empty(9, device="cuda"), torch.empty(5, device="cuda")], bits, prefix, [0, -1],
-                          [10, 5], [0.1, 0.1], [False, False], norm, 0.0)
-    with pytest.raises(ValueError, match=r"masked_restore: saved\[0\] must hold the 9 masked elements"):
-        op.masked_restore(w, [torch.empty(10, device="cuda"), torch.empty(5, device="cuda")], bits, prefix, [0, -1],
-                          [9, 5], norm)
+    with pytest.raises(ValueError, match=r"masked_perturb: saved\[0\] must hold the 10 originals of params\[0\]"):
+        op.masked_perturb(w, gr, [torch.empty(9, device="cuda"), torch.empty(5, device="cuda")], [0, 1], [0, 0],
+                          [10, 5], bits, prefix, [0, -1], [0.1, 0.1], [False, False], norm, 0.0)
+    with pytest.raises(ValueError, match=r"masked_restore: expected saved_offsets\[1\] >= 9"):
+        op.masked_restore(w, [torch.empty(14, device="cuda")], [0, 0], [0, 8], [9, 5], bits, prefix, [0, -1], norm)
     assert all(torch.equal(p, b) for p, b in zip(w, before))
 
 

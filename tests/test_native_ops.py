@@ -157,7 +157,7 @@ def test_mask_aux_counts_per_tensor(native):
     lay = layout_of(scores)
     bits = native.select_mask(lay, scores, 400, True)
     aux = native.mask_aux(lay, bits)
-    assert aux["counts"] == [int(m.sum()) for m in ref.unpack_mask(lay, bits)]
+    assert aux.counts == [int(m.sum()) for m in ref.unpack_mask(lay, bits)]
 
 
 # ------------------------------------------------------------------------------------------ Fisher
@@ -377,20 +377,25 @@ def test_overlapping_or_unordered_bit_offsets_are_rejected(native, sizes, offset
     params.insert(bad, torch.randn(3))
     offs = offsets[:bad] + [-1] + offsets[bad:]
     counts = [3 if o == -1 else 0 for o in offs]
-    saved = [torch.empty(c) for c in counts]
+    saved, slots, starts = per_tensor_buffers(counts)
     before = [p.clone() for p in params]
     bits = torch.zeros(mask_bytes, dtype=torch.uint8)
     prefix = ops().mask_block_prefix(bits)
     norm = torch.tensor(1.0)
     msg = rf"expected bit_offsets\[{bad + 1}\] >= {least} \(bit_offsets\[{bad - 1}\] .*non-overlapping"
     with pytest.raises(ValueError, match="masked_perturb: " + msg):
-        ops().masked_perturb(params, [torch.ones_like(p) for p in params], saved, bits, prefix, offs, counts,
-                             [0.1] * len(params), [False] * len(params), norm, 0.0)
+        ops().masked_perturb(params, [torch.ones_like(p) for p in params], saved, slots, starts, counts, bits, prefix,
+                             offs, [0.1] * len(params), [False] * len(params), norm, 0.0)
     with pytest.raises(ValueError, match="masked_restore: " + msg):
-        ops().masked_restore(params, saved, bits, prefix, offs, counts, norm)
+        ops().masked_restore(params, saved, slots, starts, counts, bits, prefix, offs, norm)
     with pytest.raises(ValueError, match="masked_restore: " + msg):
-        _native_ops._masked_restore_fake(params, saved, bits, prefix, offs, counts, norm)
+        _native_ops._masked_restore_fake(params, saved, slots, starts, counts, bits, prefix, offs, norm)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def per_tensor_buffers(counts, dtype=torch.float32):
+    """One saved buffer per tensor (the ops also take several buffers of a dtype): (saved, slots, offsets)."""
+    return [torch.empty(c, dtype=dtype) for c in counts], list(range(len(counts))), [0] * len(counts)
 
 
 def test_layout_offsets_are_accepted(native):
@@ -407,13 +412,14 @@ def test_bad_saved_buffer_is_rejected_and_weights_unchanged(native):
     bits = native.select_mask(lay, [g], 10, True)
     prefix = ops().mask_block_prefix(bits)
     before = w.clone()
-    with pytest.raises(ValueError, match=r"masked_perturb: saved\[0\] must hold the 10 masked elements"):
-        ops().masked_perturb([w], [g], [torch.empty(9)], bits, prefix, [0], [10], [0.1], [False], torch.tensor(1.0), 0.0)
-    with pytest.raises(TypeError, match=r"masked_perturb: expected saved\[0\] of dtype"):
-        ops().masked_perturb([w], [g], [torch.empty(10, dtype=torch.float16)], bits, prefix, [0], [10], [0.1], [False],
+    with pytest.raises(ValueError, match=r"masked_perturb: saved\[0\] must hold the 10 originals of params\[0\]"):
+        ops().masked_perturb([w], [g], [torch.empty(9)], [0], [0], [10], bits, prefix, [0], [0.1], [False],
                              torch.tensor(1.0), 0.0)
+    with pytest.raises(TypeError, match=r"masked_perturb: expected saved\[0\] \(the buffer of params\[0\]\) of dtype"):
+        ops().masked_perturb([w], [g], [torch.empty(10, dtype=torch.float16)], [0], [0], [10], bits, prefix, [0], [0.1],
+                             [False], torch.tensor(1.0), 0.0)
     with pytest.raises(ValueError, match=r"masked_restore: expected block_prefix"):
-        ops().masked_restore([w], [torch.empty(10)], bits, prefix[:-1], [0], [10], torch.tensor(1.0))
+        ops().masked_restore([w], [torch.empty(10)], [0], [0], [10], bits, prefix[:-1], [0], torch.tensor(1.0))
     assert torch.equal(w, before)
 
 
@@ -424,23 +430,30 @@ def saved_count_cases():
     gr = [torch.randn(s, generator=g) for s in (600, 5)]
     bits = ref.pack_mask(layout_of(w[:1]), [torch.arange(600) % 60 == 0])  # 10 set bits
     prefix = torch.ops.fsam_kernels.mask_block_prefix(bits)
-    cases = [  # (saved sizes, saved_counts, error)
-        ([9, 5], [10, 5], r"saved\[0\] must hold the 10 masked elements of params\[0\], got 9"),
-        ([10, 5], [9, 5], r"saved\[0\] must hold the 9 masked elements of params\[0\], got 10"),
-        ([10, 4], [10, 4], r"expected saved_counts\[1\] of a dense tensor to be its numel 5, got 4"),
-        ([10, 5], [10, 5, 0], r"expected one saved count per parameter \(2\), got 3"),
-        ([10, 5], [10], r"expected one saved count per parameter \(2\), got 1"),
-        ([0, 5], [-1, 5], r"expected saved_counts\[0\] \(the set mask bits of params\[0\]\) in \[0, 600\], got -1"),
-        ([10, 5], [601, 5], r"expected saved_counts\[0\] \(the set mask bits of params\[0\]\) in \[0, 600\], got 601"),
+    cases = [  # (saved sizes, saved_slots, saved_offsets, saved_counts, grads present, error)
+        ([9, 5], [0, 1], [0, 0], [10, 5], [1, 1], r"saved\[0\] must hold the 10 originals of params\[0\] from offset 0, but has 9"),
+        ([20], [0, 0], [0, 16], [10, 5], [1, 1], r"saved\[0\] must hold the 5 originals of params\[1\] from offset 16, but has 20"),
+        ([15], [0, 0], [0, 9], [10, 5], [1, 1], r"expected saved_offsets\[1\] >= 10 \(where the previous tensor's originals"),
+        ([10, 5], [0, 2], [0, 0], [10, 5], [1, 1], r"expected saved_slots\[1\] in \[0, 2\) \(an index into saved\) or -1, got 2"),
+        ([10, 4], [0, 1], [0, 0], [10, 4], [1, 1], r"expected saved_counts\[1\] of a dense tensor to be its numel 5, got 4"),
+        ([10, 5], [0, 1], [0, 0], [10, 5, 0], [1, 1], r"expected one saved slot, offset and count per parameter \(2\), got 2, 2 and 3"),
+        ([10, 5], [0, 1], [0], [10, 5], [1, 1], r"expected one saved slot, offset and count per parameter \(2\), got 2, 1 and 2"),
+        ([0, 5], [0, 1], [0, 0], [-1, 5], [1, 1], r"expected saved_counts\[0\] \(the set mask bits of params\[0\]\) in \[0, 600\], got -1"),
+        ([10, 5], [0, 1], [0, 0], [601, 5], [1, 1], r"expected saved_counts\[0\] \(the set mask bits of params\[0\]\) in \[0, 600\], got 601"),
+        ([10, 5], [0, 1], [0, 0], [10, 5], [1, 0], r"expected grads\[1\] to be a tensor, as saved_slots\[1\] is 1", "perturb"),
+        ([10, 5], [0, -1], [0, 0], [10, 5], [1, 1], r"expected grads\[1\] to be None, as saved_slots\[1\] is -1", "perturb"),
     ]
-    for sizes, counts, error in cases:
+    for sizes, slots, offsets, counts, present, error, *only in cases:
         saved = [torch.empty(n) for n in sizes]
         norm = torch.tensor(1.0)
-        yield ("masked_perturb", (w, gr, saved, bits, prefix, [0, -1], counts, [0.1, 0.1], [False, True], norm, 0.0), error)
-        yield ("masked_restore", (w, saved, bits, prefix, [0, -1], counts, norm), error)
+        grads = [g if keep else None for g, keep in zip(gr, present)]
+        yield ("masked_perturb", (w, grads, saved, slots, offsets, counts, bits, prefix, [0, -1], [0.1, 0.1],
+                                  [False, True], norm, 0.0), error)
+        if not only:
+            yield ("masked_restore", (w, saved, slots, offsets, counts, bits, prefix, [0, -1], norm), error)
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(20))
 def test_saved_counts_are_checked_by_the_op_and_its_fake(native, case):
     from fsam_kernels import _native_ops
 
@@ -478,14 +491,96 @@ def test_set_padding_bits_are_not_read_as_elements(native):
     # (aux) derived from the clean mask, as the optimizer's own checked mask would give them
     prefix = ops().mask_block_prefix(clean)
     counts = [int(m.sum()) for m in ref.unpack_mask(lay, clean)]
-    saved = [torch.empty(c) for c in counts]
+    saved, slots, starts = per_tensor_buffers(counts)
     offsets = list(lay.bit_offset)
-    ops().masked_perturb(params, grads, saved, dirty, prefix, offsets, counts, list(lay.rho), [False] * 3, norm, 1e-12)
+    ops().masked_perturb(params, grads, saved, slots, starts, counts, dirty, prefix, offsets, list(lay.rho), [False] * 3,
+                         norm, 1e-12)
     for i, (p, w) in enumerate(zip(params, want)):
         assert torch.equal(p, w), f"params[{i}] after perturb: {first_mismatch(p, w)}"
-    ops().masked_restore(params, saved, dirty, prefix, offsets, counts, norm)
+    ops().masked_restore(params, saved, slots, starts, counts, dirty, prefix, offsets, norm)
     for i, (p, o) in enumerate(zip(params, originals)):
         assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
+
+
+def mixed_dtype_case(with_grad):
+    """fp32 and bf16 weights, masked and dense, some without a gradient; a mask from their gradients."""
+    g = torch.Generator().manual_seed(21)
+    sizes, dtypes = [700, 40, 1500, 9, 600], [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
+    params = [torch.randn(n, generator=g).to(d) for n, d in zip(sizes, dtypes)]
+    grads = [torch.randn(n, generator=g).to(d) if keep else None for n, d, keep in zip(sizes, dtypes, with_grad)]
+    lay = layout_of(params, masked=[True, False, True, False, True], rho=[0.05, 0.1, 0.2, 0.3, 0.4])
+    scores = [torch.randn(lay.numel[i], generator=g) for i in lay.masked_index]
+    return lay, params, grads, ref.select_mask_reference(lay, scores, 500, True)
+
+
+@pytest.mark.parametrize("with_grad", [[1, 1, 1, 1, 1], [1, 0, 1, 1, 0]], ids=["all-grads", "some-none"])
+def test_originals_are_saved_in_one_compact_buffer_per_dtype(native, with_grad):
+    lay, params, grads, bits = mixed_dtype_case(with_grad)
+    originals = [p.clone() for p in params]
+    norm = ref.grad_norm_reference(lay, grads)
+    want = ref.perturb_reference(lay, grads, bits, norm, 1e-12)  # the reference's saved originals
+    perturbed = [p.clone() for p in params]
+    for p, o in zip(params, originals):
+        p.copy_(o)
+    aux = native.mask_aux(lay, bits)
+    saved = native.perturb(lay, grads, bits, aux, norm, 1e-12)
+    assert [b.dtype for b in saved.buffers] == [torch.float32, torch.bfloat16]
+    assert [b.numel() for b in saved.buffers] == [
+        sum(w.numel() for w, p in zip(want, params) if w is not None and p.dtype == d) for d in (torch.float32, torch.bfloat16)]
+    for i, (p, w) in enumerate(zip(params, perturbed)):
+        assert torch.equal(p, w), f"params[{i}] after perturb: {first_mismatch(p, w)}"
+    # what a restore into replaced storage writes back: the reference's format, bit for bit
+    got = native.saved_originals(lay, bits, aux, saved)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"originals of params[{i}]"
+    native.restore(lay, bits, aux, saved)
+    for i, (p, o) in enumerate(zip(params, originals)):
+        assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
+
+
+def test_saved_ranges_are_built_once_per_mask_and_missing_gradients(native):
+    lay, params, grads, bits = mixed_dtype_case([1, 1, 1, 1, 1])
+    aux = native.mask_aux(lay, bits)
+    norm = ref.grad_norm_reference(lay, grads)
+    first = native.perturb(lay, grads, bits, aux, norm, 1e-12)
+    native.restore(lay, bits, aux, first)
+    again = native.perturb(lay.with_rho([0.5] * 5), [g.clone() for g in grads], bits, aux, norm, 1e-12)
+    native.restore(lay, bits, aux, again)
+    assert again.ranges is first.ranges and again.plan is first.plan  # rho and gradients changed, nothing else
+    fewer = native.perturb(lay, [None] + grads[1:], bits, aux, norm, 1e-12)
+    native.restore(lay, bits, aux, fewer)
+    assert fewer.ranges is not first.ranges and fewer.ranges.slots[0] == -1
+
+
+def test_step_runs_the_same_few_aten_ops_whatever_the_number_of_tensors(native):
+    # The issue's cost: a detach, a contiguous and a saved-buffer allocation per tensor every step.
+    from torch.profiler import ProfilerActivity, profile
+
+    def top_level_aten_ops(n_tensors):
+        lay, params, grads = perturb_case([300] * n_tensors, torch.float32, [j % 2 == 0 for j in range(n_tensors)], False)
+        bits = native.select_mask(lay, [grads[i] for i in lay.masked_index], 50, True)
+        aux = native.mask_aux(lay, bits)
+
+        def step():
+            norm = native.grad_norm(lay, grads)
+            native.restore(lay, bits, aux, native.perturb(lay, grads, bits, aux, norm, 1e-12))
+
+        step()  # the per-layout lists are built once, here
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        return sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+
+    few, many = top_level_aten_ops(4), top_level_aten_ops(40)
+    assert few == many <= 4, (few, many)
+
+
+def test_strided_gradients_are_read_in_place_of_a_copy_by_the_caller(native):
+    lay, params, grads = perturb_case([300, 7, 1000], torch.float32, [True, False, True], True)
+    strided = [torch.stack([g, torch.zeros_like(g)], 1)[:, 0] for g in grads]
+    assert not any(g.is_contiguous() for g in strided)
+    bits = native.select_mask(lay, [grads[i] for i in lay.masked_index], 200, True)
+    assert torch.equal(ops().grad_norm(params, strided, [True] * 3), ops().grad_norm(params, grads, [True] * 3))
+    check_norm_perturb_restore(native, lay, params, strided, bits)
 
 
 def test_counts_that_disagree_with_the_mask_stay_inside_saved(native):
@@ -496,9 +591,9 @@ def test_counts_that_disagree_with_the_mask_stay_inside_saved(native):
     prefix = ops().mask_block_prefix(bits)
     buf = torch.full((12,), 123.0)
     saved = buf[:4]  # claims 4 of the 10
-    ops().masked_perturb([w], [g], [saved], bits, prefix, [0], [4], [0.1], [False], torch.tensor(1.0), 0.0)
+    ops().masked_perturb([w], [g], [saved], [0], [0], [4], bits, prefix, [0], [0.1], [False], torch.tensor(1.0), 0.0)
     assert torch.equal(buf[4:], torch.full((8,), 123.0))
-    ops().masked_restore([w], [saved], bits, prefix, [0], [4], torch.tensor(1.0))
+    ops().masked_restore([w], [saved], [0], [0], [4], bits, prefix, [0], torch.tensor(1.0))
 
 
 # ------------------------------------------------------------------------------------------ opcheck

@@ -4,26 +4,34 @@ The extension is imported when this backend is first asked for, never at package
 missing or cannot run on a device, the error says why: what was built, torch's CUDA version and the
 GPU's compute capability.
 
-Private data of this backend:
+Private data of this backend (dataclasses, like the Triton backend's):
 
-* ``aux`` (from :meth:`mask_aux`): the int64 per-512-bit-block prefix counts of the mask, plus the
-  number of set bits of each masked tensor (host ints, read once per mask update). The ops get these
-  counts too (``saved_counts``) and check every saved buffer's size against them, on every device.
-* ``saved`` (from :meth:`perturb`): one compact tensor of original values per parameter with a
-  gradient (the masked elements only, or all elements of a dense tensor), with the norm that decided
+* ``aux`` (:class:`NativeMaskAux`, from :meth:`mask_aux`): the int64 per-512-bit-block prefix counts
+  of the mask, plus the number of set bits of each masked tensor (host ints, read once per mask
+  update). The ops get these counts too (``saved_counts``) and check the saved ranges against them,
+  on every device.
+* ``saved`` (:class:`NativeSaved`, from :meth:`perturb`): the compact originals in one buffer per
+  weight dtype (the masked elements of each masked tensor, every element of a dense one, in
+  parameter order), where each parameter's range is, the mask they follow, and the norm that decided
   whether anything moved: restore is a no-op when it is not finite, decided on the device.
+
+A step's work is three op calls (norm, perturb, restore) on the layout's own lists: the per-tensor
+lists the ops take (bit offsets, buffer slots) are built once per layout (:class:`_LayoutPlan`, keyed
+by ``layout.tensors_key``) and the saved ranges once per mask and set of parameters with a gradient.
 
 The CUDA kernels handle fp32, fp16 and bf16; a call that involves float64 CUDA tensors goes through
 the reference ops instead (the CPU kernels handle float64 themselves).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .. import reference as ref
 from ..layout import MASK_ALIGN_BITS, ParamLayout
+from ..triton_kernels.tables import TableCache
 from .base import Backend, tensors_nbytes
 
 _ops = None
@@ -44,6 +52,81 @@ def _describe_gpu(device: torch.device) -> str:
 
 def _needs_reference(tensors) -> bool:
     return any(t is not None and t.dtype == torch.float64 and t.is_cuda for t in tensors)
+
+
+@dataclass
+class NativeMaskAux:
+    """What the perturbation needs from a packed mask besides its bits, computed once per mask."""
+
+    block_prefix: torch.Tensor  # int64 set bits before each 512-bit block, then the total (mask_block_prefix)
+    counts: list[int]  # set bits of each masked tensor, in masked order
+    tensors_key: object  # ParamLayout.tensors_key of the layout the counts follow
+    # _SavedRanges by the positions of the parameters without a gradient (usually none)
+    ranges: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class _SavedRanges:
+    """Where each parameter's originals go: ``buffers[slots[i]][offsets[i] : offsets[i] + counts[i]]``
+    (slot -1: no gradient, not perturbed); ranges follow parameter order inside each buffer."""
+
+    slots: list[int]
+    offsets: list[int]
+    counts: list[int]
+    sizes: list[int]  # elements of each buffer
+
+
+class _LayoutPlan:
+    """The per-tensor lists the ops take, derived from a layout's tensors (not its rho values)."""
+
+    def __init__(self, layout: ParamLayout) -> None:
+        self.masked_pos = {i: j for j, i in enumerate(layout.masked_index)}
+        self.bit_offsets = [-1] * len(layout.params)  # -1: dense
+        for j, i in enumerate(layout.masked_index):
+            self.bit_offsets[i] = layout.bit_offset[j]
+        self.dtypes: list[torch.dtype] = []  # one compact saved buffer per weight dtype, in order of appearance
+        self.slot_of = []
+        for p in layout.params:
+            if p.dtype not in self.dtypes:
+                self.dtypes.append(p.dtype)
+            self.slot_of.append(self.dtypes.index(p.dtype))
+        self.fp64_cuda = _needs_reference(layout.params)
+        device = layout.device
+        # a layout without masked tensors: an empty mask and its one prefix count
+        self.no_mask = (torch.zeros(0, dtype=torch.uint8, device=device),
+                        NativeMaskAux(torch.zeros(1, dtype=torch.long, device=device), [], layout.tensors_key))
+
+    def ranges(self, layout: ParamLayout, aux: NativeMaskAux, grads: Sequence[Optional[torch.Tensor]]) -> _SavedRanges:
+        """The saved ranges for this mask and these gradients, built once per set of missing gradients."""
+        missing = tuple(i for i, g in enumerate(grads) if g is None)
+        found = aux.ranges.get(missing)
+        if found is None:
+            skip = set(missing)
+            slots, offsets, counts, sizes = [], [], [], [0] * len(self.dtypes)
+            for i, numel in enumerate(layout.numel):
+                j = self.masked_pos.get(i)
+                slot = -1 if i in skip else self.slot_of[i]
+                count = 0 if slot == -1 else numel if j is None else aux.counts[j]
+                slots.append(slot)
+                offsets.append(sizes[slot] if slot != -1 else 0)
+                counts.append(count)
+                if slot != -1:
+                    sizes[slot] += count
+            found = aux.ranges[missing] = _SavedRanges(slots, offsets, counts, sizes)
+        return found
+
+
+@dataclass
+class NativeSaved:
+    """The originals of one perturbation (see the module docstring)."""
+
+    buffers: list[torch.Tensor]  # compact originals, one buffer per weight dtype
+    ranges: Optional[_SavedRanges]  # None when the reference perturbed (``reference``)
+    bits: torch.Tensor  # the mask the perturbation followed
+    aux: NativeMaskAux
+    norm: torch.Tensor  # restore is a no-op when it is not finite
+    plan: _LayoutPlan
+    reference: Optional[list] = None  # float64 CUDA tensors: the reference's saved list
 
 
 def _load_ops():
@@ -78,6 +161,7 @@ class NativeBackend(Backend):
         # answer (torch.cuda.is_available() and a kernel probe) does not change within a process.
         self._reasons: dict[torch.device, Optional[str]] = {}
         self._cuda_available: Optional[bool] = None
+        self._plans = TableCache(4)  # tensors_key -> _LayoutPlan (least recently used out)
 
     # ------------------------------------------------------------------ devices
     def unsupported_reason(self, device: torch.device) -> Optional[str]:
@@ -164,7 +248,7 @@ class NativeBackend(Backend):
 
         return select_nm_mask_native(layout, scores, n, m, square, support)
 
-    def mask_aux(self, layout: ParamLayout, bits: torch.Tensor) -> Any:
+    def mask_aux(self, layout: ParamLayout, bits: torch.Tensor) -> NativeMaskAux:
         prefix = self._op.mask_block_prefix(bits)
         # Blocks [first, last) of each masked tensor; one small device-to-host read per mask update.
         bounds = []
@@ -173,89 +257,72 @@ class NativeBackend(Backend):
             bounds += [first, first + (layout.numel[i] + MASK_ALIGN_BITS - 1) // MASK_ALIGN_BITS]
         ends = prefix[torch.tensor(bounds, dtype=torch.long, device=prefix.device)].tolist() if bounds else []
         counts = [ends[2 * j + 1] - ends[2 * j] for j in range(len(layout.masked_index))]
-        return {"block_prefix": prefix, "counts": counts}
+        return NativeMaskAux(prefix, counts, layout.tensors_key)
 
-    def _aux(self, layout: ParamLayout, bits: Optional[torch.Tensor], aux: Any):
+    def _plan(self, layout: ParamLayout) -> _LayoutPlan:
+        # Keyed by the tensors_key token (held by the cache, so its id is never reused): layouts that
+        # differ only in rho share one plan; a layout with other tensors (the optimizer makes one when
+        # storage, dtypes or shapes change) gets its own.
+        return self._plans.get(layout.tensors_key, lambda: _LayoutPlan(layout))
+
+    def _mask_and_aux(self, layout: ParamLayout, plan: _LayoutPlan, bits: Optional[torch.Tensor],
+                      aux: Any) -> tuple[torch.Tensor, NativeMaskAux]:
         if bits is None:  # no masked tensor: empty mask
-            bits = torch.zeros(0, dtype=torch.uint8, device=layout.device)
-            return bits, torch.zeros(1, dtype=torch.long, device=layout.device), []
-        if aux is None:
+            return plan.no_mask
+        if not isinstance(aux, NativeMaskAux) or aux.tensors_key is not layout.tensors_key:
             aux = self.mask_aux(layout, bits)
-        return bits, aux["block_prefix"], aux["counts"]
+        return bits, aux
 
     # ------------------------------------------------------------------ perturb / restore
     def grad_norm(self, layout: ParamLayout, grads) -> torch.Tensor:
-        idx = [i for i, g in enumerate(grads) if g is not None]
-        if not idx:
-            return torch.zeros((), dtype=torch.float32, device=layout.device)
-        if _needs_reference(layout.params) or _needs_reference(grads):
+        plan = self._plan(layout)
+        if layout.device.type == "cuda" and (plan.fp64_cuda or _needs_reference(grads)):
             return ref.grad_norm_reference(layout, grads)
-        return self._op.grad_norm(
-            [layout.params[i].detach() for i in idx],
-            [grads[i].contiguous() for i in idx],
-            [layout.adaptive[i] for i in idx],
-        )
+        return self._op.grad_norm(layout.params, list(grads), layout.adaptive)
 
-    def _offsets(self, layout: ParamLayout) -> dict[int, int]:
-        return {i: layout.bit_offset[j] for j, i in enumerate(layout.masked_index)}
+    def perturb(self, layout, grads, bits, aux, norm, eps) -> NativeSaved:
+        plan = self._plan(layout)
+        bits, aux = self._mask_and_aux(layout, plan, bits, aux)
+        norm = norm.detach()  # in the norm dtype: the scale is computed in it (see fsam_kernels.reference)
+        if layout.device.type == "cuda" and (plan.fp64_cuda or _needs_reference(grads)):
+            return NativeSaved([], None, bits, aux, norm, plan, ref.perturb_reference(layout, grads, bits, norm, eps))
+        ranges = plan.ranges(layout, aux, grads)
+        buffers = [torch.empty(n, dtype=d, device=layout.device) for n, d in zip(ranges.sizes, plan.dtypes)]
+        self._op.masked_perturb(layout.params, list(grads), buffers, ranges.slots, ranges.offsets, ranges.counts, bits,
+                                aux.block_prefix, plan.bit_offsets, layout.rho, layout.adaptive, norm, float(eps))
+        return NativeSaved(buffers, ranges, bits, aux, norm, plan)
 
-    def perturb(self, layout, grads, bits, aux, norm, eps) -> Any:
-        if _needs_reference(layout.params) or _needs_reference(grads):
-            return {"reference": ref.perturb_reference(layout, grads, bits, norm, eps)}
-        bits, prefix, counts = self._aux(layout, bits, aux)
-        offsets = self._offsets(layout)
-        count_of = {i: counts[j] for j, i in enumerate(layout.masked_index)}
-        idx = [i for i, g in enumerate(grads) if g is not None]
-        params = [layout.params[i].detach() for i in idx]
-        sizes = [count_of[i] if i in offsets else p.numel() for i, p in zip(idx, params)]
-        saved = [torch.empty(n, dtype=p.dtype, device=p.device) for n, p in zip(sizes, params)]
-        self._op.masked_perturb(
-            params,
-            [grads[i].contiguous() for i in idx],
-            saved,
-            bits,
-            prefix,
-            [offsets.get(i, -1) for i in idx],
-            sizes,
-            [float(layout.rho[i]) for i in idx],
-            [layout.adaptive[i] for i in idx],
-            norm.detach(),  # in the norm dtype: the scale is computed in it (see fsam_kernels.reference)
-            float(eps),
-        )
-        return {"index": idx, "values": saved, "norm": norm.detach()}
+    @staticmethod
+    def _saved(saved: Any, what: str) -> NativeSaved:
+        if not isinstance(saved, NativeSaved):
+            raise TypeError(f"{what}: expected what NativeBackend.perturb returned, got {type(saved).__name__}")
+        return saved
 
     def restore(self, layout, bits, aux, saved) -> None:
         if saved is None:
             return
-        if "reference" in saved:
-            if saved["reference"] is not None:
-                ref.restore_reference(layout, bits, saved["reference"])
+        saved = self._saved(saved, "restore")
+        if saved.ranges is None:
+            if saved.reference is not None:
+                ref.restore_reference(layout, saved.bits, saved.reference)
             return
-        bits, prefix, counts = self._aux(layout, bits, aux)
-        offsets = self._offsets(layout)
-        count_of = {i: counts[j] for j, i in enumerate(layout.masked_index)}
-        idx = saved["index"]
-        self._op.masked_restore(
-            [layout.params[i].detach() for i in idx],
-            saved["values"],
-            bits,
-            prefix,
-            [offsets.get(i, -1) for i in idx],
-            [count_of[i] if i in offsets else layout.numel[i] for i in idx],  # the op checks saved against these
-            saved["norm"],
-        )
+        r = saved.ranges
+        self._op.masked_restore(layout.params, saved.buffers, r.slots, r.offsets, r.counts, saved.bits,
+                                saved.aux.block_prefix, saved.plan.bit_offsets, saved.norm)
 
     def saved_originals(self, layout, bits, aux, saved) -> Any:
-        if saved is None or "reference" in saved:
-            return None if saved is None else saved["reference"]
-        if not torch.isfinite(saved["norm"]).item():  # the kernels moved nothing
+        if saved is None:
             return None
-        originals: list[Optional[torch.Tensor]] = [None] * len(layout.params)
-        for i, values in zip(saved["index"], saved["values"]):
-            originals[i] = values
-        return originals
+        saved = self._saved(saved, "saved_originals")
+        if saved.ranges is None:
+            return saved.reference
+        if not torch.isfinite(saved.norm).item():  # the kernels moved nothing
+            return None
+        r = saved.ranges
+        return [None if slot == -1 else saved.buffers[slot][offset : offset + count]
+                for slot, offset, count in zip(r.slots, r.offsets, r.counts)]
 
     def saved_nbytes(self, saved: Any) -> int:
         if saved is None:
             return 0
-        return tensors_nbytes(saved["reference"] if "reference" in saved else saved["values"])
+        return tensors_nbytes(self._saved(saved, "saved_nbytes").buffers) + tensors_nbytes(saved.reference)
