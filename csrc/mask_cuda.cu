@@ -212,11 +212,16 @@ __global__ void __launch_bounds__(kThreads) tie_count_kernel(const KeyInfo* info
 // Warp w of a block writes elements [w*256, (w+1)*256) of the unit: 8 words of 32 bits, in order.
 // Ties: the first `state->remaining` in the global order or, with kPerTensorQuota, the first quotas[t]
 // of each tensor t (ties_before is then rebased to the tensor's first unit).
+// A warp's 256 elements inside a 16-byte aligned tensor are read as 8 consecutive keys a lane (128-bit
+// loads), each lane making one mask byte and four lanes one word; otherwise (the tensor's last partial
+// warp range, or an unaligned tensor) lane l reads element s*32 + l of word s, and a ballot makes it.
 template <bool kSquare, bool kPerTensorQuota = false>
 __global__ void __launch_bounds__(kThreads) write_mask_kernel(const KeyInfo* infos, int n_tensors, int64_t n_units,
                                                                const SelectState* state, const long long* ties_before,
                                                                uint8_t* bits, const long long* quotas = nullptr) {
-  constexpr int kWords = kUnit / kWarps / 32;
+  constexpr int kWarpElems = kUnit / kWarps;
+  constexpr int kWords = kWarpElems / 32;
+  static_assert(kWords == 8, "a lane's 8 consecutive keys are one load8");
   __shared__ long long warp_ties[kWarps];
   const uint32_t threshold = state->prefix;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -225,32 +230,64 @@ __global__ void __launch_bounds__(kThreads) write_mask_kernel(const KeyInfo* inf
     const int t = find_tensor(infos, n_tensors, u);
     const KeyInfo info = infos[t];
     const long long need = kPerTensorQuota ? quotas[t] : state->remaining;
-    const int64_t base = (u - info.unit_start) * kUnit + warp * (kUnit / kWarps);
+    const int64_t base = (u - info.unit_start) * kUnit + warp * kWarpElems;
+    const bool wide = info.vectorized && base + kWarpElems <= info.numel;  // warp-uniform
     uint32_t keys[kWords];
-    int my_ties = 0;
+    int my_ties = 0, lane_ties = 0, ties_below = 0;
+    if (wide) {
+      bool valid[8];
+      load_keys8<kSquare>(info, base + lane * 8, keys, valid);
 #pragma unroll
-    for (int s = 0; s < kWords; ++s) {
-      const int64_t e = base + s * 32 + lane;
-      keys[s] = e < info.numel ? load_key<kSquare>(info, e) : 0u;
-      my_ties += __popc(__ballot_sync(0xffffffffu, e < info.numel && keys[s] == threshold));
+      for (int j = 0; j < 8; ++j) lane_ties += keys[j] == threshold;
+      int inclusive = lane_ties;  // ties up to this lane's keys, by a warp scan
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
+        if (lane >= d) inclusive += v;
+      }
+      ties_below = inclusive - lane_ties;
+      my_ties = __shfl_sync(0xffffffffu, inclusive, 31);
+    } else {
+#pragma unroll
+      for (int s = 0; s < kWords; ++s) {
+        const int64_t e = base + s * 32 + lane;
+        keys[s] = e < info.numel ? load_key<kSquare>(info, e) : 0u;
+        my_ties += __popc(__ballot_sync(0xffffffffu, e < info.numel && keys[s] == threshold));
+      }
     }
     if (lane == 0) warp_ties[warp] = my_ties;
     __syncthreads();
     long long rank = ties_before[u] - (kPerTensorQuota ? ties_before[info.unit_start] : 0);
     for (int w = 0; w < warp; ++w) rank += warp_ties[w];
+    if (wide) {
+      long long r = rank + ties_below;  // ties before this lane's first key in the global order
+      uint32_t byte = 0;
 #pragma unroll
-    for (int s = 0; s < kWords; ++s) {
-      const int64_t first = base + s * 32;
-      const bool valid = first + lane < info.numel;
-      const unsigned tie = __ballot_sync(0xffffffffu, valid && keys[s] == threshold);
-      const bool take = valid && (keys[s] > threshold ||
-                                  (keys[s] == threshold && rank + __popc(tie & below) < need));
-      const unsigned word = __ballot_sync(0xffffffffu, take);
-      // Words past the tensor's end belong to its zero padding or to the next tensor: never written.
-      if (lane == 0 && first < info.numel) {
-        *reinterpret_cast<uint32_t*>(bits + (info.bit_offset + first) / 8) = word;
+      for (int j = 0; j < 8; ++j) {
+        const bool tie = keys[j] == threshold;
+        byte |= static_cast<uint32_t>(keys[j] > threshold || (tie && r < need)) << j;
+        r += tie;
       }
-      rank += __popc(tie);
+      // lanes 4s .. 4s+3 hold the bytes of word s (little-endian: element order)
+      uint32_t word = byte << (8 * (lane & 3));
+      word |= __shfl_xor_sync(0xffffffffu, word, 1);
+      word |= __shfl_xor_sync(0xffffffffu, word, 2);
+      if ((lane & 3) == 0) *reinterpret_cast<uint32_t*>(bits + (info.bit_offset + base + lane * 8) / 8) = word;
+    } else {
+#pragma unroll
+      for (int s = 0; s < kWords; ++s) {
+        const int64_t first = base + s * 32;
+        const bool valid = first + lane < info.numel;
+        const unsigned tie = __ballot_sync(0xffffffffu, valid && keys[s] == threshold);
+        const bool take = valid && (keys[s] > threshold ||
+                                    (keys[s] == threshold && rank + __popc(tie & below) < need));
+        const unsigned word = __ballot_sync(0xffffffffu, take);
+        // Words past the tensor's end belong to its zero padding or to the next tensor: never written.
+        if (lane == 0 && first < info.numel) {
+          *reinterpret_cast<uint32_t*>(bits + (info.bit_offset + first) / 8) = word;
+        }
+        rank += __popc(tie);
+      }
     }
     __syncthreads();  // warp_ties is reused by the next unit
   }

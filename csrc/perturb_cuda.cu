@@ -153,19 +153,28 @@ struct PerturbInfo {
   int32_t param_dtype;
   int32_t grad_dtype;
   int32_t adaptive;
+  int32_t vectorized;  // param and grad 16-byte aligned (perturb only)
 };
+
+// The perturbation reads a full mask block of aligned tensors as 16 consecutive elements a lane with
+// 128-bit loads (perturb_block_wide), the selected ones or not; else each selected element on its own,
+// coalesced across the warp. At 10 % density the whole-block loads fetch about 1.75x the fp32 sectors
+// (1.2x for 16-bit types) that selected elements touch, in fewer, wider requests: which is faster is
+// for a GPU to measure; false restores the element-wise loads everywhere.
+constexpr bool kWideLoads = true;
 
 struct Perturb {
   float scale;
   bool adaptive;
-  template <typename W, typename G>
-  __device__ __forceinline__ void operator()(W* w, const G* g, W* saved, int64_t e, int64_t slot) const {
-    const W original = w[e];
-    saved[slot] = original;
-    const float wf = static_cast<float>(original);
-    const float gf = static_cast<float>(g[e]);
+  template <typename W>
+  __device__ __forceinline__ void apply(W* w, W* saved, int64_t e, int64_t slot, float wf, float gf) const {
+    saved[slot] = static_cast<W>(wf);  // exact: wf is a W value
     const float step = adaptive ? __fmul_rn(__fmul_rn(__fmul_rn(wf, wf), gf), scale) : __fmul_rn(gf, scale);
     w[e] = static_cast<W>(__fadd_rn(wf, step));
+  }
+  template <typename W, typename G>
+  __device__ __forceinline__ void operator()(W* w, const G* g, W* saved, int64_t e, int64_t slot) const {
+    apply(w, saved, e, slot, static_cast<float>(w[e]), static_cast<float>(g[e]));
   }
 };
 
@@ -207,6 +216,49 @@ __device__ __forceinline__ void visit_block(const PerturbInfo& info, int64_t bas
   }
 }
 
+// A full mask block of 16-byte aligned tensors: lane l perturbs the selected ones of elements
+// base + 16l .. base + 16l + 15, read with 128-bit loads; its first slot follows the selected
+// elements of the lanes below (a warp scan), in the element order of visit_block.
+template <typename W, typename G>
+__device__ __forceinline__ void perturb_block_wide(const PerturbInfo& info, int64_t base, const uint8_t* bits,
+                                                   const int64_t* block_prefix, const Perturb& op) {
+  W* w = static_cast<W*>(info.param);
+  const G* g = static_cast<const G*>(info.grad);
+  W* saved = static_cast<W*>(info.saved);
+  const int lane = threadIdx.x & 31;
+  const int64_t e0 = base + lane * 16;
+  uint32_t mine = 0xffffu;  // dense: every element, its slot is its index
+  int64_t slot = e0;
+  if (info.bit_offset >= 0) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(bits + (info.bit_offset + base) / 8);
+    mine = (words[lane >> 1] >> (16 * (lane & 1))) & 0xffffu;
+    const int count = __popc(mine);
+    int inclusive = count;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d) inclusive += v;
+    }
+    slot = block_prefix[(info.bit_offset + base) / kBlock] - block_prefix[info.bit_offset / kBlock] + inclusive - count;
+  }
+  if (mine == 0) return;
+  float wv[2][8], gv[2][8];
+  load8(w + e0, wv[0]);
+  load8(w + e0 + 8, wv[1]);
+  load8(g + e0, gv[0]);
+  load8(g + e0 + 8, gv[1]);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    if ((mine >> j) & 1u) {
+      // Always in range when saved_counts agree with the mask (validated sizes); else stay in bounds.
+      if (static_cast<uint64_t>(slot) < static_cast<uint64_t>(info.saved_numel)) {
+        op.apply(w, saved, e0 + j, slot, wv[j >> 3][j & 7], gv[j >> 3][j & 7]);
+      }
+      ++slot;
+    }
+  }
+}
+
 template <bool kRestore>
 __global__ void __launch_bounds__(kThreads) perturb_restore_kernel(const PerturbInfo* infos, int n_tensors,
                                                                     int64_t n_units, const uint8_t* bits,
@@ -226,8 +278,12 @@ __global__ void __launch_bounds__(kThreads) perturb_restore_kernel(const Perturb
       } else {
         dispatch_dtype(info.grad_dtype, [&](auto* gtag) {
           using G = std::remove_pointer_t<decltype(gtag)>;
-          visit_block<W, G>(info, base, bits, block_prefix,
-                            Perturb{__fmul_rn(__frcp_rn(denom), info.rho), info.adaptive != 0});
+          const Perturb op{__fmul_rn(__frcp_rn(denom), info.rho), info.adaptive != 0};
+          if (kWideLoads && info.vectorized && base + kBlock <= info.numel) {  // warp-uniform
+            perturb_block_wide<W, G>(info, base, bits, block_prefix, op);
+          } else {
+            visit_block<W, G>(info, base, bits, block_prefix, op);
+          }
         });
       }
     });
@@ -252,7 +308,8 @@ void launch_perturb_restore(bool restore, at::TensorList params, const std::vect
     void* s = static_cast<char*>(saved[saved_slots[t]].data_ptr()) + saved_offsets[t] * params[t].element_size();
     infos.push_back({params[t].data_ptr(), restore ? nullptr : grads[t].data_ptr(), s, n, units, bit_offsets[t],
                      saved_counts[t], restore ? 0.f : static_cast<float>(rho[t]), wdt,
-                     restore ? wdt : dtype_code(grads[t].scalar_type()), restore ? 0 : int32_t{adaptive->get(t)}});
+                     restore ? wdt : dtype_code(grads[t].scalar_type()), restore ? 0 : int32_t{adaptive->get(t)},
+                     !restore && aligned16(params[t].data_ptr()) && aligned16(grads[t].data_ptr())});
     units += (n + kBlock - 1) / kBlock;
   }
   if (infos.empty()) return;

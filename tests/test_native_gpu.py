@@ -66,6 +66,39 @@ def test_perturb_scale_rounds_like_the_reference_on_cuda(native):
             assert torch.equal(p, w), f"rho={rho[i]!r} norm={norms[t]!r} eps={eps!r} params[{i}]: {first_mismatch(p, w)}"
 
 
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_and_element_paths_on_views_of_a_flat_buffer(native, offset, dtype):
+    # Views into one buffer: at offset 0 full ranges take the 128-bit paths (write_mask's lane-byte
+    # words, perturb_block_wide), at an odd offset the element-wise ones; both equal the reference.
+    sizes = [4096 * 2 + 8, 1000, 3]
+    g = torch.Generator().manual_seed(31)
+    flat_w = torch.randn(offset + sum(sizes), generator=g).to(dtype).cuda()
+    flat_g = torch.randn(offset + sum(sizes), generator=g).to(dtype).cuda()
+    params = list(flat_w[offset:].split(sizes))
+    grads = list(flat_g[offset:].split(sizes))
+    grads[0][100:900] = 0.5  # ties at the threshold across lanes and warps
+    assert all((t.data_ptr() % 16 == 0) == (offset == 0) for t in params[:1] + grads[:1])
+    lay = ParamLayout(params, [True, False, True], [0.05] * 3, [True, False, False])
+    scores = [grads[0], grads[2]]
+    for k in (1, 700, 5000):
+        bits = native.select_mask(lay, scores, k, True)
+        want = ref.select_mask_reference(lay, scores, k, True)
+        assert torch.equal(bits.cpu(), want.cpu()), k
+    norm = ref.grad_norm_reference(lay, grads)
+    twin = [p.clone() for p in params]
+    want_saved = ref.perturb_reference(ParamLayout(twin, lay.masked, lay.rho, lay.adaptive), grads, bits, norm, 1e-12)
+    originals = [p.clone() for p in params]
+    aux = native.mask_aux(lay, bits)
+    saved = native.perturb(lay, grads, bits, aux, norm, 1e-12)
+    for i, (p, w) in enumerate(zip(params, twin)):
+        assert torch.equal(p, w), f"params[{i}]: {first_mismatch(p.cpu(), w.cpu())}"
+    got_saved = native.saved_originals(lay, bits, aux, saved)
+    assert all(torch.equal(a, b) for a, b in zip(got_saved, want_saved))
+    native.restore(lay, bits, aux, saved)
+    assert all(torch.equal(p, o) for p, o in zip(params, originals))
+
+
 def test_overlapping_offsets_and_bad_saved_counts_are_rejected_on_cuda(native):
     w = [torch.randn(s, device="cuda") for s in (600, 5)]
     gr = [torch.randn(s, device="cuda") for s in (600, 5)]

@@ -4,6 +4,7 @@ The interpreter tests run the kernels' logic; this runs Triton's compiler on the
 process, since this session's kernels may be loaded in interpreter mode), catching what only the
 compiled path sees, and checks that the bit-exact kernels contain no fused multiply-add.
 """
+import ast
 import os
 import re
 import subprocess
@@ -31,21 +32,44 @@ def test_every_kernel_compiles_for_sm90():
     assert any(line.startswith("_perturb_kernel") and "constexpr/1" in line for line in lines)
     assert all(re.search(r"\d+ registers, \d+ B spilled, .* -> \d+ blocks/SM", line)
                for line in lines if line.startswith("_"))
-    # The streaming kernels' full-block paths on aligned tensors read (and the Fisher accumulation
-    # also writes) whole blocks with 128-bit accesses: every thread's elements of each stream.
+    # The streaming kernels' full-block paths on aligned tensors read (the Fisher accumulation also
+    # writes) whole blocks with 128-bit accesses: every thread's elements of each stream, in 16-byte
+    # pieces, for fp32, fp16 and bf16. Their masked paths (tensors at odd offsets) compile too.
+    shape = subprocess.run(
+        [sys.executable, "-c", "from fsam_kernels.triton_kernels import perturb as p; "
+                               "print(p.PERTURB_WARPS, p.PERTURB_SPLIT)"],
+        cwd=root, env=env, capture_output=True, text=True, check=True).stdout.split()
+    perturb_shape = (int(shape[0]), int(shape[1]))
     item = {"fp32": 4, "fp16": 2, "bf16": 2}
-    for kernel, streams, stores in (("_fisher_accumulate_kernel", ("GRAD_DTYPE", "fp32"), ("fp32",)),
-                                    ("_perturb_kernel", ("W_DTYPE", "G_DTYPE"), ())):
-        seen = set()
+    streaming = {  # kernel: (constexprs naming the loaded streams' dtypes, the stored ones)
+        "_fisher_accumulate_kernel": (("GRAD_DTYPE", "fp32"), ("fp32",)),
+        "_perturb_kernel": (("W_DTYPE", "G_DTYPE"), ()),
+        "_sumsq_kernel": (("W_DTYPE", "G_DTYPE"), ()),
+        "_count_kernel": (("DTYPE",), ()),
+        "_write_kernel": (("DTYPE",), ()),
+        "_fixup_kernel": (("DTYPE",), ()),
+        "_repair_pass_kernel": (("DTYPE",), ()),
+        "_histogram_kernel": (("DTYPE",), ()),
+    }
+    for kernel, (loads, stores) in streaming.items():
+        seen, masked = set(), False
         for line in lines:
-            if not (line.startswith(kernel + " ") and "'ALIGNED': True" in line):
+            if not line.startswith(kernel + " "):
                 continue
-            dtype = re.search(r"'(?:GRAD_DTYPE|W_DTYPE)': \{'dtype': '(\w+)'\}", line).group(1)
+            constexprs = ast.literal_eval(re.match(r"\w+ (\{.*?\}) \[", line).group(1))
             warps = int(re.search(r"(\d+) warps", line).group(1))
-            per_thread = 4096 // (32 * warps)
-            nbytes = [item[dtype if s.endswith("DTYPE") else s] * per_thread for s in streams]
-            loads, wide_stores = map(int, re.search(r"128-bit: (\d+) loads, (\d+) stores", line).groups())
-            assert loads >= sum(b // 16 for b in nbytes), line
-            assert wide_stores >= sum(item[s] * per_thread // 16 for s in stores), line
-            seen.add(dtype)
+            blocks = int(re.search(r"-> (\d+) blocks/SM", line).group(1))
+            split = constexprs.get("SPLIT", 1)
+            if kernel != "_perturb_kernel" or (warps, split) == perturb_shape:  # the launch shape in use
+                assert blocks >= 2, line
+            if not constexprs.get("ALIGNED"):
+                masked = True
+                continue
+            per_thread = 4096 // (32 * warps * split)
+            dtype = {s: constexprs[s]["dtype"] if s in constexprs else s for s in loads + stores}
+            wide_loads, wide_stores = map(int, re.search(r"128-bit: (\d+) loads, (\d+) stores", line).groups())
+            assert wide_loads >= sum(item[dtype[s]] * per_thread // 16 for s in loads), line
+            assert wide_stores >= sum(item[dtype[s]] * per_thread // 16 for s in stores), line
+            seen.add(dtype[loads[0]])
         assert seen == {"fp32", "fp16", "bf16"}, (kernel, seen)
+        assert masked or kernel == "_repair_pass_kernel", f"{kernel}: no launch of its masked path compiled"

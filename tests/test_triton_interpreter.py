@@ -145,6 +145,91 @@ def test_perturb_and_restore_on_views_of_a_flat_buffer(backend, offset, dtype):
         assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
 
 
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_perturb_and_restore_in_sub_blocks(backend, monkeypatch, split):
+    # PERTURB_SPLIT takes a chunk in sub-blocks, the saved position carried from one to the next: the
+    # same weights and the same compact saved buffer for every candidate launch shape.
+    from fsam_kernels.triton_kernels import perturb as kernels
+
+    monkeypatch.setattr(kernels, "PERTURB_SPLIT", split)
+    sizes = [4096 + 1500, 3000]  # full and partial sub-blocks, a dense tensor
+    params = _views_into_one_buffer(sizes, torch.float32, 0, seed=5)
+    grads = _views_into_one_buffer(sizes, torch.float32, 0, seed=6)
+    layout = ParamLayout(params, [True, False], [0.05] * 2, [True, False])
+    originals = [p.clone() for p in params]
+    bits = ref.select_mask_reference(layout, [grads[0]], 1700, True)
+    norm = ref.grad_norm_reference(layout, grads)
+    twin = ParamLayout([p.clone() for p in params], layout.masked, layout.rho, layout.adaptive)
+    want_saved = ref.perturb_reference(twin, grads, bits, norm, 1e-12)
+    saved = backend.perturb(layout, grads, bits, backend.mask_aux(layout, bits), norm, 1e-12)
+    for i, (p, w) in enumerate(zip(params, twin.params)):
+        assert torch.equal(p, w), f"params[{i}] after perturb: {first_mismatch(p, w)}"
+    got_saved = backend.saved_originals(layout, bits, None, saved)
+    assert [torch.equal(a, b) for a, b in zip(got_saved, want_saved)] == [True, True]
+    backend.restore(layout, bits, None, saved)
+    for i, (p, o) in enumerate(zip(params, originals)):
+        assert torch.equal(p, o), f"params[{i}] after restore: {first_mismatch(p, o)}"
+
+
+def _copies_in_one_buffer(tensors, offset):
+    """The same values in views into one flat buffer from element ``offset`` on."""
+    flat = torch.empty(offset + sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
+    out, at = [], offset
+    for t in tensors:
+        out.append(flat[at : at + t.numel()].copy_(t))
+        at += t.numel()
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # numpy, the fp32 overflow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_norm_on_views_of_a_flat_buffer(backend, dtype):
+    # The sum-of-squares kernel's full-block path (aligned views) must sum exactly what its masked path
+    # (views at an odd offset) sums, ASAM and plain, also when a square overflows fp32 in a full chunk
+    # (the fp64 redo); both within rounding of the reference.
+    from fsam_kernels.triton_kernels.tables import aligned16
+
+    sizes = [4096 * 2 + 8, 4096, 3]
+    params = _views_into_one_buffer(sizes, dtype, 0, seed=7)
+    grads = _views_into_one_buffer(sizes, dtype, 0, seed=8)
+    for overflow in (False, True):
+        if overflow:
+            grads[1][77] = 3e19  # its square overflows fp32, not the norm
+        norms = []
+        for offset in (0, 1):
+            ps, gs = _copies_in_one_buffer(params, offset), _copies_in_one_buffer(grads, offset)
+            assert aligned16(ps + gs) == (offset == 0)
+            layout = ParamLayout(ps, [True] * 3, [0.05] * 3, [True, False, True])
+            norms.append(backend.grad_norm(layout, gs))
+        want = ref.grad_norm_reference(layout, grads)
+        assert torch.isfinite(want)
+        assert torch.equal(norms[0], norms[1]), (overflow, norms)
+        torch.testing.assert_close(norms[0], want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_select_mask_on_views_of_a_flat_buffer(backend, monkeypatch, offset, dtype):
+    # The count, write and fix-up kernels and the repair's passes read scores that are views into one
+    # buffer: full blocks of aligned views without a bounds mask, the rest masked; ties included.
+    from fsam_kernels.triton_kernels.tables import aligned16
+
+    for name, value in (("sample_size", 64), ("max_sample_size", 64), ("candidate_capacity", 4),
+                        ("max_candidate_capacity", 4)):
+        monkeypatch.setattr(backend, name, value)
+    sizes = [4096 * 2 + 8, 4096, 3]
+    layout = make_layout(sizes)
+    scores = _views_into_one_buffer(sizes, dtype, offset, seed=9)
+    scores[1][:2000] = 0.5  # ties at a threshold
+    assert aligned16(scores) == (offset == 0)
+    for k, square in ((3000, True), (7000, False)):
+        before = backend.select_fallbacks
+        keyed = scores if square else [s.abs() for s in scores]
+        got = backend.select_mask(layout, keyed, k, square)
+        assert_same_mask(layout, got, ref.select_mask_reference(layout, keyed, k, square))
+    assert backend.select_fallbacks > before  # the repair's radix passes over the scores ran
+
+
 def test_fisher_accumulate_float64_grads_use_the_reference(backend):
     accum = [torch.zeros(5), torch.zeros(6)]
     grads = [torch.randn(5, dtype=torch.float64), torch.randn(6)]
@@ -677,6 +762,21 @@ def test_select_by_histogram_equals_the_reference_mask(backend, levels):
     for k in (1, 500, 1328, 2656):
         want = ref.select_mask_reference(layout, scores, k, True)
         assert_same_mask(layout, ds.select_mask_by_histogram(backend, layout, scores, k, True), want)
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_key_histogram_and_threshold_mask_on_views_of_a_flat_buffer(backend, offset):
+    from fsam_kernels import distributed_select as ds
+
+    sizes = [4096 * 2 + 8, 3]
+    layout = make_layout(sizes, torch.bfloat16)
+    scores = _views_into_one_buffer(sizes, torch.bfloat16, offset, seed=14)
+    want = ds.key_histogram_reference(layout, scores, True, 0, 24, 8)
+    assert torch.equal(backend.key_histogram(layout, scores, True, 0, 24, 8), want)
+    threshold = int(torch.cat([ref.fisher_key(s, True) for s in scores]).median())
+    quotas = [1, 0]
+    want = ds.mask_from_threshold_reference(layout, scores, True, threshold, quotas)
+    assert_same_mask(layout, backend.mask_from_threshold(layout, scores, True, threshold, quotas), want)
 
 
 def test_sharded_select_pass_by_pass(backend):

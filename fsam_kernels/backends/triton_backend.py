@@ -451,8 +451,8 @@ class TritonBackend(Backend):
                         g.w_ptrs, g.g_ptrs, g.numels, g.bit_offsets, g.rhos, g.adaptive, g.chunk_slot,
                         g.chunk_start, g.chunk_ref, bits, prefix, plan.dense_total[code], buffers[code], norm32,
                         applied, float(eps), W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype),
-                        BLOCK=CHUNK, ALIGNED=g.aligned, num_warps=_kernels()[2].PERTURB_WARPS,
-                        enable_fp_fusion=False,
+                        BLOCK=CHUNK, ALIGNED=g.aligned, SPLIT=_kernels()[2].PERTURB_SPLIT,
+                        num_warps=_kernels()[2].PERTURB_WARPS, enable_fp_fusion=False,
                     )
         fallback_saved = None
         if fallback:
@@ -472,7 +472,8 @@ class TritonBackend(Backend):
                     _kernels()[2]._restore_kernel[(g.n_chunks,)](
                         g.w_ptrs, g.numels, g.bit_offsets, g.chunk_slot, g.chunk_start, g.chunk_ref, saved.bits,
                         saved.prefix, saved.dense_total[code], saved.buffers[code], saved.applied,
-                        W_DTYPE=triton_dtype(g.w_dtype), BLOCK=CHUNK, num_warps=_kernels()[2].PERTURB_WARPS,
+                        W_DTYPE=triton_dtype(g.w_dtype), BLOCK=CHUNK, SPLIT=_kernels()[2].PERTURB_SPLIT,
+                        num_warps=_kernels()[2].PERTURB_WARPS,
                     )
         if saved.fallback is not None:
             ref.restore_reference(layout, saved.bits, saved.fallback)

@@ -124,6 +124,30 @@ def _scenarios(backend) -> None:
         # empirical-Fisher scores in the weights' low precision
         lay = layout(sizes, [dt] * 4)
         backend.select_mask(lay, [g.abs() for g in grads_of(lay)], 50, False)
+    # every candidate launch shape of the perturbation and the restore (perturb.PERTURB_CANDIDATES)
+    from . import perturb
+
+    shape = (perturb.PERTURB_WARPS, perturb.PERTURB_SPLIT)
+    try:
+        for perturb.PERTURB_WARPS, perturb.PERTURB_SPLIT in perturb.PERTURB_CANDIDATES:
+            for dt in dtypes:
+                lay = layout([4097, 123], [dt] * 2, masked=[True, False])
+                full_step(lay, grads_of(lay), 500, True)
+    finally:
+        perturb.PERTURB_WARPS, perturb.PERTURB_SPLIT = shape
+    # tensors that are views into one flat buffer at an odd offset (none on 16 bytes): the streaming
+    # kernels' masked path for every chunk
+    def views(sizes, dt):
+        flat = torch.randn(1 + sum(sizes), generator=gen).to(dt)
+        return list(torch.split(flat[1:], sizes))
+
+    for dt in (torch.float32, torch.bfloat16):
+        lay = ParamLayout(views([4097, 123], dt), [True, True], [0.05] * 2, [True, False])
+        grads = views([4097, 123], dt)
+        backend.fisher_accumulate(views([4097, 123], torch.float32), grads)
+        full_step(lay, grads, 900, True)
+        backend.key_histogram(lay, grads, True, 0, ds.PASS_SHIFTS[0], ds.RADIX_BITS)
+        backend.mask_from_threshold(lay, grads, True, 0x3E000000, [3, 0])
     # mixed dtypes in one layout; one tensor of one chunk (integer arguments equal to 1)
     lay = layout([300, 5000, 77], [torch.float32, torch.bfloat16, torch.float16])
     full_step(lay, grads_of(lay), 1000, True)

@@ -26,19 +26,28 @@ INTERPRETED = interpret_env()  # how this module's kernels were built (see the p
 
 @triton.jit
 def _sumsq_kernel(w_ptrs, g_ptrs, numels, adaptive, chunk_slot, chunk_start, partials,
-                  W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                  W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     c = tl.program_id(0)
     slot = tl.load(chunk_slot + c)
     start = tl.load(chunk_start + c)
     n = tl.load(numels + slot)
-    offs = start + tl.arange(0, BLOCK)
-    inside = offs < n
     gp = tl.load(g_ptrs + slot).to(tl.pointer_type(G_DTYPE))
-    g = tl.load(gp + offs, mask=inside, other=0.0)
+    wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
+    if ALIGNED:  # every tensor starts on 16 bytes (checked on the host), every chunk on BLOCK elements
+        gp = tl.multiple_of(gp, 16)
+        wp = tl.multiple_of(wp, 16)
+        start = tl.multiple_of(start, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
     w = tl.full([BLOCK], 1.0, tl.float32)
-    if tl.load(adaptive + slot) != 0:
-        wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
-        w = tl.load(wp + offs, mask=inside, other=0.0).to(tl.float32)
+    if ALIGNED and start + BLOCK <= n:  # a full block: no bounds mask, so 128-bit loads
+        g = tl.load(gp + offs)
+        if tl.load(adaptive + slot) != 0:
+            w = tl.load(wp + offs).to(tl.float32)
+    else:  # the same values (zeros past the end), so the same sums
+        inside = offs < n
+        g = tl.load(gp + offs, mask=inside, other=0.0)
+        if tl.load(adaptive + slot) != 0:
+            w = tl.load(wp + offs, mask=inside, other=0.0).to(tl.float32)
     v = tl.abs(w) * g.to(tl.float32)
     total = _sum(v * v, 0).to(tl.float64)
     if (total - total) != 0:  # overflowed (or an inf/NaN input): every square again, in fp64
@@ -72,7 +81,8 @@ def grad_norm(groups, device: torch.device, extra_sumsq: torch.Tensor, dtype: to
         if g.n_chunks:
             _sumsq_kernel[(g.n_chunks,)](
                 g.w_ptrs, g.g_ptrs, g.numels, g.adaptive, g.chunk_slot, g.chunk_start, partials[base:],
-                W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype), BLOCK=CHUNK, num_warps=8,
+                W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype), BLOCK=CHUNK, ALIGNED=g.aligned,
+                num_warps=8,
             )
         base += g.n_chunks
     out = torch.empty((), dtype=dtype, device=device)

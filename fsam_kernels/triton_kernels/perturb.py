@@ -14,13 +14,20 @@ import triton
 import triton.language as tl
 
 from . import interpret_env
-from .reductions import _cumsum
+from .reductions import _cumsum, _sum
 
 INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
-# 16 warps (8 elements a thread): the perturbation needs 98 registers a thread there against 172-187 at
-# 8 warps, so twice the warps stay resident per SM (compile_check reports both kernels' occupancy).
-PERTURB_WARPS = 16
+# Launch shape of the perturbation and the restore: PERTURB_WARPS warps, each chunk taken as
+# PERTURB_SPLIT sub-blocks of CHUNK / PERTURB_SPLIT elements one after the other (the saved position
+# carried from one to the next). ptxas, sm_90, perturbation: (16 warps, 1 sub-block) 100-104 registers,
+# 1 block per SM; (8, 2) 116-122, 2 blocks of 8 warps; (16, 2) and (8, 4) 64, 2 blocks of 16 / 4 of 8
+# warps, but only 4 elements a thread: 64-bit loads for fp16 / bf16. (8, 2) is the shape with two
+# blocks per SM and 128-bit loads for every dtype; which candidate streams fastest is for a GPU to
+# measure (compile_check reports each of PERTURB_CANDIDATES).
+PERTURB_WARPS = 8
+PERTURB_SPLIT = 2
+PERTURB_CANDIDATES = ((16, 1), (8, 2), (16, 2), (8, 4))
 
 
 @triton.jit
@@ -36,73 +43,91 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref, aux_prefix, dense_total, c,
-               BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """Chunk ``c``'s tensor, its elements, which of them are perturbed, where each of those is saved,
-    and whether the chunk is a full block (``ALIGNED``: chunks start at multiples of ``BLOCK``)."""
+def _chunk(chunk_slot, chunk_start, numels, bit_offsets, chunk_ref, aux_prefix, dense_total, c, BLOCK: tl.constexpr,
+           ALIGNED: tl.constexpr):
+    """Chunk ``c``'s tensor, first element, the tensor's size and mask bit offset (-1: dense), and
+    where the chunk's first saved original goes (``ALIGNED``: chunks start at multiples of ``BLOCK``)."""
     slot = tl.load(chunk_slot + c)
     start = tl.load(chunk_start + c)
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
-    offs = start + tl.arange(0, BLOCK)
-    n = tl.load(numels + slot)
-    inside = offs < n
     bit_base = tl.load(bit_offsets + slot)
     ref = tl.load(chunk_ref + c)
     if bit_base >= 0:  # masked tensor: ref is the chunk's index among all masked chunks
+        base = dense_total + tl.load(aux_prefix + ref)
+    else:  # dense tensor: ref is the chunk's offset in the saved buffer
+        base = ref
+    return slot, start, tl.load(numels + slot), bit_base, base
+
+
+@triton.jit
+def _selection(mask, bit_base, sub_start, n, base, SUB: tl.constexpr):
+    """The elements of the sub-block at ``sub_start``, which of them are perturbed, where each of
+    those is saved (from ``base`` on), and how many there are."""
+    offs = sub_start + tl.arange(0, SUB)
+    inside = offs < n
+    if bit_base >= 0:
         b = bit_base + offs
         byte = tl.load(mask + (b >> 3), mask=inside, other=0).to(tl.int32)
         sel = inside & (((byte >> (b & 7).to(tl.int32)) & 1) != 0)
-        base = dense_total + tl.load(aux_prefix + ref)
-    else:  # dense tensor: ref is the chunk's offset in the saved buffer
+    else:
         sel = inside
-        base = ref
     sel_i = sel.to(tl.int32)
-    return slot, offs, sel, base + _cumsum(sel_i, 0) - sel_i, start + BLOCK <= n
+    return offs, sel, base + _cumsum(sel_i, 0) - sel_i, _sum(sel_i, 0)
 
 
 @triton.jit
 def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_slot, chunk_start, chunk_ref,
                     mask, aux_prefix, dense_total, saved, norm_ptr, applied, eps,
-                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                    SPLIT: tl.constexpr):
     c = tl.program_id(0)
     norm = tl.load(norm_ptr)
     finite = (norm - norm) == 0  # false for inf and nan
     if c == 0:
         tl.store(applied, finite.to(tl.int32))
     if finite:
-        slot, offs, sel, pos, full = _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref,
-                                                aux_prefix, dense_total, c, BLOCK, ALIGNED)
+        slot, start, n, bit_base, base = _chunk(chunk_slot, chunk_start, numels, bit_offsets, chunk_ref, aux_prefix,
+                                                dense_total, c, BLOCK, ALIGNED)
         wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
         gp = tl.load(g_ptrs + slot).to(tl.pointer_type(G_DTYPE))
         if ALIGNED:  # every tensor starts on 16 bytes (checked on the host), every chunk on BLOCK elements
             wp = tl.multiple_of(wp, 16)
             gp = tl.multiple_of(gp, 16)
-        if ALIGNED and full:
-            # a full block: whole-block 128-bit loads (a sparse selection touches most sectors anyway)
-            w_raw = tl.load(wp + offs)
-            g = tl.load(gp + offs).to(tl.float32)
-        else:
-            w_raw = tl.load(wp + offs, mask=sel, other=0.0)
-            g = tl.load(gp + offs, mask=sel, other=0.0).to(tl.float32)
-        w = w_raw.to(tl.float32)
         # davda54/sam's rounding, as the reference: a correctly rounded 1 / (norm + eps), times rho
         scale = tl.div_rn(1.0, norm + eps) * tl.load(rhos + slot)
-        # every product rounds on its own: the launch disables FMA contraction
-        if tl.load(adaptive + slot) != 0:
-            e = ((w * w) * g) * scale
-        else:
-            e = g * scale
-        tl.store(saved + pos, w_raw, mask=sel)
-        tl.store(wp + offs, _round_to(w + e, W_DTYPE), mask=sel)
+        is_adaptive = tl.load(adaptive + slot) != 0
+        SUB: tl.constexpr = BLOCK // SPLIT
+        for h in tl.static_range(SPLIT):
+            offs, sel, pos, count = _selection(mask, bit_base, start + h * SUB, n, base, SUB)
+            if ALIGNED and start + (h + 1) * SUB <= n:
+                # a full sub-block: whole 128-bit loads (a sparse selection touches most sectors anyway)
+                w_raw = tl.load(wp + offs)
+                g = tl.load(gp + offs).to(tl.float32)
+            else:
+                w_raw = tl.load(wp + offs, mask=sel, other=0.0)
+                g = tl.load(gp + offs, mask=sel, other=0.0).to(tl.float32)
+            w = w_raw.to(tl.float32)
+            # every product rounds on its own: the launch disables FMA contraction
+            if is_adaptive:
+                e = ((w * w) * g) * scale
+            else:
+                e = g * scale
+            tl.store(saved + pos, w_raw, mask=sel)
+            tl.store(wp + offs, _round_to(w + e, W_DTYPE), mask=sel)
+            base += count
 
 
 @triton.jit
 def _restore_kernel(w_ptrs, numels, bit_offsets, chunk_slot, chunk_start, chunk_ref, mask, aux_prefix,
-                    dense_total, saved, applied, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                    dense_total, saved, applied, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     c = tl.program_id(0)
     if tl.load(applied) != 0:
-        slot, offs, sel, pos, _ = _selection(chunk_slot, chunk_start, numels, mask, bit_offsets, chunk_ref,
-                                             aux_prefix, dense_total, c, BLOCK, False)
+        slot, start, n, bit_base, base = _chunk(chunk_slot, chunk_start, numels, bit_offsets, chunk_ref, aux_prefix,
+                                                dense_total, c, BLOCK, False)
         wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
-        tl.store(wp + offs, tl.load(saved + pos, mask=sel), mask=sel)
+        SUB: tl.constexpr = BLOCK // SPLIT
+        for h in tl.static_range(SPLIT):
+            offs, sel, pos, count = _selection(mask, bit_base, start + h * SUB, n, base, SUB)
+            tl.store(wp + offs, tl.load(saved + pos, mask=sel), mask=sel)
+            base += count
