@@ -232,3 +232,28 @@ def test_failing_second_pass_rewinds_the_step(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(opt.masks(), seen["mask"]))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), seen["weights"]))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_failing_second_pass_takes_its_batch_out_of_the_empirical_fisher(tmp_path):
+    # interval 3: step 1 builds the mask, step 2 starts an accumulator, step 3 adds to it in place and fails
+    # in its second pass (forward 10; 4 forwards per step): the accumulator must be step 2's again.
+    model = _model()
+    args = _args(tmp_path, max_steps=3, lr_scheduler_type="constant", fsam_fisher="empirical",
+                 fsam_mask_update_interval=3)
+    trainer = FSAMTrainer(model=model, args=args, train_dataset=_Pairs())
+    seen = {}
+
+    def hook(module, args):
+        seen["n"] = seen.get("n", -1) + 1
+        if seen["n"] == 8:
+            opt = trainer.fsam_optimizer
+            seen["count"], seen["fisher"] = opt._mask.fisher_count, [f.clone() for f in opt._mask.fisher]
+        if seen["n"] == 10:
+            raise KeyError("data loader broke")
+
+    model.register_forward_pre_hook(hook)
+    with pytest.raises(KeyError):
+        trainer.train()
+    opt = trainer.fsam_optimizer
+    assert opt.step_count == 2 and opt._mask.fisher_count == seen["count"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(opt._mask.fisher, seen["fisher"]))
