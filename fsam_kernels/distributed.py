@@ -14,7 +14,8 @@ so every replica steps its base optimizer with the same averaged ``g_SAM``):
   the perturbation everywhere when any replica's gradient is not finite.
 
 Either way the weights stay bit-identical across replicas: the perturbation is undone exactly and
-the base step uses the synchronized second gradient. :func:`check_masks_consistent` verifies the
+the base step uses the synchronized second gradient. (Not GSAM's per replica: its surrogate-gap step
+uses the first gradient too, each replica's own; its masks still agree.) :func:`check_masks_consistent` verifies the
 masks agree (a debugging aid: it communicates the whole mask).
 """
 from __future__ import annotations
