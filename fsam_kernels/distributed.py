@@ -14,7 +14,8 @@ so every replica steps its base optimizer with the same averaged ``g_SAM``):
   the perturbation everywhere when any replica's gradient is not finite.
 
 Either way the weights stay bit-identical across replicas: the perturbation is undone exactly and
-the base step uses the synchronized second gradient. :func:`check_masks_consistent` verifies the
+the base step uses the synchronized second gradient. (Not GSAM's per replica: its surrogate-gap step
+uses the first gradient too, each replica's own; its masks still agree.) :func:`check_masks_consistent` verifies the
 masks agree (a debugging aid: it communicates the whole mask).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .optimizer import FSAM
+from .param_groups import perturbed_params
 
 __all__ = ["first_step", "check_masks_consistent"]
 
@@ -37,10 +39,6 @@ def _masked_params(optimizer: FSAM) -> list[torch.Tensor]:
         if g.get("perturb", True) and g.get("fisher_mask", True)
         for p in g["params"]
     ]
-
-
-def _perturbed_params(optimizer: FSAM) -> list[torch.Tensor]:
-    return [p for g in optimizer.param_groups if g.get("perturb", True) for p in g["params"]]
 
 
 def _check(optimizer: Any) -> None:
@@ -62,7 +60,7 @@ def first_step(optimizer: FSAM, zero_grad: bool = False, process_group: Optional
     Returns this replica's gradient norm.
     """
     _check(optimizer)
-    params = _perturbed_params(optimizer)
+    params = perturbed_params(optimizer.param_groups)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         raise RuntimeError("first_step: no perturbed parameter has a gradient; call loss.backward() before first_step()")
@@ -70,8 +68,7 @@ def first_step(optimizer: FSAM, zero_grad: bool = False, process_group: Optional
     # FSAM's own skip rule (see fsam_kernels.reference): this replica's norm, in the norm dtype, by
     # the optimizer's backend, so a replica never skips alone (a finite gradient can still skip: an
     # fp64 one whose squares overflow, an fp32 one whose norm exceeds fp32).
-    layout = optimizer._current_layout()
-    local_finite = torch.isfinite(optimizer._backend_for(layout).grad_norm(layout, optimizer._grads(layout)))
+    local_finite = torch.isfinite(optimizer.grad_norm())
     flag = local_finite.to(device=device, dtype=torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=process_group)
     if not bool(flag.item()):

@@ -20,8 +20,6 @@ from .optimizer import FSAM
 __all__ = ["SAM", "ESAM", "GSAM"]
 
 
-
-
 class SAM(FSAM):
     """Sharpness-aware minimization (Foret et al., 2021) with davda54/sam's semantics; ASAM with
     ``adaptive=True``. FSAM without a mask: every perturbed group is dense, no Fisher is computed and no
@@ -59,13 +57,7 @@ class _MaskedFamily(FSAM):
     """What ESAM and GSAM share: at ``sparsity=0`` (the vanilla methods) the Fisher mask keeps every
     element, so it is built without a selection."""
 
-    def _build_mask(self, layout: ParamLayout, scores, square: bool) -> None:
-        if self.sparsity == 0.0 and self.structure is None and not self.preserve_zeros and self._shards is None:
-            backend = self._backend_for(layout)
-            bits = layout.full_mask()
-            self._bits, self._aux = bits, backend.mask_aux(layout, bits)
-            return
-        super()._build_mask(layout, scores, square)
+    _FULL_MASK_AT_ZERO_SPARSITY = True
 
 
 class ESAM(_MaskedFamily):
@@ -181,13 +173,17 @@ class ESAM(_MaskedFamily):
         return torch.sort(top).values
 
     def step(self, closure: Optional[Callable[[Optional[torch.Tensor]], torch.Tensor]] = None,
-             losses: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One ESAM step; returns the mean loss of the samples used by the second backward (at ``w + e``)."""
+             losses: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """One ESAM step; returns the mean loss of the samples used by the second backward (at ``w + e``).
+
+        As :meth:`FSAM.step`: when the first gradient's norm is not finite the step is skipped (no
+        second pass, base optimizer untouched, one warning) and ``None`` is returned; if the closure
+        raises, the weights, mask and step count are as before the call."""
         if closure is None:
             raise RuntimeError(
                 "ESAM.step needs a closure(indices) that returns per-sample losses (see the ESAM docstring)"
             )
-        self._check_options()  # gamma is read before first_step checks it
+        self.check_options()  # gamma is read before first_step checks it
         before = None
         if self.gamma < 1.0:
             if losses is None:
@@ -196,27 +192,25 @@ class ESAM(_MaskedFamily):
                     "forward pass; or set gamma=1"
                 )
             before = self._check_losses("losses", losses, None).detach()
-        state = self._step_state()
-        self.first_step(zero_grad=True)
-        self.zero_grad()  # also after a skipped (non-finite) first step
-        try:
-            indices = None
-            if before is not None:
-                with torch.no_grad():
-                    after = self._check_losses("closure(None)", closure(None), before.numel())
-                indices = self.select_samples(before, after)
-            with torch.enable_grad():
-                chosen = closure(indices)
-                if any(p.grad is not None for g in self.param_groups for p in g["params"]):
-                    raise RuntimeError("ESAM.step: the closure must return per-sample losses without calling backward()")
-                if not (isinstance(chosen, torch.Tensor) and chosen.dim() == 0 and indices is None):
-                    self._check_losses("closure(indices)", chosen, None if indices is None else indices.numel())
-                loss = chosen.mean()
-                loss.backward()
-        except BaseException:
-            self._abandon_step(state)  # as FSAM.step: weights, mask and step count as before the call
-            raise
-        self.second_step()
+        perturbed, loss = self._two_passes(lambda: self._selected_backward(closure, before))
+        return loss if perturbed else None
+
+    def _selected_backward(self, closure: Callable[[Optional[torch.Tensor]], torch.Tensor],
+                           before: Optional[torch.Tensor]) -> torch.Tensor:
+        """The second pass at ``w + e``: the selected samples' mean loss, and its backward."""
+        indices = None
+        if before is not None:
+            with torch.no_grad():
+                after = self._check_losses("closure(None)", closure(None), before.numel())
+            indices = self.select_samples(before, after)
+        with torch.enable_grad():
+            chosen = closure(indices)
+            if any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                raise RuntimeError("ESAM.step: the closure must return per-sample losses without calling backward()")
+            if not (isinstance(chosen, torch.Tensor) and chosen.dim() == 0 and indices is None):
+                self._check_losses("closure(indices)", chosen, None if indices is None else indices.numel())
+            loss = chosen.mean()
+            loss.backward()
         return loss.detach()
 
 
@@ -327,24 +321,16 @@ class GSAM(_MaskedFamily):
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> torch.Tensor:
-        first = [None if p.grad is None else p.grad.detach().clone() for p in self._all_params()]
-        norm = super().first_step(zero_grad)
-        self._first_grads = first if self._phase == "perturbed" else None
-        return norm
+    def _after_perturbation(self) -> None:
+        self._first_grads = [None if p.grad is None else p.grad.detach().clone() for p in self._all_params()]
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        super().restore()
+    def _after_restore(self) -> None:
         self._first_grads = None
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def _before_base_step(self) -> None:
         self.alpha = options.finite(self.alpha, "alpha", low=0.0)
-        if self._phase == "perturbed" and self._first_grads is not None and self.alpha != 0.0:
+        if self._first_grads is not None and self.alpha != 0.0:
             self._subtract_orthogonal(self._first_grads)
-        super().second_step(zero_grad)
 
     def _subtract_orthogonal(self, first: list[Optional[torch.Tensor]]) -> None:
         pairs = [(p, g) for p, g in zip(self._all_params(), first) if g is not None and p.grad is not None]

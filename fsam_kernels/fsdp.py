@@ -194,11 +194,12 @@ def fsam_state_dict(optimizer: Any) -> dict[str, torch.Tensor]:
     layout = optimizer._current_layout()
     shards: Optional[ShardedParams] = getattr(optimizer, "_shards", None)
     dev = layout.device
-    masks = ref.unpack_mask(layout, optimizer._bits) if optimizer._bits is not None else None
-    accum = optimizer._fisher_accum
+    mask = optimizer._mask
+    masks = ref.unpack_mask(layout, mask.bits) if mask.bits is not None else None
+    accum = mask.fisher
     sd: dict[str, torch.Tensor] = {
-        "step_count": torch.tensor(optimizer._step_count, dtype=torch.int64),
-        "fisher_count": torch.tensor(optimizer._fisher_count, dtype=torch.int64),
+        "step_count": torch.tensor(optimizer.step_count, dtype=torch.int64),
+        "fisher_count": torch.tensor(mask.fisher_count, dtype=torch.int64),
         "has_mask": torch.tensor(int(masks is not None), dtype=torch.int64),
         "has_fisher": torch.tensor(int(accum is not None), dtype=torch.int64),
     }
@@ -240,12 +241,8 @@ def load_fsam_state_dict(optimizer: Any, state: Mapping[str, torch.Tensor]) -> N
             local(state[f"fisher_accum.{j}"], i, f"fisher_accum.{j}").to(torch.float32).clone()
             for j, i in enumerate(layout.masked_index)
         ]
-    optimizer._bits = bits
-    optimizer._aux = None if bits is None else optimizer._backend_for(layout).mask_aux(layout, bits)
-    optimizer._fisher_accum = accum
-    optimizer._fisher_count = int(state["fisher_count"])
-    optimizer._step_count = int(state["step_count"])
-    optimizer._saved, optimizer._phase = None, "idle"
+    optimizer._mask.load(layout, bits, accum, int(state["fisher_count"]))
+    optimizer._loaded(int(state["step_count"]))
 
 
 def _like_param(shards: Optional[ShardedParams], local: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

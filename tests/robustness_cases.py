@@ -75,9 +75,9 @@ def snapshot(model, opt):
         "params": [p.detach().clone() for p in model.parameters()],
         "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
         "state": [{k: v.clone() if torch.is_tensor(v) else v for k, v in base[p].items()} for p in model.parameters()],
-        "mask": None if opt._bits is None else opt._bits.clone(),
-        "fisher": None if opt._fisher_accum is None else [f.clone() for f in opt._fisher_accum],
-        "counts": (opt.step_count, opt._fisher_count, opt._phase),
+        "mask": None if opt._mask.bits is None else opt._mask.bits.clone(),
+        "fisher": None if opt._mask.fisher is None else [f.clone() for f in opt._mask.fisher],
+        "counts": (opt.step_count, opt._mask.fisher_count, opt.phase),
     }
 
 

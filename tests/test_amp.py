@@ -63,6 +63,27 @@ def test_scaled_step_equals_unscaled_fsam_bit_for_bit():
         assert torch.equal(mp, ms)
 
 
+def test_scaled_gsam_step_equals_the_unscaled_one_bit_for_bit():
+    # GSAM's surrogate-gap step works on both gradients unscaled: with a power-of-two scale the scaled
+    # step is the plain one exactly.
+    from fsam_kernels import GSAM
+
+    x, y = _data()
+    plain, scaled = _model(), _model()
+    opt_p, opt_s = (GSAM(m.parameters(), torch.optim.SGD, rho=0.1, alpha=0.4, sparsity=0.5, lr=0.1, momentum=0.9,
+                         backend="torch") for m in (plain, scaled))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    for _ in range(3):
+        _loss(plain, x, y).backward()
+        opt_p.step(lambda: _loss(plain, x, y).backward())
+        opt_p.zero_grad()
+        scaler.scale(_loss(scaled, x, y)).backward()
+        amp.step(opt_s, scaler, lambda: scaler.scale(_loss(scaled, x, y)).backward())
+        opt_s.zero_grad()
+    assert scaler.get_scale() == 2.0**12 and opt_s.step_count == 3
+    _assert_bitwise(_snapshot(plain), scaled, "scaled vs plain GSAM")
+
+
 def _one_good_step(model, opt, scaler, x, y):
     scaler.scale(_loss(model, x, y)).backward()
     amp.first_step(opt, scaler)

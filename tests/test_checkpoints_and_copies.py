@@ -89,9 +89,9 @@ def everything(model, opt):
     return {
         "weights": [p.detach().clone() for p in model.parameters()],
         "base": copy.deepcopy(opt.base_optimizer.state_dict()),
-        "mask": None if opt._bits is None else opt._bits.clone(),
-        "fisher": None if opt._fisher_accum is None else [f.clone() for f in opt._fisher_accum],
-        "fisher_count": opt._fisher_count,
+        "mask": None if opt._mask.bits is None else opt._mask.bits.clone(),
+        "fisher": None if opt._mask.fisher is None else [f.clone() for f in opt._mask.fisher],
+        "fisher_count": opt._mask.fisher_count,
         "step_count": opt.step_count,
     }
 

@@ -173,3 +173,63 @@ def test_requires_initialized_process_group():
         fsam_dist.first_step(opt)
     with pytest.raises(TypeError, match="optimizer"):
         fsam_dist.first_step(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+FAMILY = ("fsam", "sam", "esam", "gsam")
+
+
+def _family_member(kind, params):
+    from fsam_kernels import ESAM, GSAM, SAM
+
+    kw = dict(rho=0.1, lr=0.05, momentum=0.9, backend="torch")
+    if kind == "sam":
+        return SAM(params, torch.optim.SGD, **kw)
+    masked = dict(kw, sparsity=0.7, mask_update_interval=1)  # Fisher-masked: mask_scores at every step
+    if kind == "esam":
+        return ESAM(params, torch.optim.SGD, generator=torch.Generator().manual_seed(0), **masked)
+    if kind == "gsam":
+        return GSAM(params, torch.optim.SGD, rho_min=0.01, **masked)
+    return FSAM(params, torch.optim.SGD, **masked)
+
+
+def _family_worker(rank, port, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fsam_kernels import distributed as fsam_dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        out = {}
+        for kind in FAMILY:
+            model = DDP(_model())
+            opt = _family_member(kind, model.parameters())
+            for step in range(2):
+                x, y = _batch(step)
+                x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+                with model.no_sync():  # per-replica first pass
+                    _loss(model, x, y).backward()
+                fsam_dist.first_step(opt, zero_grad=True)
+                _loss(model, x, y).backward()
+                opt.second_step(zero_grad=True)
+            out[kind] = {"params": [p.detach().clone() for p in model.parameters()], "masks": [opt.masks()],
+                         "consistent": [fsam_dist.check_masks_consistent(opt)], "step_count": opt.step_count}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_per_replica_first_step_with_every_family_member(tmp_path):
+    """distributed.first_step passes mask_scores on mask-update steps: every member of the family takes
+    them (GSAM used to raise TypeError); the replicas keep identical masks, and but for GSAM identical weights."""
+    mp.spawn(_family_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for kind in FAMILY:
+        r0, r1 = (r[kind] for r in results)
+        if kind != "gsam":
+            _assert_ranks_identical([r0, r1])
+        # GSAM's surrogate gap uses each replica's own first gradient, so only its masks agree.
+        assert all(torch.equal(a, b) for a, b in zip(r0["masks"][0], r1["masks"][0])), kind
+        assert r0["consistent"] == r1["consistent"] == [True], kind
+        assert r0["step_count"] == r1["step_count"] == 2, kind

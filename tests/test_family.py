@@ -320,6 +320,30 @@ def test_esam_closure_contract_is_checked():
         assert torch.equal(p.detach(), b)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_esam_skips_the_step_on_a_non_finite_first_gradient(value):
+    # as FSAM.step: no second pass, the base optimizer untouched, None returned
+    model = make_model()
+    x, y = make_data(1)[0]
+    opt = ESAM(model.parameters(), torch.optim.Adam, sparsity=0.5, gamma=0.5, lr=1e-2, backend="torch")
+    losses = per_sample(model, x, y)
+    losses.mean().backward()
+    model.fc1.weight.grad[0, 0] = value
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure(idx):
+        calls.append(idx)
+        return per_sample(model, x, y) if idx is None else per_sample(model, x[idx], y[idx])
+
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert opt.step(closure, losses=losses) is None
+    assert calls == [] and opt.step_count == 0 and len(opt.base_optimizer.state) == 0
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(beta=0.0), "Invalid beta"), (dict(beta=1.5), "Invalid beta"), (dict(gamma=0), "Invalid gamma"),
     (dict(gamma=True), "Invalid gamma"), (dict(sparsity=2.0), "Invalid sparsity"),

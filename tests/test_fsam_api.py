@@ -279,7 +279,7 @@ def test_empirical_accumulator_survives_checkpoint(tiny_net, batches):
     m2 = clone_model(tiny_net, torch.bfloat16)
     o2 = FSAM(m2.parameters(), torch.optim.SGD, fisher="empirical", lr=0.1)
     o2.load_state_dict(sd)
-    assert all(f.dtype == torch.float32 for f in o2._fisher_accum)  # not cast to the params' bf16
+    assert all(f.dtype == torch.float32 for f in o2._mask.fisher)  # not cast to the params' bf16
     assert o2.memory_stats()["fisher"] == 4 * sum(p.numel() for p in m2.parameters())
 
 
@@ -398,12 +398,12 @@ def test_empirical_mode_accumulates_and_updates(tiny_net, batches):
         opt.accumulate_fisher()
         for e, p in zip(expected, params):
             e.add_(p.grad * p.grad)
-    torch.testing.assert_close(opt._fisher_accum, expected)
+    torch.testing.assert_close(opt._mask.fisher, expected)
     k = round(0.25 * sum(p.numel() for p in params))
     want = plain_topk_masks(expected, k)
     opt.zero_grad()
     fsam_step(tiny_net, opt, batches[3])  # mask-update step: built from the accumulator, which is freed
-    assert opt._fisher_accum is None and opt.memory_stats()["fisher"] == 0
+    assert opt._mask.fisher is None and opt.memory_stats()["fisher"] == 0
     for a, b in zip(opt.masks(), want):
         assert torch.equal(a, b)
     fsam_step(tiny_net, opt, batches[4])  # due again, but nothing accumulated: the mask is kept
@@ -426,7 +426,7 @@ def test_non_finite_accumulated_fisher_is_discarded_never_used(tiny_net, batches
     opt.zero_grad()
     with pytest.raises(RuntimeError, match="not finite.*discarded"):
         opt.update_mask()
-    assert opt._fisher_accum is None and opt._bits is None
+    assert opt._mask.fisher is None and opt._mask.bits is None
     # the same at a mask-update step with no mask yet: an error, weights untouched
     loss_of(tiny_net, batches[0]).backward()
     _poison_grad(tiny_net, value)
@@ -450,7 +450,7 @@ def test_non_finite_accumulated_fisher_is_discarded_never_used(tiny_net, batches
     loss_of(tiny_net, batches[4]).backward()
     with pytest.warns(RuntimeWarning, match="accumulated Fisher is not finite"):
         opt.first_step()
-    assert opt._phase == "perturbed" and opt._fisher_accum is None
+    assert opt.phase.value == "perturbed" and opt._mask.fisher is None
     assert all(torch.equal(a, b) for a, b in zip(opt.masks(), kept))
     opt.restore()
 

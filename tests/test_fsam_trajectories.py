@@ -132,7 +132,7 @@ def test_rho_changed_between_steps(tiny_net, batches, backend):
         run_fsam(m1, [batch], opt)
         run_plain(m2, [batch], plain)
         keys.add(id(opt._layout.tensors_key))
-        auxes.append(opt._aux)
+        auxes.append(opt._mask.aux)
         assert opt._layout.rho[0] == plain_groups[0]["rho"] and opt._layout.rho[-1] == plain_groups[1]["rho"]
     assert_same_params(m1, m2, exact=backend == "torch")
     assert len(keys) == 1

@@ -209,26 +209,48 @@ def test_loss_scaler_overflow_skips_the_step(tmp_path, overflow_pass, backward_i
     assert overflow.fsam_optimizer.step_count == (2 if overflow_pass == "first" else 3)
 
 
-def test_failing_second_pass_rewinds_the_step(tmp_path):
-    # 4 forwards per step (2 micro-batches x 2 passes): forward 4 starts step 2, forward 6 is its second pass.
-    model = _model()
-    trainer = FSAMTrainer(model=model, args=_args(tmp_path, max_steps=2, lr_scheduler_type="constant"),
-                          train_dataset=_Pairs())
+def _train_failing_in_second_pass(trainer, model, step, snapshot):
+    """Train until the second pass of optimizer step ``step`` (1-based) raises KeyError; ``snapshot()``
+    runs as that step starts. 4 forwards per step: 2 micro-batches x 2 passes."""
     seen = {}
 
     def hook(module, args):
         seen["n"] = seen.get("n", -1) + 1
-        if seen["n"] == 4:
-            seen["weights"] = [p.detach().clone() for p in module.parameters()]
-            seen["step_count"], seen["mask"] = trainer.fsam_optimizer.step_count, trainer.fsam_optimizer.masks()
-        if seen["n"] == 6:
+        if seen["n"] == 4 * (step - 1):
+            seen.update(snapshot())
+        if seen["n"] == 4 * (step - 1) + 2:
             raise KeyError("data loader broke")
 
     model.register_forward_pre_hook(hook)
     with pytest.raises(KeyError):
         trainer.train()
+    return seen
+
+
+def test_failing_second_pass_rewinds_the_step(tmp_path):
+    model = _model()
+    trainer = FSAMTrainer(model=model, args=_args(tmp_path, max_steps=2, lr_scheduler_type="constant"),
+                          train_dataset=_Pairs())
+    seen = _train_failing_in_second_pass(trainer, model, 2, lambda: {
+        "weights": [p.detach().clone() for p in model.parameters()],
+        "step_count": trainer.fsam_optimizer.step_count, "mask": trainer.fsam_optimizer.masks()})
     opt = trainer.fsam_optimizer
     assert opt.step_count == seen["step_count"] == 1
     assert all(torch.equal(a, b) for a, b in zip(opt.masks(), seen["mask"]))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), seen["weights"]))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_failing_second_pass_takes_its_batch_out_of_the_empirical_fisher(tmp_path):
+    # interval 3: step 1 builds the mask, step 2 starts an accumulator, step 3 adds to it in place and fails
+    # in its second pass: the accumulator must be step 2's again.
+    model = _model()
+    args = _args(tmp_path, max_steps=3, lr_scheduler_type="constant", fsam_fisher="empirical",
+                 fsam_mask_update_interval=3)
+    trainer = FSAMTrainer(model=model, args=args, train_dataset=_Pairs())
+    seen = _train_failing_in_second_pass(trainer, model, 3, lambda: {
+        "count": trainer.fsam_optimizer._mask.fisher_count,
+        "fisher": [f.clone() for f in trainer.fsam_optimizer._mask.fisher]})
+    opt = trainer.fsam_optimizer
+    assert opt.step_count == 2 and opt._mask.fisher_count == seen["count"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(opt._mask.fisher, seen["fisher"]))

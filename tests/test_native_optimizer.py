@@ -118,7 +118,7 @@ def test_empirical_fisher_accumulator(tiny_net, batches):
             loss_of(m, batch).backward()
             o.accumulate_fisher()
             o.zero_grad()
-    for a, b in zip(opts[0]._fisher_accum, opts[1]._fisher_accum):
+    for a, b in zip(opts[0]._mask.fisher, opts[1]._mask.fisher):
         assert torch.equal(a, b), first_mismatch(a, b)
     for o in opts:
         o.update_mask()

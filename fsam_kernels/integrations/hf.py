@@ -91,13 +91,11 @@ class TrainerFSAM(FSAM):
     weights inside ``training_step``; the Trainer's closure-less ``optimizer.step()`` then steps the
     base optimizer with the accumulated (clipped, unscaled) ``g_SAM``."""
 
-    def step(self, closure: Optional[Any] = None) -> Any:
+    def step(self, closure: Optional[Any] = None, **kwargs: Any) -> Any:
         if closure is not None:
-            return super().step(closure)
+            return super().step(closure, **kwargs)
         self.restore()  # a no-op: training_step restored already
-        loss = self.base_optimizer.step()
-        self._opt_called = True
-        return loss
+        return self._step_base()
 
 
 class FSAMTrainer(Trainer):
@@ -190,16 +188,13 @@ class FSAMTrainer(Trainer):
         if not finite:
             # Leave the non-finite gradient for the Trainer: a loss scaler skips the step.
             return loss
-        if opt.fisher == "empirical":
-            opt.accumulate_fisher()
-        state = opt._step_state()
-        opt.first_step(zero_grad=True)
-        try:
+        # A failure anywhere in here leaves the optimizer as before this step (this batch's Fisher included).
+        with opt.undo_on_error():
+            if opt.fisher == "empirical":
+                opt.accumulate_fisher()
+            opt.first_step(zero_grad=True)
             with frozen_running_stats(model):
                 for micro_inputs, micro_items in window:  # second pass, at w + e
                     super().training_step(model, micro_inputs, micro_items)
-        except BaseException:
-            opt._abandon_step(state)  # weights, mask and step count as before this step
-            raise
         opt.restore()  # the Trainer clips and steps from w
         return loss

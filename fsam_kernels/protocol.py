@@ -1,0 +1,220 @@
+"""The two-step protocol every optimizer of the family follows, and the hooks its variants use.
+
+:class:`TwoStepOptimizer` is the protocol: ``first_step`` (the subclass's: move the weights to
+``w + e``; phase ``PERTURBED``, or ``SKIPPED`` when the first gradient is not finite), the caller's
+second backward, ``second_step`` (restore, step the base optimizer), or ``step(closure)`` for all of
+it. A ``torch.amp.GradScaler`` is an argument of each of them, as torch's fused optimizers take
+``grad_scale``/``found_inf``: the first pass is unscaled before anything moves, an overflow skips the
+step and the scale backs off. :meth:`TwoStepOptimizer.undo_on_error` undoes a step whose passes fail;
+integrations that run their own passes use it too.
+
+A subclass provides ``first_step(zero_grad, *, scaler=None)``, ``restore()``, ``check_options()``,
+``_has_any_grad()`` and the step snapshot (``_snapshot``, ``_rewind``, ``_release``), and changes a step
+only through the hooks ``_after_perturbation``, ``_before_base_step`` and ``_after_restore``.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+
+class Phase(enum.Enum):
+    """Where an optimizer is in its two-step protocol."""
+
+    IDLE = "idle"  # no step in progress
+    PERTURBED = "perturbed"  # first_step moved the weights to w + e; second_step or restore undoes it
+    SKIPPED = "skipped"  # first_step saw a non-finite gradient norm and changed nothing
+
+
+
+class TwoStepOptimizer(torch.optim.Optimizer):
+    """Base of :class:`fsam_kernels.FSAM`: the step protocol around ``self.base_optimizer``."""
+
+    base_optimizer: torch.optim.Optimizer
+    _phase: Phase = Phase.IDLE
+    _closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def _require_idle(self, what: str) -> None:
+        if self._phase is Phase.PERTURBED:
+            raise RuntimeError(f"{what}: the weights are perturbed; call second_step() or restore() first")
+
+    # ------------------------------------------------------------------ what a subclass provides
+    def first_step(self, zero_grad: bool = False, *, scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        raise NotImplementedError
+
+    def check_options(self) -> None:
+        raise NotImplementedError
+
+    def _has_any_grad(self) -> bool:
+        raise NotImplementedError
+
+    def _snapshot(self) -> Any:
+        """What a step may change besides the weights, to undo it (see :meth:`undo_on_error`)."""
+        raise NotImplementedError
+
+    def _rewind(self, state: Any) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """The snapshot will not be rewound to."""
+
+    # ------------------------------------------------------------------ the protocol
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, scaler: Optional[torch.amp.GradScaler] = None) -> bool:
+        """Restore the weights and step the base optimizer with the current (perturbed-point) gradient.
+
+        With ``scaler``: the gradient is unscaled, the base optimizer stepped through the scaler (which
+        skips the step on inf/NaN) after the restore, and the scale updated; after a skipped
+        first_step the base optimizer is not stepped. Returns whether the base optimizer stepped."""
+        if self._phase is Phase.IDLE:
+            raise RuntimeError("second_step called without a first_step")
+        _check_scaler(scaler)
+        perturbed = self._phase is Phase.PERTURBED
+        if perturbed and scaler is not None:
+            scaler.unscale_(self.base_optimizer)  # the hook works on true gradients
+        self._before_base_step()
+        self.restore()  # before the scaler's step, so a skipped step leaves the weights untouched
+        if scaler is None:
+            self._step_base()
+            stepped = True
+        else:
+            before = scaler.get_scale()
+            if perturbed:
+                self._step_base(scaler)  # skips on inf/NaN
+            else:
+                self.zero_grad()
+                self._opt_called = True  # the step was taken, as torch's AMP recipe counts it
+            scaler.update()
+            stepped = perturbed and (not scaler.is_enabled() or scaler.get_scale() >= before)
+        if zero_grad:
+            self.zero_grad()
+        return stepped
+
+    def _step_base(self, scaler: Optional[torch.amp.GradScaler] = None) -> Any:
+        """Step the base optimizer (through ``scaler``); returns what its step returns."""
+        out = self.base_optimizer.step() if scaler is None else scaler.step(self.base_optimizer)
+        self._opt_called = True  # tells an LR scheduler attached to this optimizer that it stepped
+        return out
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, *,
+             scaler: Optional[torch.amp.GradScaler] = None) -> Any:
+        """One FSAM step with ``closure`` (a function that computes the loss, calls ``backward()`` and
+        returns the loss; with ``scaler``, ``scaler.scale(loss).backward()``).
+
+        davda54/sam style, when the caller has already done the first backward: ``closure`` does the
+        second forward/backward (gradients zeroed before it) and its loss is returned. The
+        ``torch.optim`` convention (e.g. PyTorch Lightning's automatic optimization, whose closure
+        zeroes the gradients itself), when no perturbed parameter has a gradient at the first such
+        call (``zero_grad()`` sets them to ``None``): the closure runs first for the gradient at ``w``
+        too, and that first loss is returned; once taken, this way sticks for later steps, whose
+        leftover gradients (from ``w + e``) are then not mistaken for a first pass. A first closure that
+        computes no gradient (e.g. a skipped batch) skips the step and returns ``None``.
+
+        When the first gradient's norm is not finite the step is skipped (weights, base optimizer and
+        mask untouched, one warning; with a scaler none, and the scale backs off) and ``None`` is
+        returned. If the closure raises, the weights, the mask, the step count and the Fisher
+        accumulator are as before the call and the gradients are cleared; a closure that computes no
+        gradient at ``w + e`` raises the same way."""
+        if closure is None:
+            raise RuntimeError(
+                "FSAM.step needs a closure that recomputes the loss and calls backward(); or call "
+                "first_step() and second_step() yourself"
+            )
+        if self._phase is Phase.PERTURBED:
+            raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
+        _check_scaler(scaler)
+        self.check_options()  # before the closure runs
+        if not self._closure_first and not self._has_any_grad():
+            self._closure_first = True  # sticky, see above
+        first_loss = None
+        if self._closure_first:
+            try:
+                with torch.enable_grad():
+                    first_loss = closure()
+            except BaseException:
+                self.zero_grad()  # no partial gradient may pass for a first pass later
+                raise
+            if not self._has_any_grad():
+                return None
+
+        def second_pass() -> Any:
+            with torch.enable_grad():
+                loss = closure()
+            self._require_second_gradient("FSAM.step" if scaler is None else "amp.step")
+            return loss
+
+        perturbed, loss = self._two_passes(second_pass, scaler)
+        if not perturbed:
+            return None
+        return first_loss if self._closure_first else loss
+
+    def _two_passes(self, second_pass: Callable[[], Any], scaler: Optional[torch.amp.GradScaler] = None) -> tuple[bool, Any]:
+        """What every ``step(closure)`` does after the first backward: :meth:`first_step`,
+        ``second_pass()`` at ``w + e``, :meth:`second_step`; undone if ``second_pass`` raises. After a
+        non-finite first gradient the rest is skipped: ``(False, None)``."""
+        with self.undo_on_error(scaler):
+            self.first_step(zero_grad=True, scaler=scaler)
+            if self._phase is Phase.SKIPPED:
+                if scaler is not None:
+                    self.second_step(scaler=scaler)  # lets the scaler back off
+                self._phase = Phase.IDLE
+                return False, None
+            result = second_pass()
+        self.second_step(scaler=scaler)
+        return True, result
+
+    @contextlib.contextmanager
+    def undo_on_error(self, scaler: Optional[torch.amp.GradScaler] = None) -> Iterator[None]:
+        """If the enclosed code (e.g. ``accumulate_fisher()``, ``first_step()`` and a second pass)
+        raises, undo what it did: the weights restored (never left perturbed), the gradients cleared,
+        the mask, step count and Fisher accumulator as on entry, and ``scaler`` ready for the next step."""
+        state = self._snapshot()
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            self.zero_grad()
+            self._rewind(state)
+            if scaler is not None:
+                scaler.update()  # clears the record of this step's unscale_, so the next one can unscale
+            raise
+        finally:
+            self._release()
+
+    def _require_second_gradient(self, what: str) -> None:
+        # The gradients were cleared before the second pass: none now means the closure never ran
+        # backward(), and stepping on would count a step that changed nothing.
+        if not self._has_any_grad():
+            raise RuntimeError(
+                f"{what}: the closure computed no gradient at the perturbed weights (did it call "
+                "loss.backward()?); the weights were restored and the step not taken"
+            )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ hooks
+    def _after_perturbation(self) -> None:
+        """Called once the weights hold ``w + e``, the first gradient still in ``.grad``."""
+
+    def _before_base_step(self) -> None:
+        """Called by second_step before the weights are restored and the base optimizer steps, on the
+        second gradient (unscaled when a scaler is given and the step was perturbed)."""
+
+    def _after_restore(self) -> None:
+        """Called when a pending step ends (restored, stepped or abandoned)."""
+
+
+def _check_scaler(scaler: Optional[Any]) -> None:
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"Invalid scaler: expected a torch.amp.GradScaler, got {type(scaler).__name__}")
