@@ -121,6 +121,30 @@ def _mask_from_threshold_fake(scores, bit_offsets, mask_bytes, square, threshold
     return scores[0].new_empty((mask_bytes,), dtype=torch.uint8)
 
 
+def _select_nm_mask_fake(scores, support, bit_offsets, mask_bytes, n, m, square):
+    op = "select_nm_mask"
+    if not 1 <= n < m <= 16:
+        raise ValueError(f"{_NS}::{op}: expected 1 <= n < m <= 16, got n={n}, m={m}")
+    if not scores:
+        raise ValueError(f"{_NS}::{op}: expected at least one score tensor")
+    if len(bit_offsets) != len(scores):
+        raise ValueError(f"{_NS}::{op}: expected one bit offset per tensor ({len(scores)}), got {len(bit_offsets)}")
+    if support and len(support) != len(scores):
+        raise ValueError(
+            f"{_NS}::{op}: expected support to be empty or hold one tensor per score ({len(scores)}), got {len(support)}"
+        )
+    for name, tensors in (("scores", scores), ("support", support)):
+        for i, t in enumerate(tensors):
+            if t.device != scores[0].device:
+                raise ValueError(f"{_NS}::{op}: expected {name}[{i}] on {scores[0].device}, got {t.device}")
+            if not t.is_floating_point():
+                raise TypeError(f"{_NS}::{op}: expected {name}[{i}] of a floating-point dtype, got {t.dtype}")
+            if t.numel() != scores[i].numel() or t.numel() % m:
+                raise ValueError(f"{_NS}::{op}: {name}[{i}] has {t.numel()} elements; expected scores[{i}]'s, "
+                                 f"a multiple of m={m}")
+    return scores[0].new_empty((mask_bytes,), dtype=torch.uint8)
+
+
 def _mask_block_prefix_fake(bits):
     if bits.dtype != torch.uint8 or bits.dim() != 1:
         raise ValueError(f"{_NS}::mask_block_prefix: expected a 1-D uint8 bits tensor, got {bits.dtype} {tuple(bits.shape)}")
@@ -198,14 +222,11 @@ _FAKES = {
     "select_mask": _select_mask_fake,
     "key_histogram": _key_histogram_fake,
     "mask_from_threshold": _mask_from_threshold_fake,
+    "select_nm_mask": _select_nm_mask_fake,
     "mask_block_prefix": _mask_block_prefix_fake,
     "grad_norm": _grad_norm_fake,
     "masked_perturb": _masked_perturb_fake,
     "masked_restore": _masked_restore_fake,
-}
-# Fakes of op families that live next to their reference (op name -> module, function).
-_OTHER_FAKES = {
-    "select_nm_mask": ("fsam_kernels.structured", "select_nm_mask_fake"),  # csrc/nm_mask.cpp
 }
 _fakes_registered = False
 
@@ -216,10 +237,6 @@ def _register_fakes() -> None:
         return
     for name, fn in _FAKES.items():
         torch.library.register_fake(f"{_NS}::{name}", fn)
-    ops = getattr(torch.ops, _NS)
-    for name, (module, attr) in _OTHER_FAKES.items():
-        if hasattr(ops, name):  # built only when its source file is there
-            torch.library.register_fake(f"{_NS}::{name}", getattr(importlib.import_module(module), attr))
     _fakes_registered = True
 
 

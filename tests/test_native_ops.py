@@ -109,7 +109,7 @@ def test_tie_rule_is_lowest_global_index_first(native):
     a = torch.tensor([1.0, 2.0, 2.0, 0.0])
     b = torch.tensor([2.0, 3.0, 2.0])
     lay = layout_of([a, b])
-    masks = ref.unpack_mask(lay, native.select_mask(lay, [a, b], 3, square=False))
+    masks = ref.unpack_mask(lay, native.select_mask(lay, [a, b], 3, scores_are_grads=False))
     assert masks[0].tolist() == [False, True, True, False]
     assert masks[1].tolist() == [False, True, False]
 
@@ -118,8 +118,8 @@ def test_all_zero_scores_take_the_first_k(native):
     ts = [torch.zeros(10), torch.zeros(600), torch.zeros(6)]
     lay = layout_of(ts)
     for k in (1, 12, 609, 616):
-        bits = native.select_mask(lay, ts, k, square=True)
-        assert_same_bits(bits, ref.select_mask_reference(lay, ts, k, square=True), lay)
+        bits = native.select_mask(lay, ts, k, scores_are_grads=True)
+        assert_same_bits(bits, ref.select_mask_reference(lay, ts, k, scores_are_grads=True), lay)
 
 
 def test_special_values_order_like_the_reference(native):
@@ -516,22 +516,16 @@ def test_float64_on_the_cpu_matches_reference(native):
 
 
 def test_nm_mask_goes_through_the_native_op(native):
-    from fsam_kernels.structured import select_nm_mask_reference
-
-    if not hasattr(torch.ops.fsam_kernels, "select_nm_mask"):
-        pytest.skip("built without csrc/nm_mask.cpp")
     scores = random_tensors([(4, 8), (5,), (2, 16)], seed=12)
     lay = layout_of([torch.zeros(s.shape) for s in scores])
     got = native.select_nm_mask(lay, scores, 2, 4, True)
-    assert_same_bits(got, select_nm_mask_reference(lay, scores, 2, 4, True), lay)
+    assert_same_bits(got, ref.select_nm_mask_reference(lay, scores, 2, 4, True), lay)
 
 
 # ------------------------------------------------------------------------------------------ sharded top-k
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("square", [True, False], ids=["batch", "accum"])
 def test_key_histogram_matches_reference(native, dtype, square):
-    from fsam_kernels import distributed_select as ds
-
     scores = random_tensors([1, 7, 0, 123, 40000, 4097], dtype, seed=13)
     if not square:
         scores = [s.abs() for s in scores]
@@ -542,12 +536,12 @@ def test_key_histogram_matches_reference(native, dtype, square):
     for key in (int(keys.max()), int(keys.median()), 0):
         cases += [(key >> 24, 16, 8), (key >> 16, 8, 8), (key >> 8, 0, 8), (key >> 20, 9, 11), (12345, 0, 8)]
     for prefix, shift, bits in cases:
-        want = ds.key_histogram_reference(lay, scores, square, prefix, shift, bits)
+        want = ref.key_histogram_reference(lay, scores, square, prefix, shift, bits)
         got = native.key_histogram(lay, scores, square, prefix, shift, bits)
         assert got.dtype == torch.int64 and torch.equal(got, want), (prefix, shift, bits)
     # a prefix no key can have (keys < 2**31): nothing counted, as in the reference
     for prefix, shift, bits in ((1 << 8, 16, 8), (1 << 40, 0, 8)):
-        want = ds.key_histogram_reference(lay, scores, square, prefix, shift, bits)
+        want = ref.key_histogram_reference(lay, scores, square, prefix, shift, bits)
         assert int(want.sum()) == 0 and torch.equal(native.key_histogram(lay, scores, square, prefix, shift, bits), want)
     with pytest.raises(ValueError, match="key_histogram: expected 0 < radix_bits"):
         ops().key_histogram(scores, square, 0, 30, 8)
@@ -557,8 +551,6 @@ def test_key_histogram_matches_reference(native, dtype, square):
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 def test_mask_from_threshold_matches_reference(native, dtype):
-    from fsam_kernels import distributed_select as ds
-
     scores = random_tensors([40000, 0, 7, 70000, 1], dtype, seed=14)
     lay = layout_of([torch.zeros(s.shape) for s in scores])
     keys = [ref.fisher_key(s, True).to(torch.int64) for s in scores]
@@ -566,7 +558,7 @@ def test_mask_from_threshold_matches_reference(native, dtype):
     for threshold in (int(flat.median()), int(flat.max()), int(flat.min()), int(flat.max()) + 1):
         ties = [int((k == threshold).sum()) for k in keys]
         for quotas in ([0] * len(keys), ties, [t // 3 for t in ties], [min(t, 1) for t in ties]):
-            want = ds.mask_from_threshold_reference(lay, scores, True, threshold, quotas)
+            want = ref.mask_from_threshold_reference(lay, scores, True, threshold, quotas)
             assert_same_bits(native.mask_from_threshold(lay, scores, True, threshold, quotas), want, lay)
     with pytest.raises(ValueError, match="quotas"):
         native.mask_from_threshold(lay, scores, True, 0, [0])
