@@ -128,6 +128,29 @@ void validate_mask_from_threshold(const char* op, at::TensorList scores, at::Int
   }
 }
 
+void validate_select_nm_mask(const char* op, at::TensorList scores, at::TensorList support,
+                             at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t n, int64_t m, bool allow_double) {
+  TORCH_CHECK_VALUE(1 <= n && n < m && m <= 16, op, ": expected 1 <= n < m <= 16, got n=", n, ", m=", m);
+  validate_select_mask(op, scores, bit_offsets, mask_bytes, /*k=*/0, allow_double);
+  TORCH_CHECK_VALUE(support.empty() || support.size() == scores.size(), op,
+                    ": expected support to be empty or hold one tensor per score (", scores.size(), "), got ",
+                    support.size());
+  for (size_t i = 0; i < scores.size(); ++i) {
+    TORCH_CHECK_VALUE(scores[i].numel() % m == 0, op, ": expected scores[", i, "] to have a multiple of m=", m,
+                      " elements, got ", scores[i].numel());
+    if (support.empty()) continue;
+    const at::Tensor& s = support[i];
+    TORCH_CHECK_VALUE(s.defined() && s.device() == scores[i].device(), op, ": expected support[", i, "] on ",
+                      scores[i].device());
+    TORCH_CHECK_VALUE(s.is_contiguous() && s.layout() == at::kStrided, op, ": expected support[", i,
+                      "] to be a contiguous dense tensor");
+    TORCH_CHECK_TYPE(is_kernel_float(s.scalar_type(), allow_double), op, ": expected support[", i,
+                     "] of a floating-point dtype, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.numel() == scores[i].numel(), op, ": support[", i, "] has ", s.numel(),
+                      " elements, scores[", i, "] has ", scores[i].numel());
+  }
+}
+
 void validate_mask_bits(const char* op, const at::Tensor& bits) {
   TORCH_CHECK_VALUE(bits.defined(), op, ": bits is undefined");
   TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, op, ": expected bits of dtype uint8, got ", bits.scalar_type());

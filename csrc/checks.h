@@ -35,6 +35,11 @@ void validate_key_histogram(const char* op, at::TensorList scores, int64_t prefi
 void validate_mask_from_threshold(const char* op, at::TensorList scores, at::IntArrayRef bit_offsets,
                                   int64_t mask_bytes, int64_t threshold, at::IntArrayRef quotas, bool allow_double);
 
+// select_nm_mask: as select_mask, plus 1 <= n < m <= 16, numel(scores[i]) a multiple of m, and support
+// empty or one tensor per score, of its size and device.
+void validate_select_nm_mask(const char* op, at::TensorList scores, at::TensorList support,
+                             at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t n, int64_t m, bool allow_double);
+
 void validate_fisher_accumulate(const char* op, at::TensorList accum, at::TensorList grads, bool allow_double);
 
 void validate_mask_bits(const char* op, const at::Tensor& bits);

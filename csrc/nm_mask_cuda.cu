@@ -1,4 +1,4 @@
-// N:M structured mask on CUDA; same algorithm and result as csrc/nm_mask.cpp (see there). One launch
+// N:M structured mask on CUDA; same algorithm and result as csrc/nm_mask_cpu.cpp (see there). One launch
 // for all tensors (a device table, grid-stride over their mask bytes); one thread per mask byte (8
 // elements), each element ranking itself inside its group of m from the group's m keys.
 #include <ATen/ops/zeros.h>
@@ -13,10 +13,6 @@
 #include "cuda_common.cuh"
 
 namespace fsam {
-
-void validate_select_nm_mask(const char* op, at::TensorList scores, at::TensorList support,
-                             at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t n, int64_t m, bool allow_double);
-
 namespace cuda {
 namespace {
 

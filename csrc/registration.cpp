@@ -31,6 +31,11 @@ TORCH_LIBRARY(fsam_kernels, m) {
   m.def(
       "mask_from_threshold(Tensor[] scores, int[] bit_offsets, int mask_bytes, bool square, int threshold, "
       "int[] quotas) -> Tensor");
+  // Packed mask keeping the n largest keys of every m consecutive elements of each score tensor (whose
+  // bits start at bit_offsets[i]); support (empty, or one tensor per score): zeros are never kept.
+  m.def(
+      "select_nm_mask(Tensor[] scores, Tensor[] support, int[] bit_offsets, int mask_bytes, int n, int m, "
+      "bool square) -> Tensor");
   // int64 exclusive prefix count of set bits per 512-bit block, plus the total at the end.
   m.def("mask_block_prefix(Tensor bits) -> Tensor");
   // Global L2 norm of the (ASAM-weighted) gradients, 0-dim, in the norm dtype (fp64 when a tensor is fp64,

@@ -5,7 +5,8 @@ parameters are split across ranks (FSDP2), no rank may gather the scores, so the
 digit by digit instead:
 
 1. Each rank counts its keys per digit (``RADIX_BITS`` bits, most significant first) among the keys
-   whose higher digits equal the prefix found so far (:func:`key_histogram_reference`).
+   whose higher digits equal the prefix found so far (the op ``key_histogram``, defined by
+   :func:`~fsam_kernels.reference.key_histogram_reference`).
 2. The counts are summed over ranks (one all-reduce of ``2**RADIX_BITS`` int64 per pass: 2 KiB), and
    every rank picks the same next digit. After ``32 / RADIX_BITS`` passes the prefix *is* the
    threshold key, and the number ``need`` of keys equal to it that still have to be taken is known.
@@ -13,13 +14,13 @@ digit by digit instead:
    threshold per tensor (the last pass's per-tensor rows give them for free); one all-gather of these
    counts lets every rank compute its per-tensor quotas (:func:`tie_quotas`).
 4. Each rank builds the mask of its own shard from the threshold and its quotas
-   (:func:`mask_from_threshold_reference`).
+   (the op ``mask_from_threshold``, defined by :func:`~fsam_kernels.reference.mask_from_threshold_reference`).
 
 Keys are the int32 bit patterns of non-negative fp32 scores (:func:`~fsam_kernels.reference.fisher_key`),
 so the sign bit is always 0 and the order of keys is the order of scores.
 
 With one process (no collectives) :func:`select_mask_by_histogram` gives exactly the mask of
-``select_mask``; the tests use that as an oracle for the histogram primitives.
+``select_mask``; the tests use that as an oracle for the histogram ops.
 """
 from __future__ import annotations
 
@@ -27,66 +28,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import reference as ref
 from .layout import ParamLayout
+from .reference import KEY_BITS, RADIX_BITS
 
-RADIX_BITS = 8
-KEY_BITS = 32
 PASS_SHIFTS = tuple(range(KEY_BITS - RADIX_BITS, -1, -RADIX_BITS))  # (24, 16, 8, 0)
-
-
-# --------------------------------------------------------------------------- reference primitives
-def key_histogram_reference(
-    layout: ParamLayout,
-    scores: Sequence[torch.Tensor],
-    square: bool,
-    prefix: int,
-    shift: int,
-    radix_bits: int = RADIX_BITS,
-) -> torch.Tensor:
-    """Per-tensor digit counts of the keys whose bits above ``shift + radix_bits`` equal ``prefix``.
-
-    Returns an int64 tensor of shape ``(len(layout.masked_index), 2**radix_bits)``: row ``j``,
-    column ``d`` counts the keys of the ``j``-th masked tensor with ``key >> (shift + radix_bits) ==
-    prefix`` and ``(key >> shift) & (2**radix_bits - 1) == d``.
-    """
-    check_digit(shift, radix_bits)
-    bins = 1 << radix_bits
-    rows = []
-    for s in scores:
-        keys = ref.fisher_key(s, square).to(torch.int64)
-        in_prefix = keys[(keys >> (shift + radix_bits)) == prefix]
-        rows.append(torch.bincount((in_prefix >> shift) & (bins - 1), minlength=bins))
-    if not rows:
-        return torch.zeros((0, bins), dtype=torch.int64, device=layout.device)
-    return torch.stack(rows)
-
-
-def mask_from_threshold_reference(
-    layout: ParamLayout,
-    scores: Sequence[torch.Tensor],
-    square: bool,
-    threshold: int,
-    quotas: Sequence[int],
-) -> torch.Tensor:
-    """Packed mask: keys above ``threshold``, plus the first ``quotas[j]`` keys equal to it (row-major)
-    in the ``j``-th masked tensor."""
-    if len(quotas) != len(scores):
-        raise ValueError(f"mask_from_threshold: expected {len(scores)} quotas (one per masked tensor), got {len(quotas)}")
-    masks = []
-    for s, q in zip(scores, quotas):
-        keys = ref.fisher_key(s, square).to(torch.int64)
-        ties = keys == threshold
-        masks.append((keys > threshold) | (ties & (torch.cumsum(ties, 0) <= int(q))))
-    return ref.pack_mask(layout, masks)
-
-
-def check_digit(shift: int, radix_bits: int) -> None:
-    if not (0 < radix_bits <= 16 and 0 <= shift and shift + radix_bits <= KEY_BITS):
-        raise ValueError(
-            f"key_histogram: expected 0 < radix_bits <= 16 and 0 <= shift <= {KEY_BITS} - radix_bits, "
-            f"got shift={shift}, radix_bits={radix_bits}"
-        )
 
 
 # --------------------------------------------------------------------------- the driver
@@ -127,7 +72,7 @@ def select_mask_by_histogram(
     layout: ParamLayout,
     scores: Sequence[torch.Tensor],
     k: int,
-    square: bool,
+    scores_are_grads: bool,
     *,
     n_global: Optional[int] = None,
     all_reduce_sum: Optional[AllReduce] = None,
@@ -150,11 +95,11 @@ def select_mask_by_histogram(
     all_gather = all_gather or (lambda t: t.unsqueeze(0))
     prefix, remaining, rows = 0, k, None
     for shift in PASS_SHIFTS:
-        rows = backend.key_histogram(layout, scores, square, prefix, shift, RADIX_BITS)
+        rows = backend.key_histogram(layout, scores, scores_are_grads, prefix, shift, RADIX_BITS)
         hist = all_reduce_sum(rows.sum(dim=0)).cpu()
         digit, remaining = next_digit(hist, remaining)
         prefix = (prefix << RADIX_BITS) | digit
     # keys equal to the threshold, per local tensor; gathered on the device (NCCL takes no CPU tensors)
     local_ties = rows[:, digit].contiguous()
     quotas = tie_quotas(all_gather(local_ties).cpu(), remaining)[rank]
-    return backend.mask_from_threshold(layout, scores, square, prefix, quotas.tolist())
+    return backend.mask_from_threshold(layout, scores, scores_are_grads, prefix, quotas.tolist())

@@ -150,7 +150,8 @@ class ShardedParams:
         return sq.sqrt().to(local_norm.dtype)
 
     def select_mask(
-        self, backend: Any, layout: ParamLayout, scores: Sequence[torch.Tensor], sparsity: float, square: bool
+        self, backend: Any, layout: ParamLayout, scores: Sequence[torch.Tensor], sparsity: float,
+        scores_are_grads: bool,
     ) -> torch.Tensor:
         """This rank's packed mask of the global top-k."""
         return select_mask_by_histogram(
@@ -158,7 +159,7 @@ class ShardedParams:
             layout,
             scores,
             self.k_for(layout, sparsity),
-            square,
+            scores_are_grads,
             n_global=self.global_masked_numel(layout),
             all_reduce_sum=self.all_reduce_sum,
             all_gather=self.all_gather,

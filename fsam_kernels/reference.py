@@ -99,22 +99,23 @@ def fisher_accumulate_reference(accum: Sequence[torch.Tensor], grads: Sequence[t
         a.add_(g32 * g32)
 
 
-def fisher_key(score: torch.Tensor, square: bool) -> torch.Tensor:
-    """int32 selection key of each element: the bit pattern of its non-negative fp32 Fisher score."""
+def fisher_key(score: torch.Tensor, scores_are_grads: bool) -> torch.Tensor:
+    """int32 selection key of each element: the bit pattern of its non-negative fp32 Fisher score,
+    ``fl32(g) * fl32(g)`` when the score is a gradient ``g`` (batch Fisher), else the score itself."""
     f = score.float()
-    if square:
+    if scores_are_grads:
         f = f * f
     return f.reshape(-1).view(torch.int32)
 
 
 # --------------------------------------------------------------------------- global top-k
 def select_mask_reference(
-    layout: ParamLayout, scores: Sequence[torch.Tensor], k: int, square: bool
+    layout: ParamLayout, scores: Sequence[torch.Tensor], k: int, scores_are_grads: bool
 ) -> torch.Tensor:
     """Packed mask of the ``k`` largest Fisher scores over all masked tensors (tie: lowest index).
 
-    ``scores[j]`` belongs to the ``j``-th masked tensor: its gradient when ``square`` (batch Fisher,
-    the key is ``g*g``), else its fp32 Fisher accumulator. Keys are the scores' fp32 bit patterns, so
+    ``scores[j]`` belongs to the ``j``-th masked tensor: its gradient when ``scores_are_grads`` (batch
+    Fisher, the key is ``g*g``), else its fp32 Fisher accumulator. Keys are the scores' fp32 bit patterns, so
     the order is defined for every finite value and for inf; NaN scores have no defined place (torch's
     own fp16-to-fp32 conversion of a NaN keeps or drops its sign depending on the tensor's length),
     and the optimizer never passes any: it refuses non-finite gradients and Fisher scores.
@@ -122,7 +123,7 @@ def select_mask_reference(
     n = layout.n_masked
     if not 0 <= k <= n:
         raise ValueError(f"select_mask: expected 0 <= k <= {n}, got k={k}")
-    keys = torch.cat([fisher_key(s, square) for s in scores]) if scores else torch.empty(0, dtype=torch.int32)
+    keys = torch.cat([fisher_key(s, scores_are_grads) for s in scores]) if scores else torch.empty(0, dtype=torch.int32)
     if k == 0:
         chosen = torch.zeros(n, dtype=torch.bool, device=keys.device)
     elif k == n:
@@ -137,6 +138,137 @@ def select_mask_reference(
     for j, i in enumerate(layout.masked_index):
         masks.append(chosen[start : start + layout.numel[i]])
         start += layout.numel[i]
+    return pack_mask(layout, masks)
+
+
+# --------------------------------------------------------------------------- top-k by radix histograms
+# The sharded global top-k (fsam_kernels.distributed_select) finds the threshold key digit by digit.
+RADIX_BITS = 8  # digit width of each pass: 2**8 int64 counts to all-reduce
+KEY_BITS = 32
+
+
+def check_digit(shift: int, radix_bits: int) -> None:
+    if not (0 < radix_bits <= 16 and 0 <= shift and shift + radix_bits <= KEY_BITS):
+        raise ValueError(
+            f"key_histogram: expected 0 < radix_bits <= 16 and 0 <= shift <= {KEY_BITS} - radix_bits, "
+            f"got shift={shift}, radix_bits={radix_bits}"
+        )
+
+
+def key_histogram_reference(
+    layout: ParamLayout,
+    scores: Sequence[torch.Tensor],
+    scores_are_grads: bool,
+    prefix: int,
+    shift: int,
+    radix_bits: int = RADIX_BITS,
+) -> torch.Tensor:
+    """Per-tensor digit counts of the keys whose bits above ``shift + radix_bits`` equal ``prefix``.
+
+    Returns an int64 tensor of shape ``(len(layout.masked_index), 2**radix_bits)``: row ``j``,
+    column ``d`` counts the keys of the ``j``-th masked tensor with ``key >> (shift + radix_bits) ==
+    prefix`` and ``(key >> shift) & (2**radix_bits - 1) == d``.
+    """
+    check_digit(shift, radix_bits)
+    bins = 1 << radix_bits
+    rows = []
+    for s in scores:
+        keys = fisher_key(s, scores_are_grads).to(torch.int64)
+        in_prefix = keys[(keys >> (shift + radix_bits)) == prefix]
+        rows.append(torch.bincount((in_prefix >> shift) & (bins - 1), minlength=bins))
+    if not rows:
+        return torch.zeros((0, bins), dtype=torch.int64, device=layout.device)
+    return torch.stack(rows)
+
+
+def mask_from_threshold_reference(
+    layout: ParamLayout,
+    scores: Sequence[torch.Tensor],
+    scores_are_grads: bool,
+    threshold: int,
+    quotas: Sequence[int],
+) -> torch.Tensor:
+    """Packed mask: keys above ``threshold``, plus the first ``quotas[j]`` keys equal to it (row-major)
+    in the ``j``-th masked tensor."""
+    if len(quotas) != len(scores):
+        raise ValueError(f"mask_from_threshold: expected {len(scores)} quotas (one per masked tensor), got {len(quotas)}")
+    masks = []
+    for s, q in zip(scores, quotas):
+        keys = fisher_key(s, scores_are_grads).to(torch.int64)
+        ties = keys == threshold
+        masks.append((keys > threshold) | (ties & (torch.cumsum(ties, 0) <= int(q))))
+    return pack_mask(layout, masks)
+
+
+# --------------------------------------------------------------------------- N:M structured mask
+MAX_M = 16  # an in-group index fits in 4 bits; the kernels unroll over M
+
+
+def nm_eligible(shape: Sequence[int], m: int) -> bool:
+    """Whether a tensor of ``shape`` gets the N:M pattern (else it falls back to unstructured top-k)."""
+    return len(shape) >= 2 and shape[-1] % m == 0
+
+
+def check_nm_args(
+    layout: ParamLayout,
+    scores: Sequence[torch.Tensor],
+    n: int,
+    m: int,
+    support: Optional[Sequence[torch.Tensor]],
+) -> None:
+    """The arguments of ``select_nm_mask`` (every backend checks them before its kernels run)."""
+    op = "select_nm_mask"
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
+        raise TypeError(f"{op}: expected int n and m, got {n!r} and {m!r}")
+    if not 1 <= n < m <= MAX_M:
+        raise ValueError(f"{op}: expected 1 <= n < m <= {MAX_M}, got n={n}, m={m}")
+    n_masked = len(layout.masked_index)
+    if len(scores) != n_masked:
+        raise ValueError(f"{op}: expected {n_masked} scores (one per masked tensor), got {len(scores)}")
+    if support is not None and len(support) != n_masked:
+        raise ValueError(f"{op}: expected {n_masked} support tensors (one per masked tensor), got {len(support)}")
+    for j, i in enumerate(layout.masked_index):
+        numel = layout.numel[i]
+        if scores[j].numel() != numel:
+            raise ValueError(f"{op}: expected scores[{j}] with {numel} elements, got {scores[j].numel()}")
+        if support is not None and support[j].numel() != numel:
+            raise ValueError(f"{op}: expected support[{j}] with {numel} elements, got {support[j].numel()}")
+
+
+def select_nm_mask_reference(
+    layout: ParamLayout,
+    scores: Sequence[torch.Tensor],
+    n: int,
+    m: int,
+    scores_are_grads: bool,
+    support: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Packed mask keeping, in every group of ``m`` consecutive elements along the last dimension of each
+    eligible masked tensor (:func:`nm_eligible`), the ``n`` largest Fisher keys (tie: lowest index).
+    Bits of ineligible tensors are 0.
+
+    ``scores`` follow ``layout.masked_index`` (gradients when ``scores_are_grads``, fp32 Fisher
+    otherwise). ``support`` (optional, same order, e.g. the weights): elements where it is zero get key
+    -1, so they rank below every other element, and are never selected.
+    """
+    check_nm_args(layout, scores, n, m, support)
+    masks = []
+    for j, i in enumerate(layout.masked_index):
+        shape = layout.params[i].shape
+        if not nm_eligible(shape, m):
+            masks.append(torch.zeros(layout.numel[i], dtype=torch.bool, device=layout.device))
+            continue
+        keys = fisher_key(scores[j], scores_are_grads).view(-1, m)
+        alive = None
+        if support is not None:
+            alive = support[j].reshape(-1, m) != 0
+            keys = torch.where(alive, keys, torch.full_like(keys, -1))
+        # A stable descending sort keeps equal keys in index order: the lowest index wins ties.
+        top = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :n]
+        chosen = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, top, True)
+        if alive is not None:
+            chosen &= alive
+        masks.append(chosen.reshape(-1))
     return pack_mask(layout, masks)
 
 

@@ -12,6 +12,9 @@
   divisible by ``M``: the global unstructured top-k at ``sparsity``, computed among the fallback
   tensors only (``k = round((1 - sparsity) * their numel)``, same tie rule as FSAM).
 
+The structured part is the op ``select_nm_mask`` of every backend, defined by
+:func:`fsam_kernels.reference.select_nm_mask_reference`; this module decides which tensors take it.
+
 **Already-sparse models** (``preserve_zeros``, on by default with a structure): the mask is intersected
 with the weights' support, so the perturbed weights ``w + e`` stay exactly zero wherever ``w`` is
 zero. Inside a structured group zeros rank below every non-zero weight (their key is -1), so a 2:4
@@ -36,18 +39,14 @@ import torch
 
 from . import reference as ref
 from .layout import ParamLayout
+from .reference import MAX_M, nm_eligible
 
 if TYPE_CHECKING:
     from .backends.base import Backend
 
-MAX_M = 16  # an in-group index fits in 4 bits; the kernels unroll over M
-
 __all__ = [
     "parse_structure",
     "nm_eligible",
-    "select_nm_mask_reference",
-    "select_nm_mask_native",
-    "select_nm_mask_fake",
     "build_mask",
     "NMSaved",
     "nm_compress",
@@ -72,126 +71,6 @@ def parse_structure(structure: Any) -> Optional[tuple[int, int]]:
     if not 1 <= n < m <= MAX_M:
         raise ValueError(f"Invalid structure: {structure!r}; expected 'N:M' with 1 <= N < M <= {MAX_M}")
     return n, m
-
-
-def nm_eligible(shape: Sequence[int], m: int) -> bool:
-    """Whether a tensor of ``shape`` gets the N:M pattern (else it falls back to unstructured top-k)."""
-    return len(shape) >= 2 and shape[-1] % m == 0
-
-
-def _check_nm_op(
-    op: str,
-    layout: ParamLayout,
-    scores: Sequence[torch.Tensor],
-    n: int,
-    m: int,
-    support: Optional[Sequence[torch.Tensor]],
-) -> None:
-    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
-        raise TypeError(f"{op}: expected int n and m, got {n!r} and {m!r}")
-    if not 1 <= n < m <= MAX_M:
-        raise ValueError(f"{op}: expected 1 <= n < m <= {MAX_M}, got n={n}, m={m}")
-    n_masked = len(layout.masked_index)
-    if len(scores) != n_masked:
-        raise ValueError(f"{op}: expected {n_masked} scores (one per masked tensor), got {len(scores)}")
-    if support is not None and len(support) != n_masked:
-        raise ValueError(f"{op}: expected {n_masked} support tensors (one per masked tensor), got {len(support)}")
-    for j, i in enumerate(layout.masked_index):
-        numel = layout.numel[i]
-        if scores[j].numel() != numel:
-            raise ValueError(f"{op}: expected scores[{j}] with {numel} elements, got {scores[j].numel()}")
-        if support is not None and support[j].numel() != numel:
-            raise ValueError(f"{op}: expected support[{j}] with {numel} elements, got {support[j].numel()}")
-
-
-# --------------------------------------------------------------------------- the reference op
-def select_nm_mask_reference(
-    layout: ParamLayout,
-    scores: Sequence[torch.Tensor],
-    n: int,
-    m: int,
-    square: bool,
-    support: Optional[Sequence[torch.Tensor]] = None,
-) -> torch.Tensor:
-    """Packed mask keeping, in every group of ``m`` consecutive elements along the last dimension of each
-    eligible masked tensor, the ``n`` largest Fisher keys (tie: lowest index). Bits of ineligible
-    tensors are 0.
-
-    ``scores`` follow ``layout.masked_index`` (gradients when ``square``, fp32 Fisher otherwise).
-    ``support`` (optional, same order, e.g. the weights): elements where it is zero get key -1, so they
-    rank below every other element, and are never selected.
-    """
-    _check_nm_op("select_nm_mask", layout, scores, n, m, support)
-    masks = []
-    for j, i in enumerate(layout.masked_index):
-        shape = layout.params[i].shape
-        if not nm_eligible(shape, m):
-            masks.append(torch.zeros(layout.numel[i], dtype=torch.bool, device=layout.device))
-            continue
-        keys = ref.fisher_key(scores[j], square).view(-1, m)
-        alive = None
-        if support is not None:
-            alive = support[j].reshape(-1, m) != 0
-            keys = torch.where(alive, keys, torch.full_like(keys, -1))
-        # A stable descending sort keeps equal keys in index order: the lowest index wins ties.
-        top = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :n]
-        chosen = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, top, True)
-        if alive is not None:
-            chosen &= alive
-        masks.append(chosen.reshape(-1))
-    return ref.pack_mask(layout, masks)
-
-
-def select_nm_mask_native(
-    layout: ParamLayout,
-    scores: Sequence[torch.Tensor],
-    n: int,
-    m: int,
-    square: bool,
-    support: Optional[Sequence[torch.Tensor]] = None,
-) -> torch.Tensor:
-    """:func:`select_nm_mask_reference` through the compiled op ``torch.ops.fsam_kernels.select_nm_mask``
-    (csrc/nm_mask.cpp, csrc/nm_mask_cuda.cu), which takes the eligible tensors only."""
-    _check_nm_op("select_nm_mask", layout, scores, n, m, support)
-    chosen = [
-        j for j, i in enumerate(layout.masked_index) if layout.numel[i] > 0 and nm_eligible(layout.params[i].shape, m)
-    ]
-    if not chosen:
-        return layout.empty_mask()
-    return torch.ops.fsam_kernels.select_nm_mask(
-        [scores[j].detach().contiguous() for j in chosen],
-        [] if support is None else [support[j].detach().contiguous() for j in chosen],
-        [layout.bit_offset[j] for j in chosen],
-        layout.mask_bytes,
-        n,
-        m,
-        bool(square),
-    )
-
-
-def select_nm_mask_fake(scores, support, bit_offsets, mask_bytes, n, m, square):
-    """Fake (meta) implementation of ``torch.ops.fsam_kernels.select_nm_mask``: the checks that need no
-    data, with the C++ op's messages, and the output's description."""
-    op = "fsam_kernels::select_nm_mask"
-    if not 1 <= n < m <= MAX_M:
-        raise ValueError(f"{op}: expected 1 <= n < m <= {MAX_M}, got n={n}, m={m}")
-    if not scores:
-        raise ValueError(f"{op}: expected at least one score tensor")
-    if len(bit_offsets) != len(scores):
-        raise ValueError(f"{op}: expected one bit offset per tensor ({len(scores)}), got {len(bit_offsets)}")
-    if support and len(support) != len(scores):
-        raise ValueError(
-            f"{op}: expected support to be empty or hold one tensor per score ({len(scores)}), got {len(support)}"
-        )
-    for name, tensors in (("scores", scores), ("support", support)):
-        for i, t in enumerate(tensors):
-            if t.device != scores[0].device:
-                raise ValueError(f"{op}: expected {name}[{i}] on {scores[0].device}, got {t.device}")
-            if not t.is_floating_point():
-                raise TypeError(f"{op}: expected {name}[{i}] of a floating-point dtype, got {t.dtype}")
-            if t.numel() != scores[i].numel() or t.numel() % m:
-                raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements; expected scores[{i}]'s, a multiple of m={m}")
-    return scores[0].new_empty((mask_bytes,), dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------- the optimizer's mask
@@ -225,7 +104,7 @@ def build_mask(
     backend: "Backend",
     layout: ParamLayout,
     scores: Sequence[torch.Tensor],
-    square: bool,
+    scores_are_grads: bool,
     sparsity: float,
     structure: Optional[tuple[int, int]],
     preserve_zeros: bool,
@@ -240,7 +119,7 @@ def build_mask(
         fallback = [j for j, p in enumerate(masked) if not nm_eligible(p.shape, m)]
     if structured:
         support = masked if preserve_zeros else None
-        bits = backend.select_nm_mask(layout, scores, n, m, square, support)
+        bits = backend.select_nm_mask(layout, scores, n, m, scores_are_grads, support)
     else:
         bits = layout.empty_mask()
     if not fallback:
@@ -249,7 +128,7 @@ def build_mask(
     sub_scores = [scores[j] for j in fallback]
     if preserve_zeros:
         sub_scores = [torch.where(masked[j] != 0, s, torch.zeros_like(s)) for j, s in zip(fallback, sub_scores)]
-    sub_bits = backend.select_mask(sub, sub_scores, sub.k_for(sparsity), square)
+    sub_bits = backend.select_mask(sub, sub_scores, sub.k_for(sparsity), scores_are_grads)
     if preserve_zeros:
         sub_bits = sub_bits & _support_bits(sub)
     bits.index_copy_(0, _byte_map(layout, sub, fallback), sub_bits)

@@ -112,7 +112,6 @@ def layout_of(params, masked=None, adaptive=None, rho=None) -> ParamLayout:
 def reference_forbidden(monkeypatch):
     """Make every reference op raise while the block runs: what a backend returns there was computed
     by its kernels, not by a silent fallback."""
-    from fsam_kernels import distributed_select, structured
     from fsam_kernels import reference as ref
 
     def forbid(module, name):
@@ -122,9 +121,8 @@ def reference_forbidden(monkeypatch):
 
     originals = {}
     for module, names in ((ref, ("fisher_accumulate_reference", "select_mask_reference", "grad_norm_reference",
-                                 "perturb_reference", "restore_reference")),
-                          (structured, ("select_nm_mask_reference",)),
-                          (distributed_select, ("key_histogram_reference", "mask_from_threshold_reference"))):
+                                 "perturb_reference", "restore_reference", "select_nm_mask_reference",
+                                 "key_histogram_reference", "mask_from_threshold_reference")),):
         for name in names:
             originals[(module, name)] = getattr(module, name)
             forbid(module, name)

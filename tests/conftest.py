@@ -61,14 +61,14 @@ def check_sharded_select(backend, layout, scores, k):
     prefix, remaining = 0, k
     for shift in ds.PASS_SHIFTS:
         rows = backend.key_histogram(layout, scores, True, prefix, shift, ds.RADIX_BITS)
-        want = ds.key_histogram_reference(layout, scores, True, prefix, shift, ds.RADIX_BITS)
+        want = ref.key_histogram_reference(layout, scores, True, prefix, shift, ds.RADIX_BITS)
         assert torch.equal(rows, want), f"key histogram at shift {shift}"
         digit, remaining = ds.next_digit(rows.sum(dim=0).cpu(), remaining)
         prefix = (prefix << ds.RADIX_BITS) | digit
     quotas = ds.tie_quotas(rows[:, digit].unsqueeze(0).cpu(), remaining)[0].tolist()
     for qs in (quotas, [q // 2 for q in quotas]):  # the second stops inside some tensors' ties
         bits = backend.mask_from_threshold(layout, scores, True, prefix, qs)
-        assert torch.equal(bits, ds.mask_from_threshold_reference(layout, scores, True, prefix, qs)), qs
+        assert torch.equal(bits, ref.mask_from_threshold_reference(layout, scores, True, prefix, qs)), qs
     assert torch.equal(backend.mask_from_threshold(layout, scores, True, prefix, quotas),
                        ref.select_mask_reference(layout, scores, k, True))
 

@@ -13,7 +13,7 @@ import torch
 from fsam_kernels import FSAM
 from fsam_kernels import distributed_select as ds
 from fsam_kernels import reference as ref
-from fsam_kernels.structured import select_nm_mask_reference
+from fsam_kernels.reference import select_nm_mask_reference
 
 from backend_targets import (TARGETS, layout_of, mixed_sizes, model_shapes, random_tensors,
                              reference_forbidden)
@@ -186,7 +186,7 @@ def test_sharded_select_primitives(target, dtype, quantize, monkeypatch):
     k = layout.k_for(0.9)
     with reference_forbidden(monkeypatch):
         hist = backend.key_histogram(layout, scores, True, 0, ds.PASS_SHIFTS[0], ds.RADIX_BITS)
-    assert torch.equal(hist, ds.key_histogram_reference(layout, scores, True, 0, ds.PASS_SHIFTS[0], ds.RADIX_BITS))
+    assert torch.equal(hist, ref.key_histogram_reference(layout, scores, True, 0, ds.PASS_SHIFTS[0], ds.RADIX_BITS))
     check_sharded_select(backend, layout, scores, k)
 
 

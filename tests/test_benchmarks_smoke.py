@@ -61,7 +61,7 @@ def test_baseline_perturbs_like_the_reference(cls, adaptive, dtype):
     bits = None
     with torch.no_grad():
         if masked:
-            bits = ref.select_mask_reference(layout, grads, layout.k_for(0.9), square=True)
+            bits = ref.select_mask_reference(layout, grads, layout.k_for(0.9), scores_are_grads=True)
         norm = ref.grad_norm_reference(layout, grads)
         ref.perturb_reference(layout, grads, bits, norm, 1e-12)
 

@@ -85,25 +85,25 @@ def test_key_histogram_counts_keys_under_prefix():
     scores = [torch.tensor([0.5, 0.5, 2.0, 0.0]), torch.tensor([[2.0], [0.25]])]
     layout = layout_of(scores)
     keys = torch.cat([ref.fisher_key(s, False) for s in scores]).to(torch.int64)
-    top = ds.key_histogram_reference(layout, scores, False, 0, 24)
+    top = ref.key_histogram_reference(layout, scores, False, 0, 24)
     assert top.shape == (2, 256) and int(top.sum()) == 6
     for d in range(256):
         assert int(top[:, d].sum()) == int(((keys >> 24) == d).sum())
     prefix = int(keys[2]) >> 24  # the digit of 2.0
-    sub = ds.key_histogram_reference(layout, scores, False, prefix, 16)
+    sub = ref.key_histogram_reference(layout, scores, False, prefix, 16)
     assert sub[0].sum() == 1 and sub[1].sum() == 1  # only the two 2.0 keys share that top digit
     with pytest.raises(ValueError, match="shift"):
-        ds.key_histogram_reference(layout, scores, False, 0, 30)
+        ref.key_histogram_reference(layout, scores, False, 0, 30)
 
 
 def test_mask_from_threshold_takes_ties_row_major():
     scores = [torch.tensor([1.0, 2.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0])]
     layout = layout_of(scores)
     thr = int(ref.fisher_key(torch.tensor(1.0), False))
-    m = ref.unpack_mask(layout, ds.mask_from_threshold_reference(layout, scores, False, thr, [2]))[0]
+    m = ref.unpack_mask(layout, ref.mask_from_threshold_reference(layout, scores, False, thr, [2]))[0]
     assert m.tolist() == [True, True, True, False, False, False, False, False]
     with pytest.raises(ValueError, match="quotas"):
-        ds.mask_from_threshold_reference(layout, scores, False, thr, [1, 2])
+        ref.mask_from_threshold_reference(layout, scores, False, thr, [1, 2])
 
 
 def test_tie_quotas_follow_global_order():

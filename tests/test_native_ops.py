@@ -109,7 +109,7 @@ def test_tie_rule_is_lowest_global_index_first(native):
     a = torch.tensor([1.0, 2.0, 2.0, 0.0])
     b = torch.tensor([2.0, 3.0, 2.0])
     lay = layout_of([a, b])
-    masks = ref.unpack_mask(lay, native.select_mask(lay, [a, b], 3, square=False))
+    masks = ref.unpack_mask(lay, native.select_mask(lay, [a, b], 3, scores_are_grads=False))
     assert masks[0].tolist() == [False, True, True, False]
     assert masks[1].tolist() == [False, True, False]
 
@@ -118,8 +118,8 @@ def test_all_zero_scores_take_the_first_k(native):
     ts = [torch.zeros(10), torch.zeros(600), torch.zeros(6)]
     lay = layout_of(ts)
     for k in (1, 12, 609, 616):
-        bits = native.select_mask(lay, ts, k, square=True)
-        assert_same_bits(bits, ref.select_mask_reference(lay, ts, k, square=True), lay)
+        bits = native.select_mask(lay, ts, k, scores_are_grads=True)
+        assert_same_bits(bits, ref.select_mask_reference(lay, ts, k, scores_are_grads=True), lay)
 
 
 def test_special_values_order_like_the_reference(native):
@@ -363,16 +363,12 @@ OVERLAPPING_OFFSETS = [
 
 @pytest.mark.parametrize("sizes,offsets,mask_bytes,bad,least", OVERLAPPING_OFFSETS)
 def test_overlapping_or_unordered_bit_offsets_are_rejected(native, sizes, offsets, mask_bytes, bad, least):
-    from fsam_kernels import _native_ops
-
     scores = [torch.randn(s) for s in sizes]
     msg = (rf"select_mask: expected bit_offsets\[{bad}\] >= {least} \(bit_offsets\[{bad - 1}\] \+ numel rounded up "
            rf"to 512 bits\): masked tensors must own increasing, non-overlapping bit ranges, got {offsets[bad]}")
     with pytest.raises(ValueError, match=msg):
         ops().select_mask(scores, offsets, mask_bytes, 1, True)
-    with pytest.raises(ValueError, match=msg):  # the fake says the same, without data
-        _native_ops._select_mask_fake(scores, offsets, mask_bytes, 1, True)
-    # masked_perturb / masked_restore (and their fake): a dense tensor (-1) in between does not count
+    # masked_perturb / masked_restore: a dense tensor (-1) in between does not count
     params = [torch.randn(s) for s in sizes]
     params.insert(bad, torch.randn(3))
     offs = offsets[:bad] + [-1] + offsets[bad:]
@@ -388,8 +384,6 @@ def test_overlapping_or_unordered_bit_offsets_are_rejected(native, sizes, offset
                              offs, [0.1] * len(params), [False] * len(params), norm, 0.0)
     with pytest.raises(ValueError, match="masked_restore: " + msg):
         ops().masked_restore(params, saved, slots, starts, counts, bits, prefix, offs, norm)
-    with pytest.raises(ValueError, match="masked_restore: " + msg):
-        _native_ops._masked_restore_fake(params, saved, slots, starts, counts, bits, prefix, offs, norm)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
@@ -454,15 +448,11 @@ def saved_count_cases():
 
 
 @pytest.mark.parametrize("case", range(20))
-def test_saved_counts_are_checked_by_the_op_and_its_fake(native, case):
-    from fsam_kernels import _native_ops
-
+def test_saved_counts_are_checked_by_the_op(native, case):
     name, args, error = list(saved_count_cases())[case]
     before = [p.clone() for p in args[0]]
     with pytest.raises(ValueError, match=f"fsam_kernels::{name}: {error}"):
         getattr(ops(), name)(*args)
-    with pytest.raises(ValueError, match=f"fsam_kernels::{name}: {error}"):
-        getattr(_native_ops, f"_{name}_fake")(*args)
     assert all(torch.equal(p, b) for p, b in zip(args[0], before))
 
 
@@ -611,22 +601,16 @@ def test_float64_on_the_cpu_matches_reference(native):
 
 
 def test_nm_mask_goes_through_the_native_op(native):
-    from fsam_kernels.structured import select_nm_mask_reference
-
-    if not hasattr(torch.ops.fsam_kernels, "select_nm_mask"):
-        pytest.skip("built without csrc/nm_mask.cpp")
     scores = random_tensors([(4, 8), (5,), (2, 16)], seed=12)
     lay = layout_of([torch.zeros(s.shape) for s in scores])
     got = native.select_nm_mask(lay, scores, 2, 4, True)
-    assert_same_bits(got, select_nm_mask_reference(lay, scores, 2, 4, True), lay)
+    assert_same_bits(got, ref.select_nm_mask_reference(lay, scores, 2, 4, True), lay)
 
 
 # ------------------------------------------------------------------------------------------ sharded top-k
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("square", [True, False], ids=["batch", "accum"])
 def test_key_histogram_matches_reference(native, dtype, square):
-    from fsam_kernels import distributed_select as ds
-
     scores = random_tensors([1, 7, 0, 123, 40000, 4097], dtype, seed=13)
     if not square:
         scores = [s.abs() for s in scores]
@@ -637,12 +621,12 @@ def test_key_histogram_matches_reference(native, dtype, square):
     for key in (int(keys.max()), int(keys.median()), 0):
         cases += [(key >> 24, 16, 8), (key >> 16, 8, 8), (key >> 8, 0, 8), (key >> 20, 9, 11), (12345, 0, 8)]
     for prefix, shift, bits in cases:
-        want = ds.key_histogram_reference(lay, scores, square, prefix, shift, bits)
+        want = ref.key_histogram_reference(lay, scores, square, prefix, shift, bits)
         got = native.key_histogram(lay, scores, square, prefix, shift, bits)
         assert got.dtype == torch.int64 and torch.equal(got, want), (prefix, shift, bits)
     # a prefix no key can have (keys < 2**31): nothing counted, as in the reference
     for prefix, shift, bits in ((1 << 8, 16, 8), (1 << 40, 0, 8)):
-        want = ds.key_histogram_reference(lay, scores, square, prefix, shift, bits)
+        want = ref.key_histogram_reference(lay, scores, square, prefix, shift, bits)
         assert int(want.sum()) == 0 and torch.equal(native.key_histogram(lay, scores, square, prefix, shift, bits), want)
     with pytest.raises(ValueError, match="key_histogram: expected 0 < radix_bits"):
         ops().key_histogram(scores, square, 0, 30, 8)
@@ -652,8 +636,6 @@ def test_key_histogram_matches_reference(native, dtype, square):
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 def test_mask_from_threshold_matches_reference(native, dtype):
-    from fsam_kernels import distributed_select as ds
-
     scores = random_tensors([40000, 0, 7, 70000, 1], dtype, seed=14)
     lay = layout_of([torch.zeros(s.shape) for s in scores])
     keys = [ref.fisher_key(s, True).to(torch.int64) for s in scores]
@@ -661,7 +643,7 @@ def test_mask_from_threshold_matches_reference(native, dtype):
     for threshold in (int(flat.median()), int(flat.max()), int(flat.min()), int(flat.max()) + 1):
         ties = [int((k == threshold).sum()) for k in keys]
         for quotas in ([0] * len(keys), ties, [t // 3 for t in ties], [min(t, 1) for t in ties]):
-            want = ds.mask_from_threshold_reference(lay, scores, True, threshold, quotas)
+            want = ref.mask_from_threshold_reference(lay, scores, True, threshold, quotas)
             assert_same_bits(native.mask_from_threshold(lay, scores, True, threshold, quotas), want, lay)
     with pytest.raises(ValueError, match="quotas"):
         native.mask_from_threshold(lay, scores, True, 0, [0])

@@ -48,7 +48,7 @@ def test_select_matches_sort_oracle(sizes, keep):
     grads = [torch.round(x * 4) / 4 for x in grads]
     lay = layout_of(grads)
     k = lay.k_for(1 - keep)
-    bits = ref.select_mask_reference(lay, grads, k, square=True)
+    bits = ref.select_mask_reference(lay, grads, k, scores_are_grads=True)
     got = ref.unpack_mask(lay, bits)
     want = plain_topk_masks([x.float() * x.float() for x in grads], k)
     assert sum(int(m.sum()) for m in got) == k
@@ -60,7 +60,7 @@ def test_tie_rule_is_lowest_global_index_first():
     a = torch.tensor([1.0, 2.0, 2.0, 0.0])
     b = torch.tensor([2.0, 3.0, 2.0])
     lay = layout_of([a, b])
-    masks = ref.unpack_mask(lay, ref.select_mask_reference(lay, [a, b], 3, square=False))
+    masks = ref.unpack_mask(lay, ref.select_mask_reference(lay, [a, b], 3, scores_are_grads=False))
     # 3.0 first, then the two lowest-indexed 2.0s: a[1], a[2]
     assert masks[0].tolist() == [False, True, True, False]
     assert masks[1].tolist() == [False, True, False]
@@ -69,7 +69,7 @@ def test_tie_rule_is_lowest_global_index_first():
 def test_all_zero_fisher_takes_first_k():
     ts = [torch.zeros(10), torch.zeros(6)]
     lay = layout_of(ts)
-    masks = ref.unpack_mask(lay, ref.select_mask_reference(lay, ts, 12, square=True))
+    masks = ref.unpack_mask(lay, ref.select_mask_reference(lay, ts, 12, scores_are_grads=True))
     assert masks[0].all() and masks[1].tolist() == [True, True, False, False, False, False]
 
 
@@ -77,21 +77,21 @@ def test_select_is_global_not_per_tensor():
     big = torch.full((10,), 5.0)
     small = torch.full((10,), 1.0)
     lay = layout_of([small, big])
-    masks = ref.unpack_mask(lay, ref.select_mask_reference(lay, [small, big], 10, square=False))
+    masks = ref.unpack_mask(lay, ref.select_mask_reference(lay, [small, big], 10, scores_are_grads=False))
     assert not masks[0].any() and masks[1].all()
 
 
 def test_select_rejects_bad_k():
     lay = layout_of([torch.zeros(4)])
     with pytest.raises(ValueError, match="k"):
-        ref.select_mask_reference(lay, [torch.zeros(4)], 5, square=True)
+        ref.select_mask_reference(lay, [torch.zeros(4)], 5, scores_are_grads=True)
 
 
 def test_batch_key_is_g_squared_in_fp32():
     # two different |g| whose fp32 squares are both 0: they tie, so the lower index wins
     g = torch.tensor([1e-30, 2e-30, 3.0])
     lay = layout_of([g])
-    masks = ref.unpack_mask(lay, ref.select_mask_reference(lay, [g], 2, square=True))
+    masks = ref.unpack_mask(lay, ref.select_mask_reference(lay, [g], 2, scores_are_grads=True))
     assert masks[0].tolist() == [True, False, True]
 
 
@@ -103,7 +103,7 @@ def test_perturb_then_restore_is_bit_exact(dtype, adaptive):
     grads = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
     originals = [p.clone() for p in params]
     lay = ParamLayout(params, [True, True, False], [0.5, 0.5, 0.5], [adaptive] * 3)
-    bits = ref.select_mask_reference(lay, [grads[0], grads[1]], 30, square=True)
+    bits = ref.select_mask_reference(lay, [grads[0], grads[1]], 30, scores_are_grads=True)
     norm = ref.grad_norm_reference(lay, grads)
     saved = ref.perturb_reference(lay, grads, bits, norm, 1e-12)
     masks = ref.unpack_mask(lay, bits)
@@ -120,7 +120,7 @@ def test_perturb_value_matches_formula():
     w = torch.tensor([1.0, -2.0, 3.0])
     g = torch.tensor([0.5, 1.0, -2.0])
     lay = ParamLayout([w], [True], [0.2], [False])
-    bits = ref.select_mask_reference(lay, [g], 2, square=True)
+    bits = ref.select_mask_reference(lay, [g], 2, scores_are_grads=True)
     norm = ref.grad_norm_reference(lay, [g])
     torch.testing.assert_close(norm, g.norm())
     ref.perturb_reference(lay, [g], bits, norm, 0.0)
@@ -135,7 +135,7 @@ def test_asam_norm_and_perturbation():
     norm = ref.grad_norm_reference(lay, [g])
     torch.testing.assert_close(norm, (w.abs() * g).norm())
     p = lay.params[0]
-    ref.perturb_reference(lay, [g], ref.select_mask_reference(lay, [g], 2, square=True), norm, 0.0)
+    ref.perturb_reference(lay, [g], ref.select_mask_reference(lay, [g], 2, scores_are_grads=True), norm, 0.0)
     torch.testing.assert_close(p, w + 0.1 * w * w * g / norm)
 
 

@@ -19,9 +19,9 @@ from fsam_kernels.structured import (
     nm_eligible,
     nm_restore_,
     parse_structure,
-    select_nm_mask_reference,
     to_semi_structured,
 )
+from fsam_kernels.reference import select_nm_mask_reference
 
 STRUCTURES = [(2, 4), (1, 2), (3, 8), (5, 16), (1, 3), (4, 6)]
 SHAPES = [(3, 8), (5,), (4, 12), (2, 3, 48), (7, 6), (0, 16)]
@@ -198,11 +198,9 @@ def _native_op():
         importlib.import_module("fsam_kernels._native_ops").load_library()  # the extension and its fakes
     except ImportError as exc:
         pytest.skip(f"native extension not built: {exc}")
-    if not hasattr(torch.ops.fsam_kernels, "select_nm_mask"):
-        pytest.skip("the native extension was built without csrc/nm_mask.cpp")
-    from fsam_kernels.structured import select_nm_mask_native
+    from fsam_kernels.backends import get_backend
 
-    return select_nm_mask_native
+    return get_backend("native", "cpu").select_nm_mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
@@ -230,18 +228,22 @@ def test_native_op_checks_its_inputs():
         op([torch.zeros(8)], [torch.zeros(4)], [0], 64, 2, 4, True)
 
 
-def test_native_fake_describes_the_output_and_checks_inputs():
-    from fsam_kernels.structured import select_nm_mask_fake
+def test_native_fake_describes_the_output_and_the_op_checks_inputs():
+    # The fake describes the output; the C++ op checks the arguments (without reading data).
+    _native_op()
+    from fsam_kernels._native_ops import _select_nm_mask_fake
 
     meta = [torch.empty(4, 8, device="meta"), torch.empty(2, 16, device="meta")]
-    out = select_nm_mask_fake(meta, [], [0, 512], 128, 2, 4, True)
+    out = _select_nm_mask_fake(meta, [], [0, 512], 128, 2, 4, True)
     assert out.shape == (128,) and out.dtype == torch.uint8 and out.device.type == "meta"
+    op = torch.ops.fsam_kernels.select_nm_mask
+    scores = [torch.zeros(4, 8), torch.zeros(2, 16)]
     with pytest.raises(ValueError, match="1 <= n < m"):
-        select_nm_mask_fake(meta, [], [0, 512], 128, 4, 4, True)
+        op(scores, [], [0, 512], 128, 4, 4, True)
     with pytest.raises(ValueError, match="one bit offset per tensor"):
-        select_nm_mask_fake(meta, [], [0], 128, 2, 4, True)
+        op(scores, [], [0], 128, 2, 4, True)
     with pytest.raises(ValueError, match=r"support\[1\] has 8 elements"):
-        select_nm_mask_fake(meta, [meta[0], torch.empty(8, device="meta")], [0, 512], 128, 2, 4, True)
+        op(scores, [scores[0], torch.zeros(8)], [0, 512], 128, 2, 4, True)
 
 
 def test_native_op_passes_opcheck():

@@ -709,8 +709,6 @@ def _tied_scores(sizes, dtype, levels, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("square", [True, False])
 def test_key_histogram_matches_the_reference(backend, dtype, square):
-    from fsam_kernels import distributed_select as ds
-
     sizes = [1, 7, 0, 123, 4097]
     scores = _tied_scores(sizes, dtype, None, seed=11)
     if not square:
@@ -723,12 +721,12 @@ def test_key_histogram_matches_the_reference(backend, dtype, square):
         cases += [(key >> 24, 16), (key >> 16, 8), (key >> 8, 0)]
     cases += [(0x7F, 16), (1 << 8, 16), (1 << 40, 0)]  # prefixes no key can have (keys < 2**31)
     for prefix, shift in cases:
-        want = ds.key_histogram_reference(layout, scores, square, prefix, shift, 8)
+        want = ref.key_histogram_reference(layout, scores, square, prefix, shift, 8)
         got = backend.key_histogram(layout, scores, square, prefix, shift, 8)
         assert got.dtype == torch.int64 and torch.equal(got, want), (prefix, shift)
     # other digit widths: 4 bits run in the kernel, 12 go to the reference
     for bits in (4, 12):
-        want = ds.key_histogram_reference(layout, scores, square, 0, 32 - bits, bits)
+        want = ref.key_histogram_reference(layout, scores, square, 0, 32 - bits, bits)
         assert torch.equal(backend.key_histogram(layout, scores, square, 0, 32 - bits, bits), want)
     with pytest.raises(ValueError, match="shift"):
         backend.key_histogram(layout, scores, square, 0, 30, 8)
@@ -736,8 +734,6 @@ def test_key_histogram_matches_the_reference(backend, dtype, square):
 
 @pytest.mark.parametrize("levels", [None, 3, 1], ids=["distinct", "3-levels", "all-equal"])
 def test_mask_from_threshold_matches_the_reference(backend, levels):
-    from fsam_kernels import distributed_select as ds
-
     sizes = [4097, 0, 7, 1100, 1]
     scores = _tied_scores(sizes, torch.float32, levels, seed=12)
     layout = make_layout(sizes)
@@ -746,7 +742,7 @@ def test_mask_from_threshold_matches_the_reference(backend, levels):
     for threshold in (int(flat.median()), int(flat.max()), int(flat.min())):
         ties = [int((k == threshold).sum()) for k in keys]
         for quotas in ([0] * len(sizes), ties, [t // 2 + (t % 3) % 2 for t in ties]):
-            want = ds.mask_from_threshold_reference(layout, scores, True, threshold, quotas)
+            want = ref.mask_from_threshold_reference(layout, scores, True, threshold, quotas)
             assert_same_mask(layout, backend.mask_from_threshold(layout, scores, True, threshold, quotas), want)
     with pytest.raises(ValueError, match="quotas"):
         backend.mask_from_threshold(layout, scores, True, 0, [0])

@@ -6,7 +6,8 @@ every other backend must reproduce it: masks and restored weights bit for bit, p
 norms within floating-point tolerance.
 
 ``grads`` lists follow ``layout.params`` (``None`` where a parameter has no gradient); ``scores``
-lists follow ``layout.masked_index``. ``saved`` is backend-private: whatever ``perturb`` returns is
+lists follow ``layout.masked_index``, and are gradients when ``scores_are_grads`` (batch Fisher: the
+key of ``g`` is ``fl32(g) * fl32(g)``), else Fisher values (the empirical accumulator). ``saved`` is backend-private: whatever ``perturb`` returns is
 handed back to ``restore`` unchanged. ``aux`` is backend-private data derived from a mask (e.g.
 per-block prefix counts); it is rebuilt with ``mask_aux`` whenever the mask changes or is loaded.
 """
@@ -16,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .. import distributed_select, structured
+from .. import reference as ref
 from ..layout import ParamLayout
 
 
@@ -33,7 +34,7 @@ class Backend:
 
     # --- mask
     def select_mask(
-        self, layout: ParamLayout, scores: Sequence[torch.Tensor], k: int, square: bool
+        self, layout: ParamLayout, scores: Sequence[torch.Tensor], k: int, scores_are_grads: bool
     ) -> torch.Tensor:
         """Packed uint8 mask (``layout.mask_bytes`` bytes) of the ``k`` largest Fisher scores."""
         raise NotImplementedError
@@ -46,38 +47,38 @@ class Backend:
         self,
         layout: ParamLayout,
         scores: Sequence[torch.Tensor],
-        square: bool,
+        scores_are_grads: bool,
         prefix: int,
         shift: int,
         radix_bits: int,
     ) -> torch.Tensor:
         """int64 ``(n_masked_tensors, 2**radix_bits)`` digit counts of the keys under ``prefix``."""
-        return distributed_select.key_histogram_reference(layout, scores, square, prefix, shift, radix_bits)
+        return ref.key_histogram_reference(layout, scores, scores_are_grads, prefix, shift, radix_bits)
 
     def mask_from_threshold(
         self,
         layout: ParamLayout,
         scores: Sequence[torch.Tensor],
-        square: bool,
+        scores_are_grads: bool,
         threshold: int,
         quotas: Sequence[int],
     ) -> torch.Tensor:
         """Packed mask of the keys above ``threshold`` plus the first ``quotas[j]`` equal to it."""
-        return distributed_select.mask_from_threshold_reference(layout, scores, square, threshold, quotas)
+        return ref.mask_from_threshold_reference(layout, scores, scores_are_grads, threshold, quotas)
 
-    # --- N:M structured mask (see fsam_kernels.structured)
+    # --- N:M structured mask (see fsam_kernels.structured for which tensors take it)
     def select_nm_mask(
         self,
         layout: ParamLayout,
         scores: Sequence[torch.Tensor],
         n: int,
         m: int,
-        square: bool,
+        scores_are_grads: bool,
         support: Optional[Sequence[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Packed mask keeping the ``n`` largest keys of every ``m`` consecutive elements along the last
         dimension of each eligible masked tensor (0 bits elsewhere); ``support`` zeros are never kept."""
-        return structured.select_nm_mask_reference(layout, scores, n, m, square, support)
+        return ref.select_nm_mask_reference(layout, scores, n, m, scores_are_grads, support)
 
     # --- perturb / restore
     def grad_norm(self, layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:

@@ -214,39 +214,52 @@ class NativeBackend(Backend):
             self._op.fisher_accumulate(list(accum), [g.contiguous() for g in grads])
 
     # ------------------------------------------------------------------ mask
-    def select_mask(self, layout: ParamLayout, scores, k: int, square: bool) -> torch.Tensor:
+    def select_mask(self, layout: ParamLayout, scores, k: int, scores_are_grads: bool) -> torch.Tensor:
         if not scores or layout.mask_bytes == 0:
             if not 0 <= k <= layout.n_masked:
                 raise ValueError(f"select_mask: expected 0 <= k <= {layout.n_masked}, got k={k}")
             return layout.empty_mask()
         if _needs_reference(scores):
-            return ref.select_mask_reference(layout, scores, k, square)
+            return ref.select_mask_reference(layout, scores, k, scores_are_grads)
         return self._op.select_mask(
-            [s.detach().contiguous() for s in scores], list(layout.bit_offset), layout.mask_bytes, k, square
+            [s.detach().contiguous() for s in scores], list(layout.bit_offset), layout.mask_bytes, k, scores_are_grads
         )
 
-    def key_histogram(self, layout, scores, square, prefix, shift, radix_bits) -> torch.Tensor:
-        if not scores or not hasattr(self._op, "key_histogram") or _needs_reference(scores):
-            return super().key_histogram(layout, scores, square, prefix, shift, radix_bits)
-        return self._op.key_histogram([s.detach().contiguous() for s in scores], square, prefix, shift, radix_bits)
+    def key_histogram(self, layout, scores, scores_are_grads, prefix, shift, radix_bits) -> torch.Tensor:
+        if not scores or _needs_reference(scores):
+            return super().key_histogram(layout, scores, scores_are_grads, prefix, shift, radix_bits)
+        return self._op.key_histogram([s.detach().contiguous() for s in scores], scores_are_grads, prefix, shift,
+                                      radix_bits)
 
-    def mask_from_threshold(self, layout, scores, square, threshold, quotas) -> torch.Tensor:
+    def mask_from_threshold(self, layout, scores, scores_are_grads, threshold, quotas) -> torch.Tensor:
         if len(quotas) != len(scores):
             raise ValueError(f"mask_from_threshold: expected {len(scores)} quotas (one per masked tensor), "
                              f"got {len(quotas)}")
-        if (not scores or layout.mask_bytes == 0 or not hasattr(self._op, "mask_from_threshold")
-                or _needs_reference(scores)):
-            return super().mask_from_threshold(layout, scores, square, threshold, quotas)
+        if not scores or layout.mask_bytes == 0 or _needs_reference(scores):
+            return super().mask_from_threshold(layout, scores, scores_are_grads, threshold, quotas)
         return self._op.mask_from_threshold([s.detach().contiguous() for s in scores], list(layout.bit_offset),
-                                            layout.mask_bytes, square, int(threshold), [int(q) for q in quotas])
+                                            layout.mask_bytes, scores_are_grads, int(threshold),
+                                            [int(q) for q in quotas])
 
-    def select_nm_mask(self, layout: ParamLayout, scores, n: int, m: int, square: bool, support=None) -> torch.Tensor:
-        if (not hasattr(self._op, "select_nm_mask") or _needs_reference(scores)
-                or (support is not None and _needs_reference(support))):
-            return super().select_nm_mask(layout, scores, n, m, square, support)  # the reference
-        from ..structured import select_nm_mask_native
-
-        return select_nm_mask_native(layout, scores, n, m, square, support)
+    def select_nm_mask(self, layout: ParamLayout, scores, n: int, m: int, scores_are_grads: bool,
+                       support=None) -> torch.Tensor:
+        if _needs_reference(scores) or (support is not None and _needs_reference(support)):
+            return super().select_nm_mask(layout, scores, n, m, scores_are_grads, support)
+        ref.check_nm_args(layout, scores, n, m, support)
+        # The op takes the eligible tensors only; the others keep 0 bits.
+        chosen = [j for j, i in enumerate(layout.masked_index)
+                  if layout.numel[i] > 0 and ref.nm_eligible(layout.params[i].shape, m)]
+        if not chosen:
+            return layout.empty_mask()
+        return self._op.select_nm_mask(
+            [scores[j].detach().contiguous() for j in chosen],
+            [] if support is None else [support[j].detach().contiguous() for j in chosen],
+            [layout.bit_offset[j] for j in chosen],
+            layout.mask_bytes,
+            n,
+            m,
+            bool(scores_are_grads),
+        )
 
     def mask_aux(self, layout: ParamLayout, bits: torch.Tensor) -> NativeMaskAux:
         prefix = self._op.mask_block_prefix(bits)

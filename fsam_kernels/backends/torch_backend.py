@@ -19,8 +19,8 @@ class TorchBackend(Backend):
     def fisher_accumulate(self, accum, grads) -> None:
         ref.fisher_accumulate_reference(accum, grads)
 
-    def select_mask(self, layout: ParamLayout, scores, k: int, square: bool) -> torch.Tensor:
-        return ref.select_mask_reference(layout, scores, k, square)
+    def select_mask(self, layout: ParamLayout, scores, k: int, scores_are_grads: bool) -> torch.Tensor:
+        return ref.select_mask_reference(layout, scores, k, scores_are_grads)
 
     def grad_norm(self, layout: ParamLayout, grads) -> torch.Tensor:
         return ref.grad_norm_reference(layout, grads)

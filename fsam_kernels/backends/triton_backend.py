@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import weakref
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import torch
 
-from .. import distributed_select
 from .. import reference as ref
 from ..layout import ParamLayout
-from ..triton_kernels import CHUNK, N_GROUPS, interpret_env, interpreted, mode_conflict
-from ..triton_kernels.tables import DTYPE_CODES, TableCache, aligned16, chunk_table, pointer_table, triton_dtype, upload
+from ..triton_kernels import N_GROUPS, interpret_env, interpreted, mode_conflict
+from ..triton_kernels.tables import DTYPE_CODES, TableCache, aligned16, chunk_table, pointer_table, upload
 from .base import Backend, tensors_nbytes
 
 
@@ -43,13 +44,15 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _kernels():
-    """The kernel modules, imported (with Triton) on first use: importing Triton fixes whether
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    """The kernel modules by name, imported (with Triton) on first use: importing Triton fixes whether
     kernels run compiled or in the interpreter, and loading the backend (e.g. to list the
     backends) must not."""
-    from ..triton_kernels import fisher, norm, perturb, select
+    from ..triton_kernels import fisher, histogram, nm_mask, norm, perturb, select
 
-    return fisher, norm, perturb, select
+    return SimpleNamespace(fisher=fisher, histogram=histogram, nm_mask=nm_mask, norm=norm, perturb=perturb,
+                           select=select)
 
 
 _OTHER_GROUP = 3  # saved-buffer group of weights the kernels do not handle (reference path)
@@ -89,7 +92,7 @@ class _LayoutPlan:
             self.dense_offset[i] = totals[code]
             totals[code] += layout.numel[i]
         self.dense_total = tuple(totals)
-        self.masked = _kernels()[3].MaskedPlan(layout, self.group_of_param) if layout.masked_index else None
+        self.masked = _kernels().select.MaskedPlan(layout, self.group_of_param) if layout.masked_index else None
         self.groups = TableCache()  # perturbation groups, by the weights' addresses and the grads' dtypes
         self.grad_ptrs = TableCache(16)  # gradient-pointer tables, by the gradients' addresses
         self.rhos = TableCache(16)  # per-group rho tables, by the rho values
@@ -306,7 +309,7 @@ class TritonBackend(Backend):
         if not accum:
             return
         with _device_guard(accum[0].device):
-            rest = _kernels()[0].fisher_accumulate(list(accum), gs)
+            rest = _kernels().fisher.fisher_accumulate(list(accum), gs)
         if rest:
             ref.fisher_accumulate_reference([accum[i] for i in rest], [gs[i] for i in rest])
 
@@ -329,7 +332,8 @@ class TritonBackend(Backend):
         # One kernel dtype per launch; fl32(score) is what the key is made of anyway, so the cast is exact.
         return [s.float().contiguous() for s in scores]
 
-    def select_mask(self, layout: ParamLayout, scores: Sequence[torch.Tensor], k: int, square: bool) -> torch.Tensor:
+    def select_mask(self, layout: ParamLayout, scores: Sequence[torch.Tensor], k: int,
+                    scores_are_grads: bool) -> torch.Tensor:
         n = layout.n_masked
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
             raise ValueError(f"select_mask: expected 0 <= k <= {n}, got k={k!r}")
@@ -340,26 +344,23 @@ class TritonBackend(Backend):
             return bits
         sp = self.select_plan(plan.masked.n_total, plan.masked.n_chunks, k)
         with _device_guard(layout.device):
-            bits, prefix, totals, repaired = _kernels()[3].select_mask(
-                plan.masked, scores, k, square, layout.mask_bytes, sp)
+            bits, prefix, totals, repaired = _kernels().select.select_mask(
+                plan.masked, scores, k, scores_are_grads, layout.mask_bytes, sp)
         self.select_fallbacks += int(repaired)
         self._last_mask = (weakref.ref(bits), bits._version, layout.tensors_key, {"prefix": prefix, "totals": totals})
         return bits
 
-    def key_histogram(self, layout, scores, square, prefix, shift, radix_bits) -> torch.Tensor:
-        from ..triton_kernels import histogram
-
-        distributed_select.check_digit(shift, radix_bits)
+    def key_histogram(self, layout, scores, scores_are_grads, prefix, shift, radix_bits) -> torch.Tensor:
+        ref.check_digit(shift, radix_bits)
         scores = self._check_scores(layout, scores, "key_histogram")
         plan = self._plan(layout)
+        histogram = _kernels().histogram
         if plan.masked is None or radix_bits > histogram.MAX_RADIX_BITS:
-            return super().key_histogram(layout, scores, square, prefix, shift, radix_bits)
+            return super().key_histogram(layout, scores, scores_are_grads, prefix, shift, radix_bits)
         with _device_guard(layout.device):
-            return histogram.key_histogram(plan.masked, scores, square, prefix, shift, radix_bits)
+            return histogram.key_histogram(plan.masked, scores, scores_are_grads, prefix, shift, radix_bits)
 
-    def mask_from_threshold(self, layout, scores, square, threshold, quotas) -> torch.Tensor:
-        from ..triton_kernels import histogram
-
+    def mask_from_threshold(self, layout, scores, scores_are_grads, threshold, quotas) -> torch.Tensor:
         scores = self._check_scores(layout, scores, "mask_from_threshold")
         if len(quotas) != len(scores):
             raise ValueError(f"mask_from_threshold: expected {len(scores)} quotas (one per masked tensor), "
@@ -370,14 +371,15 @@ class TritonBackend(Backend):
         if plan.masked is None:
             return layout.empty_mask()
         with _device_guard(layout.device):
-            return histogram.mask_from_threshold(plan.masked, scores, square, threshold, quotas, layout.mask_bytes)
+            return _kernels().histogram.mask_from_threshold(plan.masked, scores, scores_are_grads, threshold, quotas,
+                                                            layout.mask_bytes)
 
-    def select_nm_mask(self, layout: ParamLayout, scores, n: int, m: int, square: bool, support=None) -> torch.Tensor:
-        from ..triton_kernels import nm_mask
-
+    def select_nm_mask(self, layout: ParamLayout, scores, n: int, m: int, scores_are_grads: bool,
+                       support=None) -> torch.Tensor:
+        ref.check_nm_args(layout, scores, n, m, support)
         with _device_guard(layout.device):
-            return nm_mask.select_nm_mask(
-                layout, [s.contiguous() for s in scores], n, m, square,
+            return _kernels().nm_mask.select_nm_mask(
+                layout, [s.contiguous() for s in scores], n, m, scores_are_grads,
                 None if support is None else [w.detach() for w in support],
             )
 
@@ -391,7 +393,7 @@ class TritonBackend(Backend):
         if last is not None and last[0]() is bits and last[1] == bits._version and last[2] is layout.tensors_key:
             return last[3]
         with _device_guard(layout.device):
-            prefix, totals = _kernels()[3].mask_prefix_counts(
+            prefix, totals = _kernels().select.mask_prefix_counts(
                 plan.masked, bits, self.scan_block, plan.masked.n_total >= self.parallel_select_min)
         aux = {"prefix": prefix, "totals": totals}
         self._last_mask = (weakref.ref(bits), bits._version, layout.tensors_key, aux)
@@ -408,7 +410,7 @@ class TritonBackend(Backend):
             extra = ref.grad_sumsq_reference(layout, [g if i in fallback else None for i, g in enumerate(grads)])
             extra = extra.reshape(1)
         with _device_guard(layout.device):
-            return _kernels()[1].grad_norm(groups, layout.device, extra, ref.norm_dtype(layout, grads))
+            return _kernels().norm.grad_norm(groups, layout.device, extra, ref.norm_dtype(layout, grads))
 
     def perturb(self, layout, grads, bits, aux, norm, eps) -> Any:
         grads = self._check_grads(layout, grads, "perturb")
@@ -447,13 +449,8 @@ class TritonBackend(Backend):
                 buffers[code] = torch.empty(max(size, 1), dtype=g.w_dtype, device=layout.device)
             if g.n_chunks:
                 with _device_guard(layout.device):
-                    _kernels()[2]._perturb_kernel[(g.n_chunks,)](
-                        g.w_ptrs, g.g_ptrs, g.numels, g.bit_offsets, g.rhos, g.adaptive, g.chunk_slot,
-                        g.chunk_start, g.chunk_ref, bits, prefix, plan.dense_total[code], buffers[code], norm32,
-                        applied, float(eps), W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype),
-                        BLOCK=CHUNK, ALIGNED=g.aligned, SPLIT=_kernels()[2].PERTURB_SPLIT,
-                        num_warps=_kernels()[2].PERTURB_WARPS, enable_fp_fusion=False,
-                    )
+                    _kernels().perturb.perturb(g, bits, prefix, plan.dense_total[code], buffers[code], norm32, applied,
+                                               eps)
         fallback_saved = None
         if fallback:
             fallback_saved = ref.perturb_reference(
@@ -469,12 +466,8 @@ class TritonBackend(Backend):
             code = DTYPE_CODES[g.w_dtype]
             if g.n_chunks:
                 with _device_guard(layout.device):
-                    _kernels()[2]._restore_kernel[(g.n_chunks,)](
-                        g.w_ptrs, g.numels, g.bit_offsets, g.chunk_slot, g.chunk_start, g.chunk_ref, saved.bits,
-                        saved.prefix, saved.dense_total[code], saved.buffers[code], saved.applied,
-                        W_DTYPE=triton_dtype(g.w_dtype), BLOCK=CHUNK, SPLIT=_kernels()[2].PERTURB_SPLIT,
-                        num_warps=_kernels()[2].PERTURB_WARPS,
-                    )
+                    _kernels().perturb.restore(g, saved.bits, saved.prefix, saved.dense_total[code],
+                                               saved.buffers[code], saved.applied)
         if saved.fallback is not None:
             ref.restore_reference(layout, saved.bits, saved.fallback)
 

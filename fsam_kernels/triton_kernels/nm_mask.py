@@ -1,6 +1,6 @@
 """N:M structured mask: keep the N largest Fisher keys of every M consecutive elements.
 
-Reference: :func:`fsam_kernels.structured.select_nm_mask_reference`. One launch for all eligible
+Reference: :func:`fsam_kernels.reference.select_nm_mask_reference`. One launch for all eligible
 tensors (per pair of score and support dtypes): each program finds its tensor in a table of program
 starts and writes ``BLOCK_BYTES`` whole mask bytes (8 elements each); every element computes its own
 rank inside its group by comparing its key with the group's M keys, so groups may straddle programs
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..layout import ParamLayout
-from ..structured import _check_nm_op, nm_eligible
+from ..reference import nm_eligible
 from .tables import pointer_table, upload
 
 BLOCK_BYTES = 64  # 512 elements per program: one mask alignment block
@@ -104,8 +104,8 @@ def select_nm_mask(
     square: bool,
     support: Optional[Sequence[torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Packed N:M mask, bit-identical to the reference. Tensors must be contiguous, on one device."""
-    _check_nm_op("select_nm_mask", layout, scores, n, m, support)
+    """Packed N:M mask, bit-identical to the reference, of arguments the backend checked
+    (:func:`fsam_kernels.reference.check_nm_args`). Tensors must be contiguous, on one device."""
     bits = layout.empty_mask()
     groups: dict[tuple, list[int]] = {}  # (score dtype, support dtype) -> masked positions: one launch each
     for j, i in enumerate(layout.masked_index):

@@ -10,11 +10,13 @@ perturb kernel left) writes nothing back either.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from . import interpret_env
+from . import CHUNK, interpret_env
 from .reductions import _cumsum, _sum
+from .tables import triton_dtype
 
 INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
@@ -131,3 +133,29 @@ def _restore_kernel(w_ptrs, numels, bit_offsets, chunk_slot, chunk_start, chunk_
             offs, sel, pos, count = _selection(mask, bit_base, start + h * SUB, n, base, SUB)
             tl.store(wp + offs, tl.load(saved + pos, mask=sel), mask=sel)
             base += count
+
+
+# --------------------------------------------------------------------------- launchers
+# ``group``: the perturbed tensors of one (weight dtype, gradient dtype) pair and their device tables
+# (``backends.triton_backend._Group``); ``mask`` and ``aux_prefix``: the packed mask and its per-chunk
+# prefix counts; ``saved``: the group's weight-dtype buffer of originals, dense tensors' first.
+def perturb(group, mask: torch.Tensor, aux_prefix: torch.Tensor, dense_total: int, saved: torch.Tensor,
+            norm32: torch.Tensor, applied: torch.Tensor, eps: float) -> None:
+    """Perturb the group's chunks by ``(1 / (norm32 + eps)) * rho`` times the gradient; ``applied`` gets
+    whether the norm was finite (nothing is written otherwise)."""
+    _perturb_kernel[(group.n_chunks,)](
+        group.w_ptrs, group.g_ptrs, group.numels, group.bit_offsets, group.rhos, group.adaptive, group.chunk_slot,
+        group.chunk_start, group.chunk_ref, mask, aux_prefix, dense_total, saved, norm32, applied, float(eps),
+        W_DTYPE=triton_dtype(group.w_dtype), G_DTYPE=triton_dtype(group.g_dtype), BLOCK=CHUNK, ALIGNED=group.aligned,
+        SPLIT=PERTURB_SPLIT, num_warps=PERTURB_WARPS, enable_fp_fusion=False,
+    )
+
+
+def restore(group, mask: torch.Tensor, aux_prefix: torch.Tensor, dense_total: int, saved: torch.Tensor,
+            applied: torch.Tensor) -> None:
+    """Write the group's saved originals back, where :func:`perturb` left ``applied`` set."""
+    _restore_kernel[(group.n_chunks,)](
+        group.w_ptrs, group.numels, group.bit_offsets, group.chunk_slot, group.chunk_start, group.chunk_ref, mask,
+        aux_prefix, dense_total, saved, applied, W_DTYPE=triton_dtype(group.w_dtype), BLOCK=CHUNK,
+        SPLIT=PERTURB_SPLIT, num_warps=PERTURB_WARPS,
+    )

@@ -1,6 +1,6 @@
-// N:M structured mask: in every group of m consecutive elements keep the n largest selection keys
-// (tie: lowest index); support zeros get the key -1 and are never kept. Reference:
-// fsam_kernels.structured.select_nm_mask_reference. The Python side passes only the eligible tensors
+// N:M structured mask on the CPU: in every group of m consecutive elements keep the n largest selection
+// keys (tie: lowest index); support zeros get the key -1 and are never kept. Reference:
+// fsam_kernels.reference.select_nm_mask_reference. The Python side passes only the eligible tensors
 // (>= 2 dims, last dim divisible by m), so groups are runs of m consecutive flat elements.
 //
 // Each element finds its own rank by comparing its key with its group's m keys, and each task writes
@@ -12,31 +12,6 @@
 #include "cpu_common.h"
 
 namespace fsam {
-
-// Shared with csrc/nm_mask_cuda.cu.
-void validate_select_nm_mask(const char* op, at::TensorList scores, at::TensorList support,
-                             at::IntArrayRef bit_offsets, int64_t mask_bytes, int64_t n, int64_t m, bool allow_double) {
-  TORCH_CHECK_VALUE(1 <= n && n < m && m <= 16, op, ": expected 1 <= n < m <= 16, got n=", n, ", m=", m);
-  validate_select_mask(op, scores, bit_offsets, mask_bytes, /*k=*/0, allow_double);
-  TORCH_CHECK_VALUE(support.empty() || support.size() == scores.size(), op,
-                    ": expected support to be empty or hold one tensor per score (", scores.size(), "), got ",
-                    support.size());
-  for (size_t i = 0; i < scores.size(); ++i) {
-    TORCH_CHECK_VALUE(scores[i].numel() % m == 0, op, ": expected scores[", i, "] to have a multiple of m=", m,
-                      " elements, got ", scores[i].numel());
-    if (support.empty()) continue;
-    const at::Tensor& s = support[i];
-    TORCH_CHECK_VALUE(s.defined() && s.device() == scores[i].device(), op, ": expected support[", i, "] on ",
-                      scores[i].device());
-    TORCH_CHECK_VALUE(s.is_contiguous() && s.layout() == at::kStrided, op, ": expected support[", i,
-                      "] to be a contiguous dense tensor");
-    TORCH_CHECK_TYPE(is_kernel_float(s.scalar_type(), allow_double), op, ": expected support[", i,
-                     "] of a floating-point dtype, got ", s.scalar_type());
-    TORCH_CHECK_VALUE(s.numel() == scores[i].numel(), op, ": support[", i, "] has ", s.numel(),
-                      " elements, scores[", i, "] has ", scores[i].numel());
-  }
-}
-
 namespace cpu {
 namespace {
 
@@ -107,17 +82,10 @@ at::Tensor select_nm_mask_cpu(at::TensorList scores, at::TensorList support, at:
 }
 
 }  // namespace
-}  // namespace cpu
-}  // namespace fsam
-
-TORCH_LIBRARY_FRAGMENT(fsam_kernels, m) {
-  // Packed mask keeping the n largest keys of every m consecutive elements of each score tensor (whose
-  // bits start at bit_offsets[i]); support (empty, or one tensor per score): zeros are never kept.
-  m.def(
-      "select_nm_mask(Tensor[] scores, Tensor[] support, int[] bit_offsets, int mask_bytes, int n, int m, "
-      "bool square) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(fsam_kernels, CPU, m) {
-  m.impl("select_nm_mask", &fsam::cpu::select_nm_mask_cpu);
+  m.impl("select_nm_mask", &select_nm_mask_cpu);
 }
+
+}  // namespace cpu
+}  // namespace fsam
