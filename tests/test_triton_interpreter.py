@@ -767,11 +767,11 @@ def test_key_histogram_and_threshold_mask_on_views_of_a_flat_buffer(backend, off
     sizes = [4096 * 2 + 8, 3]
     layout = make_layout(sizes, torch.bfloat16)
     scores = _views_into_one_buffer(sizes, torch.bfloat16, offset, seed=14)
-    want = ds.key_histogram_reference(layout, scores, True, 0, 24, 8)
+    want = ref.key_histogram_reference(layout, scores, True, 0, 24, 8)
     assert torch.equal(backend.key_histogram(layout, scores, True, 0, 24, 8), want)
     threshold = int(torch.cat([ref.fisher_key(s, True) for s in scores]).median())
     quotas = [1, 0]
-    want = ds.mask_from_threshold_reference(layout, scores, True, threshold, quotas)
+    want = ref.mask_from_threshold_reference(layout, scores, True, threshold, quotas)
     assert_same_mask(layout, backend.mask_from_threshold(layout, scores, True, threshold, quotas), want)
 
 
