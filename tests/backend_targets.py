@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fsam_kernels.layout import ParamLayout
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,26 @@ TARGETS = [
     pytest.param(Target("native", "cuda", "real"), id="native-cuda", marks=[pytest.mark.gpu, pytest.mark.native]),
     pytest.param(Target("triton", "cuda", "real"), id="triton-cuda", marks=[pytest.mark.gpu, pytest.mark.triton]),
 ]
+INTERPRETER_MARKS = {"triton"}  # the triton-interpreter target's
+
+
+def triton_interpreter_selected(markexpr: str) -> bool:
+    """Whether a ``-m`` expression can select the triton-interpreter target: if not (``gpu``, ``gpu and
+    triton``...), the run needs compiled Triton. An expression this cannot read counts as selecting it."""
+    if not markexpr:
+        return True
+    try:
+        from _pytest.mark.expression import Expression  # pytest's own parser; private, hence the fallback
+
+        return Expression.compile(markexpr).evaluate(lambda name, **kwargs: not kwargs and name in INTERPRETER_MARKS)
+    except Exception:
+        return True
+
+
+def repairs(backend) -> int:
+    """How many selects the backend has repaired so far (Triton's sampled bracket counts them; a
+    backend without one never repairs)."""
+    return getattr(backend, "select_fallbacks", 0)
 
 
 def roberta_large_shapes(div: int = 1) -> list[tuple]:
@@ -85,27 +104,6 @@ def mixed_sizes(target: Target, seed: int = 0) -> list[int]:
         d = int(torch.randint(lo, hi, (1,), generator=g))
         sizes += [d * 4 * d // 3, d, d * 3 + 1, 7, 1]
     return sizes
-
-
-def random_tensors(shapes, dtypes, device, seed: int, quantize: bool = False) -> list[torch.Tensor]:
-    """Normal values (on ``device``'s generator, so large tensors are made on the GPU); ``quantize``
-    rounds to multiples of 1/4: few distinct values, large ties at any threshold."""
-    if isinstance(dtypes, torch.dtype):
-        dtypes = [dtypes] * len(shapes)
-    g = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    for s, dt in zip(shapes, dtypes):
-        t = torch.randn(s, device=device, generator=g)
-        if quantize:
-            t = torch.round(t * 4) / 4
-        out.append(t.to(dt))
-    return out
-
-
-def layout_of(params, masked=None, adaptive=None, rho=None) -> ParamLayout:
-    n = len(params)
-    rho = rho if rho is not None else [0.05 + 0.01 * (i % 3) for i in range(n)]
-    return ParamLayout(params, masked or [True] * n, rho, adaptive or [False] * n)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from benchmarks.harness import COLUMNS, Row, append_rows, percentiles_ms, read_r
 from benchmarks.ops import OPS, Workload, benchmark_backends, make_method, measure, method_names, method_ops  # noqa: E402
 from fsam_kernels import reference as ref  # noqa: E402
 from fsam_kernels.layout import ParamLayout  # noqa: E402
-from conftest import first_mismatch as _first_mismatch  # noqa: E402
+from helpers import first_mismatch as _first_mismatch  # noqa: E402
 
 CPU = torch.device("cpu")
 TINY = S.sweep(10_000, n_matrices=4)

@@ -14,7 +14,7 @@ from fsam_kernels import distributed_select as ds
 from fsam_kernels import reference as ref
 from fsam_kernels.backends import get_backend
 from fsam_kernels.layout import ParamLayout
-from conftest import first_mismatch
+from helpers import first_mismatch
 
 SHAPES = [(5, 7), (3,), (0, 4), (13, 2), (1,), (600,)]
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fsam_kernels import empirical_fisher
-from conftest import TinyNet, make_batches
+from helpers import TinyNet, make_batches
 
 
 def naive_fisher(model, loss_fn, batches):

@@ -4,7 +4,7 @@ import torch
 
 from fsam_kernels import FSAM, available_backends
 from plain_fsam import DavdaSAM, PlainFSAM
-from conftest import clone_model, first_mismatch
+from helpers import clone_model, first_mismatch
 
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),

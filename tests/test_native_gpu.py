@@ -1,6 +1,6 @@
-"""The native CUDA backend's own checks on a GPU (skipped without one): the perturbation's rounding,
-argument checks, fp64 through the reference, opcheck. Its results against the reference at real sizes
-are in test_backend_conformance.py (target ``native-cuda``).
+"""The native CUDA backend's own checks on a GPU (skipped without one): the ops' argument checks, fp64
+through the reference, opcheck. Its results against the reference (real sizes, the perturbation's
+rounding, non-finite norms...) are in test_backend_conformance.py (target ``native-cuda``).
 """
 import pytest
 import torch
@@ -8,8 +8,8 @@ import torch
 from fsam_kernels import reference as ref
 from fsam_kernels.layout import ParamLayout
 
-from backend_targets import Target, random_tensors
-from conftest import first_mismatch
+from backend_targets import Target
+from helpers import first_mismatch, layout_of
 from native_op_cases import OPS, opcheck_cases
 
 pytestmark = [pytest.mark.gpu, pytest.mark.native]
@@ -20,50 +20,6 @@ def native():
     # On a GPU machine an extension without CUDA kernels is a failure, not a skip (a build that fell
     # back to CPU-only must not make the GPU check look green).
     return Target("native", "cuda", "real").backend()
-
-
-def tensors(sizes, dtype, seed):
-    return random_tensors(sizes, dtype, "cuda", seed)
-
-
-def layout_of(ts, masked=None, adaptive=False):
-    n = len(ts)
-    return ParamLayout(ts, masked or [True] * n, [0.05] * n, [adaptive] * n)
-
-
-def test_nonfinite_norm_touches_nothing(native):
-    params = tensors([5000, 600], torch.float32, seed=6)
-    grads = tensors([5000, 600], torch.float32, seed=7)
-    lay = layout_of(params, [True, False])
-    originals = [p.clone() for p in params]
-    bits = native.select_mask(lay, [grads[0]], 100, True)
-    aux = native.mask_aux(lay, bits)
-    saved = native.perturb(lay, grads, bits, aux, torch.tensor(float("nan"), device="cuda"), 1e-12)
-    native.restore(lay, bits, aux, saved)
-    assert all(torch.equal(p, o) for p, o in zip(params, originals))
-
-
-def test_perturb_scale_rounds_like_the_reference_on_cuda(native):
-    g = torch.Generator().manual_seed(22)
-    sizes = [1000, 4097, 513, 77]  # masked SAM, masked ASAM, dense SAM, dense ASAM
-    params0 = [torch.randn(s, generator=g).cuda() for s in sizes]
-    grads = [torch.randn(s, generator=g).cuda() for s in sizes]
-    rhos = (torch.rand(800, generator=g, dtype=torch.float64) * 16 - 12).exp2().tolist()
-    norms = (torch.rand(200, generator=g, dtype=torch.float64) * 34 - 20).exp2().tolist()
-    epss = [1e-12, 1e-8, 0.0] + (torch.rand(200, generator=g, dtype=torch.float64) * 28 - 30).exp2().tolist()
-    for t in range(200):
-        rho, eps = rhos[4 * t : 4 * t + 4], epss[t]
-        norm = torch.tensor(norms[t], dtype=torch.float32, device="cuda")
-        params = [p.clone() for p in params0]
-        lay = ParamLayout(params, [True, True, False, False], rho, [False, True, False, True])
-        bits = native.select_mask(lay, grads[:2], 2000, True)
-        ref.perturb_reference(lay, grads, bits, norm, eps)
-        want = [p.clone() for p in params]
-        for p, p0 in zip(params, params0):
-            p.copy_(p0)
-        native.perturb(lay, grads, bits, native.mask_aux(lay, bits), norm, eps)
-        for i, (p, w) in enumerate(zip(params, want)):
-            assert torch.equal(p, w), f"rho={rho[i]!r} norm={norms[t]!r} eps={eps!r} params[{i}]: {first_mismatch(p, w)}"
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])

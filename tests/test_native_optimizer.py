@@ -7,7 +7,7 @@ import torch
 
 from fsam_kernels import FSAM
 from fsam_kernels.backends import get_backend
-from conftest import clone_model, first_mismatch
+from helpers import clone_model, first_mismatch
 
 pytestmark = pytest.mark.skipif(os.environ.get("FSAM_NO_NATIVE") == "1", reason="native extension not built")
 

@@ -2,7 +2,8 @@
 
 * The skip rule: the gradient norm never overflows for finite fp32/bf16/fp16 gradients (squares are
   summed in fp64 where fp32 overflows), so every backend perturbs or skips on the same inputs, tested
-  at the boundaries. The Triton kernels get the same cases in tests/test_triton_interpreter.py.
+  at the boundaries (the cases are in tests/helpers.py; every compiled backend's perturbation against
+  the reference on them: tests/test_backend_conformance.py).
 * fp64 in fp64: fp64 parameters get davda54/sam's fp64 arithmetic (SAM, ASAM, GSAM's decomposition).
 """
 import os
@@ -12,8 +13,7 @@ import torch
 
 from fsam_kernels import GSAM, SAM
 from fsam_kernels import reference as ref
-from fsam_kernels.layout import ParamLayout
-from conftest import first_mismatch
+from helpers import SKIP_RULE_CASES, first_mismatch, skip_rule_case
 
 FP32_MAX = torch.finfo(torch.float32).max
 
@@ -29,42 +29,6 @@ def get(name):
     from fsam_kernels.backends import get_backend
 
     return get_backend(name, "cpu")
-
-
-# (label, gradient values, dtype, adaptive weight or None, perturbed?)
-SKIP_RULE_CASES = [
-    # fp32: the fp32 sum of squares (4.1e39) overflows, the norm (6.4e19) does not
-    ("fp32-sum-overflows", [1e18] * 4096, torch.float32, None, True),
-    # fp32: every single square (1e40) overflows fp32
-    ("fp32-squares-overflow", [1e20] * 3, torch.float32, None, True),
-    # the norm itself, 2 * 1.6e38 = 3.2e38, still fits fp32 ...
-    ("fp32-norm-just-fits", [1.6e38] * 4, torch.float32, None, True),
-    # ... 2 * 1.8e38 = 3.6e38 does not: the scale could not be represented
-    ("fp32-norm-beyond-fp32", [1.8e38] * 4, torch.float32, None, False),
-    ("fp32-inf", [1.0, float("inf"), 2.0], torch.float32, None, False),
-    ("fp32-nan", [1.0, float("nan"), 2.0], torch.float32, None, False),
-    ("bf16-squares-overflow", [1e20] * 5, torch.bfloat16, None, True),
-    ("fp16-inf", [1.0, float("-inf")], torch.float16, None, False),
-    # ASAM: |w| * g = 1e25 is finite, its fp32 square is not
-    ("asam-product-squared-overflows", [1e15] * 6, torch.float32, 1e10, True),
-    # ASAM: |w| * g = 0 * inf is NaN
-    ("asam-zero-weight-inf-grad", [float("inf")] * 2, torch.float32, 0.0, False),
-    # fp64: S = 4e300 fits fp64 ...
-    ("fp64-sum-fits", [1e150] * 4, torch.float64, None, True),
-    # ... S = 4e310 does not (its squares overflow fp64)
-    ("fp64-squares-overflow", [1e155] * 4, torch.float64, None, False),
-    # one element: torch.linalg.vector_norm returns |x| without squaring; the rule squares
-    ("fp64-one-element", [1e200], torch.float64, None, False),
-]
-
-
-def skip_rule_case(values, dtype, weight):
-    g = torch.tensor(values, dtype=torch.float64).to(dtype)
-    w = torch.full(g.shape, 0.5 if weight is None else weight, dtype=torch.float64).to(dtype)
-    # a second, ordinary tensor: the decision is global
-    params, grads = [w, torch.ones(3, dtype=dtype)], [g, torch.ones(3, dtype=dtype)]
-    adaptive = weight is not None
-    return ParamLayout(params, [False, False], [0.05, 0.05], [adaptive, adaptive]), params, grads
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -4,7 +4,7 @@ import torch
 
 from fsam_kernels import reference as ref
 from fsam_kernels.layout import MASK_ALIGN_BITS, ParamLayout
-from conftest import first_mismatch, halfway_case
+from helpers import first_mismatch, halfway_case
 from plain_fsam import plain_topk_masks
 
 

@@ -2,8 +2,8 @@
 the single-program against the parallel threshold search. Its results against the reference at real
 sizes are in test_backend_conformance.py (target ``triton-cuda``).
 
-Run GPU tests without tests/test_triton_interpreter.py in the same process: it sets TRITON_INTERPRET=1
-at collection, which loads the kernels in interpreter mode.
+Select them with -m "gpu and triton" (or -m gpu): conftest.py then sets TRITON_INTERPRET=0, so
+the kernels compile; a plain run loads them in interpreter mode, where the triton-cuda target fails.
 """
 import time
 
@@ -12,9 +12,9 @@ import torch
 
 from fsam_kernels import FSAM
 from fsam_kernels import reference as ref
-from fsam_kernels.layout import ParamLayout
 
 from backend_targets import Target, roberta_large_shapes
+from helpers import layout_of, random_tensors
 
 pytestmark = [pytest.mark.gpu, pytest.mark.triton]
 
@@ -24,18 +24,12 @@ def _backend():
     return Target("triton", "cuda", "real").backend()
 
 
-def _layout(shapes, dtype=torch.float32, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    params = [torch.randn(s, device="cuda", generator=g).to(dtype) for s in shapes]
-    n = len(params)
-    return ParamLayout(params, [True] * n, [0.05] * n, [False] * n)
+def _layout(shapes, seed=0):
+    return layout_of(random_tensors(shapes, torch.float32, "cuda", seed))
 
 
-def _grads(layout, quantized, seed=1):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    grads = [torch.randn(p.shape, device="cuda", generator=g).to(p.dtype) for p in layout.params]
-    if quantized:  # few distinct values: large ties at the threshold
-        grads = [(x * 4).round() / 4 for x in grads]
+def _grads(layout, seed=1):
+    grads = random_tensors([p.shape for p in layout.params], torch.float32, "cuda", seed)
     grads[0][:40000] = 0  # unused embedding rows: ties at zero
     return grads
 
@@ -78,7 +72,7 @@ def test_single_and_parallel_threshold_search_agree_and_their_times(first, last)
     # at three sizes, to place parallel_select_min.
     backend = _backend()
     layout = _layout(roberta_large_shapes()[first:last])
-    grads = _grads(layout, quantized=False)
+    grads = _grads(layout)
     k = layout.k_for(0.9)
     want = ref.select_mask_reference(layout, grads, k, True)
     saved_min = backend.parallel_select_min
