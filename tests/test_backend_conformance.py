@@ -167,7 +167,7 @@ def test_tie_rule_is_lowest_global_index_first(target):
     a = torch.tensor([1.0, 2.0, 2.0, 0.0], device=target.device)
     b = torch.tensor([2.0, 3.0, 2.0], device=target.device)
     layout = layout_of([a, b])
-    masks = ref.unpack_mask(layout, backend.select_mask(layout, [a, b], 3, square=False))
+    masks = ref.unpack_mask(layout, backend.select_mask(layout, [a, b], 3, scores_are_grads=False))
     assert masks[0].tolist() == [False, True, True, False]
     assert masks[1].tolist() == [False, True, False]
 
@@ -177,8 +177,8 @@ def test_all_zero_scores_take_the_first_k(target):
     ts = [torch.zeros(n, device=target.device) for n in (10, 600, 6)]
     layout = layout_of(ts)
     for k in (1, 12, 609, 616):
-        got = backend.select_mask(layout, ts, k, square=True)
-        assert_same_mask(layout, got, ref.select_mask_reference(layout, ts, k, square=True), f"k={k}:")
+        got = backend.select_mask(layout, ts, k, scores_are_grads=True)
+        assert_same_mask(layout, got, ref.select_mask_reference(layout, ts, k, scores_are_grads=True), f"k={k}:")
 
 
 def test_special_values_order_like_the_reference(target):
@@ -659,11 +659,11 @@ def test_key_histogram_small_layouts(target, dtype, square):
     for key in (int(keys.max()), int(keys.sort().values[keys.numel() // 2]), 0):
         cases += [(key >> 24, 16, 8), (key >> 16, 8, 8), (key >> 8, 0, 8), (key >> 20, 9, 11), (12345, 0, 8)]
     for prefix, shift, bits in cases:
-        want = ds.key_histogram_reference(layout, scores, square, prefix, shift, bits)
+        want = ref.key_histogram_reference(layout, scores, square, prefix, shift, bits)
         got = backend.key_histogram(layout, scores, square, prefix, shift, bits)
         assert got.dtype == torch.int64 and torch.equal(got, want), (prefix, shift, bits)
     for prefix, shift in ((1 << 8, 16), (1 << 40, 0)):  # prefixes no key can have (keys < 2**31): nothing counted
-        want = ds.key_histogram_reference(layout, scores, square, prefix, shift, 8)
+        want = ref.key_histogram_reference(layout, scores, square, prefix, shift, 8)
         assert int(want.sum()) == 0 and torch.equal(backend.key_histogram(layout, scores, square, prefix, shift, 8), want)
 
 
@@ -686,7 +686,7 @@ def test_mask_from_threshold_small_layouts(target, dtype, levels):
         ties = [int((k == threshold).sum()) for k in keys]
         for quotas in ([0] * len(keys), ties, [t // 3 for t in ties], [t // 2 + (t % 3) % 2 for t in ties],
                        [min(t, 1) for t in ties]):
-            want = ds.mask_from_threshold_reference(layout, scores, True, threshold, quotas)
+            want = ref.mask_from_threshold_reference(layout, scores, True, threshold, quotas)
             got = backend.mask_from_threshold(layout, scores, True, threshold, quotas)
             assert_same_mask(layout, got, want, f"threshold {threshold}, quotas {quotas}:")
 
