@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fsam_kernels import FSAM, BackendUnavailable, available_backends
-from helpers import TinyNet, clone_model, make_batches
+from helpers import clone_model, make_batches
 
 
 def loss_of(model, batch):
