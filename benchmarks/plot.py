@@ -148,6 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("csv", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: next to the CSV)")
     ap.add_argument("--dtype", default="float32", help="dtype of the per-op figure")
+    ap.add_argument("--device-name", default=None,
+                    help="draw the rows of this device_name only (default: the newest row's, so one figure never "
+                         "mixes machines or thread counts)")
     args = ap.parse_args(argv)
 
     import matplotlib
@@ -157,7 +160,11 @@ def main(argv=None) -> int:
 
     if not args.csv.exists():
         ap.error(f"csv: {args.csv} does not exist")
-    rows = latest(read_rows(args.csv))
+    rows = read_rows(args.csv)
+    if rows:
+        device_name = args.device_name or rows[-1]["device_name"]
+        rows = [r for r in rows if r["device_name"] == device_name]
+    rows = latest(rows)
     for m in sorted({r["method"] for r in rows}):
         _color(m)
     out = args.out or args.csv.parent
