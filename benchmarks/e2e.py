@@ -14,6 +14,8 @@ changing during the run (a shared machine) weighs on every method alike and thei
 """
 from __future__ import annotations
 
+import random
+
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
@@ -176,8 +178,10 @@ def measure_e2e(model: torch.nn.Module, batch: dict, model_name: str, method: st
 def measure_e2e_interleaved(model: torch.nn.Module, batch: dict, model_name: str, methods: list[str], *, rounds: int,
                             warmup: int, mode: str) -> list[Row]:
     """The rows of :func:`measure_e2e` for every method, their steps interleaved: each round times one
-    step of every (method, op) in turn, starting one further each round. Every method keeps its own
-    optimizer state on the shared model (more memory than one at a time: for CPU-sized models)."""
+    step of every (method, op) in a new random order (seeded), so no method always follows the same
+    one (a rotation would keep one method behind another's cache-thrashing mask update every round).
+    Every method keeps its own optimizer state on the shared model (more memory than one at a time:
+    for CPU-sized models)."""
     device = next(model.parameters()).device
     trainers = []
     for method in methods:
@@ -185,9 +189,9 @@ def measure_e2e_interleaved(model: torch.nn.Module, batch: dict, model_name: str
             trainers.append((method, op, _ready_trainer(model, batch, method, interval)))
     timer = timer_for(device)
     times: dict[tuple[str, str], list[float]] = {(m, op): [] for m, op, _ in trainers}
+    order = random.Random(0)
     for r in range(warmup + rounds):
-        shift = r % len(trainers)
-        for method, op, trainer in trainers[shift:] + trainers[:shift]:
+        for method, op, trainer in order.sample(trainers, len(trainers)):
             synchronize(device)
             start = timer()
             trainer.step()

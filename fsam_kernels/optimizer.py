@@ -135,11 +135,12 @@ class FSAM(TwoStepOptimizer):
         return self._step_count
 
     # ------------------------------------------------------------------ options and layout
-    def check_options(self) -> None:
+    def check_options(self) -> ParamLayout:
         """Check every option a step reads; first_step does it itself, what acts before it (a closure's
-        first pass, a scaler's unscale_) calls this first, so that a bad option changes nothing."""
+        first pass, a scaler's unscale_) calls this first, so that a bad option changes nothing.
+        Returns the current layout (building it checks each param group's options)."""
         self._check_settings()
-        self._current_layout()  # checks each param group's options
+        return self._current_layout()
 
     def _current_layout(self) -> ParamLayout:
         param_groups.adopt_added_groups(self)
@@ -264,8 +265,7 @@ class FSAM(TwoStepOptimizer):
         if self._phase is Phase.PERTURBED:
             raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
         _check_scaler(scaler)
-        self.check_options()
-        layout = self._current_layout()
+        layout = self.check_options()
         if scaler is not None:
             scaler.unscale_(self)  # a no-op when the scaler is disabled
         grads = self._grads(layout)

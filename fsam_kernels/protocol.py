@@ -52,7 +52,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
     def restore(self) -> None:
         raise NotImplementedError
 
-    def check_options(self) -> None:
+    def check_options(self):  # -> the current layout
         raise NotImplementedError
 
     def _has_any_grad(self) -> bool:
