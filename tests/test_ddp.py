@@ -79,6 +79,7 @@ def _worker(rank, port, mode, out_dir):
              "consistent": consistent, "step_count": opt.step_count},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        dist.barrier()  # no rank tears gloo down while the other still talks (an abort at exit otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -215,6 +216,7 @@ def _family_worker(rank, port, out_dir):
             out[kind] = {"params": [p.detach().clone() for p in model.parameters()], "masks": [opt.masks()],
                          "consistent": [fsam_dist.check_masks_consistent(opt)], "step_count": opt.step_count}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
 
