@@ -244,8 +244,6 @@ class FSAM(TwoStepOptimizer):
         return stats
 
     # ------------------------------------------------------------------ the step protocol
-
-
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, mask_scores: Optional[Scores] = None,
                    scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
@@ -313,8 +311,6 @@ class FSAM(TwoStepOptimizer):
         self._after_restore()
         if error is not None:
             raise error
-
-
 
     def _snapshot(self) -> tuple:
         return self._step_count, self._mask.snapshot()

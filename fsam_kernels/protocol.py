@@ -29,7 +29,6 @@ class Phase(enum.Enum):
     SKIPPED = "skipped"  # first_step saw a non-finite gradient norm and changed nothing
 
 
-
 class TwoStepOptimizer(torch.optim.Optimizer):
     """Base of :class:`fsam_kernels.FSAM`: the step protocol around ``self.base_optimizer``."""
 

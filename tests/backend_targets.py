@@ -18,7 +18,6 @@ import pytest
 import torch
 
 
-
 @dataclass(frozen=True)
 class Target:
     backend_name: str

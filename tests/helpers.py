@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from fsam_kernels import reference as ref
 from fsam_kernels.layout import ParamLayout
@@ -172,3 +173,21 @@ def views_into_one_buffer(sizes, dtype, offset, seed, device="cpu"):
         out.append(flat[at : at + n])
         at += n
     return out
+
+
+def per_sample(model, x, y):
+    """Per-sample cross-entropy losses (what ESAM's closure returns)."""
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def family_step(kind, opt, model, x, y):
+    """One step of a SAM-family optimizer on (x, y) after the first backward: ESAM's closure returns
+    per-sample losses of the chosen samples, the others' calls backward(); gradients cleared after."""
+    losses = per_sample(model, x, y)
+    losses.mean().backward()
+    if kind == "esam":
+        opt.step(lambda idx: per_sample(model, x, y) if idx is None else per_sample(model, x[idx], y[idx]),
+                 losses=losses)
+    else:
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    opt.zero_grad()

@@ -94,6 +94,18 @@ def test_select_mask_k_edges_and_heavy_ties(target):
 SMALL_LAYOUTS = [[1], [7], [123], [4097], [3, 50, 1, 20], [5] * 40, list(range(1, 51))]
 
 
+def _check_select_for_each_k(backend, layout, scores, ks, square, monkeypatch):
+    """The backend's mask for each k, bit for bit the reference's, with k bits set, and nothing repaired."""
+    before = repairs(backend)
+    for k in ks:
+        want = ref.select_mask_reference(layout, scores, k, square)
+        with reference_forbidden(monkeypatch):
+            got = backend.select_mask(layout, scores, k, square)
+        assert_same_mask(layout, got, want, f"k={k}:")
+        assert ref.mask_popcount(got) == k
+    assert repairs(backend) == before
+
+
 def _ks(layout, tiny):
     """k = 0, 1, 1.3 %, 10 %, 50 %, N - 1 and N (in the interpreter 1, 10 % and N)."""
     n = layout.n_masked
@@ -115,14 +127,7 @@ def test_select_mask_small_layouts(target, sizes, dtype, square, monkeypatch):
     if not square:
         scores = [s.float().abs() for s in scores]  # an fp32 accumulator is non-negative
     layout = layout_of(scores)
-    before = repairs(backend)
-    for k in _ks(layout, tiny):
-        want = ref.select_mask_reference(layout, scores, k, square)
-        with reference_forbidden(monkeypatch):
-            got = backend.select_mask(layout, scores, k, square)
-        assert_same_mask(layout, got, want, f"k={k}:")
-        assert ref.mask_popcount(got) == k
-    assert repairs(backend) == before
+    _check_select_for_each_k(backend, layout, scores, _ks(layout, tiny), square, monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["grad-fp32", "grad-fp16", "grad-bf16", "fisher-ties", "all-zero"])
@@ -141,14 +146,7 @@ def test_select_mask_with_a_dense_tensor_between(target, case, monkeypatch):
     else:
         scores, square = [torch.zeros(n, device=target.device) for n in shapes], False
     n = layout.n_masked
-    before = repairs(backend)
-    for k in (0, 1, 2, n // 3, n - 1, n):
-        want = ref.select_mask_reference(layout, scores, k, square)
-        with reference_forbidden(monkeypatch):
-            got = backend.select_mask(layout, scores, k, square)
-        assert_same_mask(layout, got, want, f"k={k}:")
-        assert ref.mask_popcount(got) == k
-    assert repairs(backend) == before
+    _check_select_for_each_k(backend, layout, scores, (0, 1, 2, n // 3, n - 1, n), square, monkeypatch)
 
 
 def test_select_mask_matches_a_sort_oracle(target):
@@ -760,7 +758,6 @@ def test_optimizer_matches_the_torch_backend(target):
                 assert torch.equal(a, b), first_mismatch(a, b)
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
 
 
 def _tiny_fsam(backend_name, net, batches, steps, device):

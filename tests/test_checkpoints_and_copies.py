@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from fsam_kernels import ESAM, FSAM, GSAM, SAM, amp, available_backends
 
+from helpers import family_step, per_sample
+
 BACKENDS = ["torch", "native", "triton"]
 
 
@@ -54,20 +56,8 @@ def make(kind, model, backend="torch", **kw):
                 backend=backend, **kw)
 
 
-def per_sample(model, x, y):
-    return F.cross_entropy(model(x), y, reduction="none")
-
-
 def train_step(kind, opt, model, batch):
-    x, y = batch
-    losses = per_sample(model, x, y)
-    losses.mean().backward()
-    if kind == "esam":
-        opt.step(lambda idx: per_sample(model, x, y) if idx is None else per_sample(model, x[idx], y[idx]),
-                 losses=losses)
-    else:
-        opt.step(lambda: F.cross_entropy(model(x), y).backward())
-    opt.zero_grad()
+    family_step(kind, opt, model, *batch)
 
 
 def tensors_of(obj, prefix=""):
@@ -290,7 +280,6 @@ def test_copy_with_its_lr_scheduler_follows_the_schedule():
         sched.step()
     assert twin_opt.current_rho() == opt.current_rho()
     assert_same(everything(twin, twin_opt), everything(model, opt), "deepcopy with its scheduler")
-
 
 
 # ============================================================================ checkpoints

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fsam_kernels import ESAM, FSAM, GSAM, SAM
+from helpers import family_step, per_sample
 from plain_fsam import plain_topk_masks as plain_topk
 
 EPS = 1e-12
@@ -42,10 +43,6 @@ def make_model(seed=0):
 def make_data(steps=4, batch=10, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 6, generator=g), torch.randint(0, 3, (batch,), generator=g)) for _ in range(steps)]
-
-
-def per_sample(model, x, y):
-    return F.cross_entropy(model(x), y, reduction="none")
 
 
 def assert_params_close(a, b, exact=False):
@@ -572,14 +569,7 @@ def test_kernel_backends_match_the_torch_backend(kind, backend):
             opt = GSAM(model.parameters(), torch.optim.Adam, lr=1e-2, sparsity=0.5, rho_min=0.01, backend=be)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - 0.3 * t)
         for x, y in data:
-            losses = per_sample(model, x, y)
-            losses.mean().backward()
-            if kind == "esam":
-                opt.step(lambda idx: per_sample(model, x, y) if idx is None else per_sample(model, x[idx], y[idx]),
-                         losses=losses)
-            else:
-                opt.step(lambda: F.cross_entropy(model(x), y).backward())
-            opt.zero_grad()
+            family_step(kind, opt, model, x, y)
             sched.step()
         models.append(model)
         opts.append(opt)
