@@ -61,6 +61,7 @@ class MaskPolicy:
         else:
             self.route = "top-k or all" if full_at_zero_sparsity else "top-k"
         self.backend: Optional[Backend] = None
+        self._backend_serves: object = None  # the tensors_key of the layout ``backend`` was checked for
         self.bits: Optional[torch.Tensor] = None
         self.aux: Any = None
         self.fisher: Optional[list[torch.Tensor]] = None
@@ -75,10 +76,13 @@ class MaskPolicy:
 
     # ------------------------------------------------------------------ backend and layout
     def backend_for(self, layout: ParamLayout) -> Backend:
+        if self.backend is not None and self._backend_serves is layout.tensors_key:
+            return self.backend  # checked for these tensors already (asked several times a step)
         if self.backend is None or not self.backend.supports(layout.device):
             self.backend = get_backend(self.requested, layout.device)
             if self.bits is not None:
                 self.aux = self.backend.mask_aux(layout, self.bits)
+        self._backend_serves = layout.tensors_key
         return self.backend
 
     def follow_layout(self, old: Optional[ParamLayout], new: ParamLayout) -> None:

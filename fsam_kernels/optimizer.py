@@ -149,17 +149,18 @@ class FSAM(TwoStepOptimizer):
             param_groups.check_options(group, gi)
             if not group.get("perturb", True):
                 continue
-            for p in group["params"]:
-                params.append(p)
-                masked.append(group.get("fisher_mask", True))
-                rho.append(group["rho"])
-                adaptive.append(group["adaptive"])
+            group_params = group["params"]
+            n = len(group_params)
+            params += group_params
+            masked += [group.get("fisher_mask", True)] * n
+            rho += [group["rho"]] * n
+            adaptive += [group["adaptive"]] * n
         if self._shards is not None:
             params = self._shards.local_tensors(params)
         # Addresses, dtypes, shapes and strides are part of the key: model.to(...) and p.data = ... keep the
         # Parameter objects. (A move to another device changes the addresses.)
-        key = (tuple(id(p) for p in params), tuple(masked), tuple(adaptive), storage.signature(params),
-               tuple(p.stride() for p in params))
+        key = (tuple(map(id, params)), tuple(masked), tuple(adaptive), storage.signature(params),
+               tuple([p.stride() for p in params]))
         if self._layout is not None and key == self._layout_key:
             if rho != self._layout.rho:  # a rho schedule: same tensors, so the mask and its aux still apply
                 self._layout = self._layout.with_rho(rho)
@@ -356,7 +357,7 @@ class FSAM(TwoStepOptimizer):
         settings.check_step_settings(self)
 
     def _has_fsam_options(self, group: dict) -> bool:
-        return all(k in group for k in self.defaults)
+        return group.keys() >= self.defaults.keys()
 
     def _perturbation_plan(self, layout: ParamLayout, backend: Backend) -> tuple[ParamLayout, Any, Any]:
         """The (layout, packed mask, aux) this step perturbs with: ESAM and GSAM change the mask or the

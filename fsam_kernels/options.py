@@ -18,6 +18,9 @@ import torch
 
 def _real(value: Any) -> Optional[float]:
     """``value`` as a Python number (``int`` kept as ``int``), or ``None`` if it is not a real number."""
+    kind = type(value)
+    if kind is float or kind is int:  # what every step reads once stored; skips the ABC checks below
+        return value
     if isinstance(value, bool):
         return None
     if isinstance(value, numbers.Integral):

@@ -97,18 +97,18 @@ def perturbed_label(groups: Sequence[dict], i: int) -> str:
 def checked_grads(params: Sequence[torch.Tensor], shards: Any) -> list[Optional[torch.Tensor]]:
     """The gradients of the perturbed tensors ``params`` (local shards under FSDP2): dense, shaped and
     placed like their parameters, or ``None``."""
-    grads = []
-    for p in params:
-        g = p.grad if shards is None else shards.local_grad(p)
-        if g is not None and (g.is_sparse or g.layout != torch.strided):
+    grads = [p.grad for p in params] if shards is None else [shards.local_grad(p) for p in params]
+    strided = torch.strided
+    for p, g in zip(params, grads):
+        if g is None or (g.layout == strided and g.shape == p.shape and g.device == p.device):
+            continue
+        if g.layout != strided:
             raise ValueError(
                 f"FSAM: sparse gradients are not supported (parameter of shape {tuple(p.shape)} has a "
                 f"{g.layout} gradient); use dense gradients (e.g. nn.Embedding(sparse=False))"
             )
-        if g is not None and (g.shape != p.shape or g.device != p.device):
-            raise ValueError(
-                f"FSAM: a gradient of shape {tuple(g.shape)} on {g.device} does not match its parameter "
-                f"({tuple(p.shape)} on {p.device})"
-            )
-        grads.append(g)
+        raise ValueError(
+            f"FSAM: a gradient of shape {tuple(g.shape)} on {g.device} does not match its parameter "
+            f"({tuple(p.shape)} on {p.device})"
+        )
     return grads

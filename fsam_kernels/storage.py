@@ -64,7 +64,7 @@ def check_disjoint(groups: Sequence[dict], local: Callable[[torch.Tensor], torch
 
 def signature(tensors: Sequence[torch.Tensor]) -> tuple:
     """What a backend's restore relies on: each tensor's address, dtype and shape."""
-    return tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors)
+    return tuple([(t.data_ptr(), t.dtype, t.shape) for t in tensors])
 
 
 def restore_into(

@@ -85,6 +85,40 @@ def test_sparse_gradients_rejected_before_touching_weights():
     assert_unchanged(emb, snap)
 
 
+def test_gradient_of_another_shape_rejected_before_touching_weights(tiny_net, batches):
+    opt = FSAM(tiny_net.parameters(), torch.optim.SGD, lr=0.1)
+    loss_of(tiny_net, batches[0]).backward()
+    snap = snapshot(tiny_net)
+    weight = next(tiny_net.parameters())
+    weight.grad.data = torch.zeros(3)  # .data bypasses the check of the .grad setter
+    with pytest.raises(ValueError, match=r"gradient of shape \(3,\)"):
+        opt.first_step()
+    assert_unchanged(tiny_net, snap)
+
+
+class CountingSGD(torch.optim.SGD):
+    calls = 0
+
+    def zero_grad(self, set_to_none=True):
+        type(self).calls += 1
+        super().zero_grad(set_to_none)
+
+
+def test_zero_grad_follows_torch_for_every_group_and_a_custom_base(tiny_net, batches):
+    params = list(tiny_net.parameters())
+    opt = FSAM([{"params": params[:1]}, {"params": params[1:], "perturb": False}], torch.optim.SGD, lr=0.1)
+    loss_of(tiny_net, batches[0]).backward()
+    opt.zero_grad(set_to_none=False)  # torch's own: zeroed in place, kept
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)  # the groups that are not perturbed too
+
+    custom = FSAM(params, CountingSGD, lr=0.1)
+    loss_of(tiny_net, batches[0]).backward()
+    custom.zero_grad()
+    assert CountingSGD.calls == 1 and all(p.grad is None for p in params)
+
+
 def test_no_gradient_at_all_is_a_clear_error(tiny_net):
     opt = FSAM(tiny_net.parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(RuntimeError, match="backward"):
