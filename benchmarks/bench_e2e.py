@@ -9,8 +9,8 @@ def test_e2e(request, plan, record, e2e_case):
     batch = make_batch(m, c.batch, c.seq, plan.device)
     s = plan.settings
     if len(c.methods) > 1:  # timed here, interleaved (pytest-benchmark times one function per test)
-        record(measure_e2e_interleaved(m, batch, c.model, list(c.methods), rounds=s.e2e_rounds, warmup=s.e2e_warmup,
-                                       mode=plan.mode))
+        record(measure_e2e_interleaved(m, batch, c.model, list(c.methods), rounds=s.e2e_rounds_for(c.model),
+                                       warmup=s.e2e_warmup, mode=plan.mode))
         return
     benchmark = request.getfixturevalue("benchmark")
     benchmark.group = f"e2e {c.model}"
@@ -23,5 +23,5 @@ def test_e2e(request, plan, record, e2e_case):
             return benchmark.pedantic
         return None
 
-    record(measure_e2e(m, batch, c.model, c.methods[0], rounds=s.e2e_rounds, warmup=s.e2e_warmup, mode=plan.mode,
+    record(measure_e2e(m, batch, c.model, c.methods[0], rounds=s.e2e_rounds_for(c.model), warmup=s.e2e_warmup, mode=plan.mode,
                        pedantic_for=pedantic_for))

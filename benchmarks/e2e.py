@@ -7,14 +7,19 @@ optimizer's work weighs in a step; in the tiny RoBERTa the forward and backward 
 Methods: the base AdamW step, dense SAM (davda54-style loop and ``_foreach``), naive FSAM, and
 :class:`fsam_kernels.FSAM` on each backend. ``e2e_step`` is a step without a mask update (the mask is
 rebuilt every ``mask_update_interval=100`` steps); ``e2e_mask_step`` is a step that rebuilds it, and
-``e2e_step_amortized`` = ``e2e_step + (e2e_mask_step - e2e_step) / 100``, per percentile.
+``e2e_step_amortized`` = ``e2e_step + (e2e_mask_step - e2e_step) / 100``, per percentile. On the CPU the
+interleaved timing adds ``e2e_optimizer``: the part of each ``e2e_step`` spent in the optimizer's calls
+(perturb, restore, base step, zero_grad; not the forward and backward passes), so that methods whose
+steps differ by less than the step's noise can still be compared.
 
 :func:`measure_e2e_interleaved` times several methods in turn, one step each per round, so that load
 changing during the run (a shared machine) weighs on every method alike and their ratios hold.
 """
 from __future__ import annotations
 
+import copy
 import random
+import time
 
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
@@ -108,6 +113,9 @@ class Trainer:
         self.base: Optional[torch.optim.Optimizer] = None
         self.interval = mask_update_interval
         self.steps = 0
+        # Host seconds of the last step spent in the optimizer's calls (everything but the forward and
+        # backward passes). Meaningful on the CPU only: on a GPU the calls return before the work is done.
+        self.optimizer_seconds = 0.0
         if method == "adamw":
             self.base = torch.optim.AdamW(params, **adamw_kwargs)
         elif method.startswith("fsam["):
@@ -130,22 +138,32 @@ class Trainer:
         loss.backward()
 
     def step(self) -> None:
+        clock = time.perf_counter
         self._loss_backward()
+        start = clock()
         if self.base is not None:
             self.base.step()
             self.base.zero_grad(set_to_none=True)
+            spent = clock() - start
         elif self.fsam is not None:
             self.fsam.first_step(zero_grad=True)
+            spent = clock() - start
             self._loss_backward()
+            start = clock()
             self.fsam.second_step(zero_grad=True)
+            spent += clock() - start
         else:
             if isinstance(self.two_step, NaiveFSAM) and self.steps % self.interval == 0:
                 self.two_step.update_mask()
             self.two_step.first_step()
             self.two_step.zero_grad()
+            spent = clock() - start
             self._loss_backward()
+            start = clock()
             self.two_step.second_step()
             self.two_step.zero_grad()
+            spent += clock() - start
+        self.optimizer_seconds = spent
         self.steps += 1
 
 
@@ -180,15 +198,19 @@ def measure_e2e_interleaved(model: torch.nn.Module, batch: dict, model_name: str
     """The rows of :func:`measure_e2e` for every method, their steps interleaved: each round times one
     step of every (method, op) in a new random order (seeded), so no method always follows the same
     one (a rotation would keep one method behind another's cache-thrashing mask update every round).
-    Every method keeps its own optimizer state on the shared model (more memory than one at a time:
-    for CPU-sized models)."""
+    Every (method, op) trains its own copy of the model with its own optimizer state (more memory than
+    one at a time: for CPU-sized models). A shared model would let one method's step disturb another's:
+    davda54-style SAM and the naive FSAM rebind ``p.data`` to their copies at every restore, so FSAM would
+    find new storage at each of its steps and rebuild its layout (as it must when a user does that). On
+    the CPU each method's steady steps also give an ``e2e_optimizer`` row (see the module docstring)."""
     device = next(model.parameters()).device
     trainers = []
     for method in methods:
         for op, interval in [("e2e_step", MASK_UPDATE_INTERVAL)] + ([("e2e_mask_step", 1)] if _is_masked(method) else []):
-            trainers.append((method, op, _ready_trainer(model, batch, method, interval)))
+            trainers.append((method, op, _ready_trainer(copy.deepcopy(model), batch, method, interval)))
     timer = timer_for(device)
     times: dict[tuple[str, str], list[float]] = {(m, op): [] for m, op, _ in trainers}
+    in_situ = device.type == "cpu"  # the optimizer's share of a step (see Trainer.optimizer_seconds)
     order = random.Random(0)
     for r in range(warmup + rounds):
         for method, op, trainer in order.sample(trainers, len(trainers)):
@@ -198,7 +220,8 @@ def measure_e2e_interleaved(model: torch.nn.Module, batch: dict, model_name: str
             end = timer()
             if r >= warmup:
                 times[(method, op)].append(float(end - start))
-    model.zero_grad(set_to_none=True)
+                if in_situ and op == "e2e_step":
+                    times.setdefault((method, "e2e_optimizer"), []).append(trainer.optimizer_seconds)
     rows = []
     for method in methods:
         rows += _rows(model, batch, model_name, method, {op: t for (m, op), t in times.items() if m == method}, mode)

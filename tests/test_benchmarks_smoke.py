@@ -171,18 +171,24 @@ def test_interleaved_e2e_rows_per_method_on_the_mlp():
 
     model = build_model("mlp-L24-W512", CPU)
     batch = make_batch(model, 2, 1, CPU)
-    rows = measure_e2e_interleaved(model, batch, "mlp-L24-W512", ["sam_foreach", "fsam[torch]"], rounds=2, warmup=0,
+    storage = [p.data_ptr() for p in model.parameters()]
+    rows = measure_e2e_interleaved(model, batch, "mlp-L24-W512", ["sam_loop", "fsam[torch]"], rounds=2, warmup=0,
                                    mode="tiny")
     assert [(r.method, r.op) for r in rows] == [
-        ("sam_foreach", "e2e_step"), ("fsam[torch]", "e2e_step"), ("fsam[torch]", "e2e_mask_step"),
-        ("fsam[torch]", "e2e_step_amortized")]
+        ("sam_loop", "e2e_step"), ("sam_loop", "e2e_optimizer"), ("fsam[torch]", "e2e_step"),
+        ("fsam[torch]", "e2e_mask_step"), ("fsam[torch]", "e2e_optimizer"), ("fsam[torch]", "e2e_step_amortized")]
     assert all(r.shapes == "mlp-L24-W512 b2 s1" and r.n_tensors == 50 and r.p50_ms > 0 for r in rows)
     assert all(r.rounds == 2 for r in rows)
+    ms = {(r.method, r.op): r.p50_ms for r in rows}
+    assert all(ms[(m, "e2e_optimizer")] < ms[(m, "e2e_step")] for m in ("sam_loop", "fsam[torch]"))
+    # every method trains its own copy: sam_loop's restore rebinds p.data, and would have done it here
+    assert [p.data_ptr() for p in model.parameters()] == storage
     # --quick times both end-to-end models with every method in one interleaved case each
     cases = Plan(mode="quick", device=CPU, backends=["torch"], parts=("e2e",), csv=Path("unused.csv")).e2e_cases()
     assert [c.model for c in cases] == [m for m, _, _ in SETTINGS["quick"].e2e_models] == ["tiny-roberta-L2-H64",
                                                                                             "mlp-L24-W512"]
     assert all("sam_foreach" in c.methods and "fsam[torch]" in c.methods for c in cases)
+    assert SETTINGS["quick"].e2e_rounds_for("tiny-roberta-L2-H64") > SETTINGS["quick"].e2e_rounds_for("mlp-L24-W512")
 
 
 def test_csv_round_trip_and_plots(tmp_path):
