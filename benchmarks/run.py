@@ -1,6 +1,6 @@
 """Run the benchmarks and append their rows to a CSV under benchmarks/results/.
 
-    python benchmarks/run.py --quick          # small sizes, any machine (about two minutes on 2 CPU cores)
+    python benchmarks/run.py --quick          # small sizes, any machine (about three minutes on 2 CPU cores)
     python benchmarks/run.py --full           # real model sizes, on a GPU
     python benchmarks/run.py --quick --parts ops,memory --csv /tmp/x.csv
 
