@@ -201,7 +201,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         base = self.base_optimizer
-        if set_to_none and type(base).zero_grad is torch.optim.Optimizer.zero_grad:
+        if set_to_none and getattr(base.zero_grad, "__func__", None) is torch.optim.Optimizer.zero_grad:
             # What torch's zero_grad does with set_to_none, without its profiler range and setup: a
             # step clears the gradients twice, and on a small model that cost shows in the step time.
             for group in base.param_groups:

@@ -118,6 +118,11 @@ def test_zero_grad_follows_torch_for_every_group_and_a_custom_base(tiny_net, bat
     custom.zero_grad()
     assert CountingSGD.calls == 1 and all(p.grad is None for p in params)
 
+    patched = []  # a zero_grad replaced on the instance is called too
+    opt.base_optimizer.zero_grad = lambda set_to_none=True: patched.append(set_to_none)
+    opt.zero_grad()
+    assert patched == [True]
+
 
 def test_no_gradient_at_all_is_a_clear_error(tiny_net):
     opt = FSAM(tiny_net.parameters(), torch.optim.SGD, lr=0.1)
