@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fsam_kernels import FSAM
+from helpers import leave_spawned_rank
 
 WORLD = 2
 STEPS = 4
@@ -82,6 +83,7 @@ def _worker(rank, port, mode, out_dir):
         dist.barrier()  # no rank tears gloo down while the other still talks (an abort at exit otherwise)
     finally:
         dist.destroy_process_group()
+    leave_spawned_rank()
 
 
 class _nullcontext:
@@ -219,6 +221,7 @@ def _family_worker(rank, port, out_dir):
         dist.barrier()  # no rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
+    leave_spawned_rank()
 
 
 @pytest.mark.timeout(180)
