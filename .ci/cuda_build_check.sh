@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # CI without a GPU: prove that the CUDA kernels (csrc/*.cu) compile AND link, for sm_80 and sm_90
 # (+ PTX), against a CUDA build of torch, that the resulting extension imports and defines every op,
-# and (with cuobjdump, when the toolkit has it) that the .so really holds code for each requested arch.
+# and (cuobjdump) that the .so really holds code for each requested arch. The build is the GPU check's
+# (scripts/build_inplace.sh: setup.py build_ext --inplace, pyproject.toml not read).
+#
+# cuobjdump: the toolkit's (CUDA_HOME/bin), else one on the PATH, else NVIDIA's pip wheel
+# nvidia-cuda-cuobjdump (of torch's CUDA major version, installed into the venv), else the one the
+# Triton wheel ships (triton/backends/nvidia/bin). None of them: the check FAILS; it never skips.
 #
 # It makes a fresh venv with torch 2.14.1 built for CUDA 13.0 (from the local package index), which
 # brings NVIDIA's CUDA pip wheels (headers and libraries); nvcc comes from CUDA_HOME (default
@@ -40,12 +45,28 @@ export LIBRARY_PATH="$NV_ROOT/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 python -c "import torch; assert torch.version.cuda, 'torch is not a CUDA build'; print('cuda-build-check: torch', torch.__version__, 'CUDA', torch.version.cuda)"
 "$CUDA_HOME/bin/nvcc" --version | tail -1
 
+find_cuobjdump() {  # prints the first cuobjdump that runs, or nothing
+  local c cands=("$CUDA_HOME/bin/cuobjdump" "$(command -v cuobjdump || true)")
+  local major site
+  major=$(python -c "import torch; print(torch.version.cuda.split('.')[0])")
+  site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  if ! ls "$site"/nvidia/cu*/bin/cuobjdump >/dev/null 2>&1; then
+    python -m pip install -q "nvidia-cuda-cuobjdump==$major.*" >&2 || echo "cuda-build-check: could not install nvidia-cuda-cuobjdump" >&2
+  fi
+  cands+=("$site"/nvidia/cu*/bin/cuobjdump)
+  cands+=("$(python -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))" 2>/dev/null || true)")
+  for c in "${cands[@]}"; do
+    if [ -n "$c" ] && [ -x "$c" ] && "$c" --version >/dev/null 2>&1; then echo "$c"; return; fi
+  done
+}
+
 mkdir "$WORK/src"
 cp -r setup.py pyproject.toml README.md MANIFEST.in csrc fsam_kernels "$WORK/src/"
+mkdir "$WORK/src/scripts" && cp scripts/build_inplace.sh "$WORK/src/scripts/"
 find "$WORK/src/fsam_kernels" -name '*.so' -delete
 cd "$WORK/src"
 build_start=$(date +%s)
-python setup.py -q build_ext --inplace
+PYTHON=python bash scripts/build_inplace.sh -q
 echo "cuda-build-check: compiled and linked in $(( $(date +%s) - build_start )) s"
 
 python - <<'PY'
@@ -62,12 +83,13 @@ print(f"cuda-build-check: fsam_kernels._C imports ({C.cuda_build}, archs {C.cuda
 PY
 # The device code inside the .so: one cubin per requested arch, PTX for "+PTX" entries.
 SO=$(ls fsam_kernels/_C*.so)
-CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
-[ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(command -v cuobjdump || true)
+CUOBJDUMP=$(find_cuobjdump)
 if [ -z "$CUOBJDUMP" ]; then
-  echo "cuda-build-check: SKIPPED the arch check: no cuobjdump in $CUDA_HOME/bin or on PATH"
+  echo "cuda-build-check: FAILED: no working cuobjdump (tried $CUDA_HOME/bin, the PATH, nvidia-cuda-cuobjdump, Triton's)"
+  exit 1
 else
-  elfs=$("$CUOBJDUMP" --list-elf "$SO")
+  echo "cuda-build-check: $CUOBJDUMP: $("$CUOBJDUMP" --version | tail -1)"
+  elfs=$("$CUOBJDUMP" --list-elf "$SO") || { echo "cuda-build-check: FAILED: $CUOBJDUMP --list-elf $SO"; exit 1; }
   ptxs=$("$CUOBJDUMP" --list-ptx "$SO" || true)
   IFS=';' read -ra archs <<< "${TORCH_CUDA_ARCH_LIST// /;}"
   for a in "${archs[@]}"; do
