@@ -1,7 +1,8 @@
 """FSAM's optimizer-wide settings: checked at construction, and again where each step reads them (users
-may change ``sparsity``, ``mask_update_interval``, ``fisher`` and ``eps`` between steps)."""
+may change ``sparsity``, ``mask_update_interval``, ``fisher`` and ``perturb_eps`` between steps)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -19,7 +20,7 @@ def check_fisher(fisher: Any) -> str:
 
 
 def check_constructor(rho: Any, sparsity: Any, mask_update_interval: Any, fisher: Any, structure: Any,
-                      preserve_zeros: Any, eps: Any, backend: Any, base_optimizer: Any) -> dict[str, Any]:
+                      preserve_zeros: Any, perturb_eps: Any, backend: Any, base_optimizer: Any) -> dict[str, Any]:
     """FSAM's constructor arguments, checked; numbers as Python numbers, ``structure`` as ``(N, M)``
     or ``None`` and ``preserve_zeros`` resolved (default: on with a structure)."""
     checked = dict(
@@ -28,7 +29,7 @@ def check_constructor(rho: Any, sparsity: Any, mask_update_interval: Any, fisher
         mask_update_interval=options.count(mask_update_interval, "mask_update_interval"),
         fisher=check_fisher(fisher),
         structure=structured.parse_structure(structure),
-        eps=options.positive(eps, "eps"),  # > 0: a zero gradient would give 0/0
+        perturb_eps=options.positive(perturb_eps, "perturb_eps"),  # > 0: a zero gradient would give 0/0
     )
     if preserve_zeros is not None and not isinstance(preserve_zeros, bool):
         raise TypeError(f"Invalid preserve_zeros: {preserve_zeros!r}; expected None, True or False")
@@ -48,5 +49,10 @@ def check_step_settings(opt: Any) -> None:
     """Check (and store as Python numbers) the optimizer-wide options a step of ``opt`` reads."""
     opt.sparsity = options.fraction(opt.sparsity, "sparsity")
     opt.mask_update_interval = options.count(opt.mask_update_interval, "mask_update_interval")
-    opt.eps = options.positive(opt.eps, "eps")
+    opt.perturb_eps = options.positive(opt.perturb_eps, "perturb_eps")
     check_fisher(opt.fisher)
+
+
+def warn_eps_alias() -> None:
+    warnings.warn("FSAM's eps attribute is now perturb_eps; eps is the base optimizer's option (pass it to the "
+                  "constructor, or set it in opt.param_groups)", FutureWarning, stacklevel=3)
