@@ -47,8 +47,9 @@ class FSAM(TwoStepOptimizer):
             support, read when the mask is built). Default: on with a ``structure``, else off.
         adaptive: ASAM's scale-invariant perturbation. ``rho`` and ``adaptive`` may be given by position,
             as davda54/sam's ``SAM(params, base_optimizer, rho, adaptive, **kwargs)``.
-        perturb_eps: added to the gradient norm (> 0). (Named as in pytorch_optimizer; ``eps`` is the
-            base optimizer's.)
+        perturb_eps: added to the gradient norm (> 0, and at least the smallest normal number of the
+            norm's dtype, 1.1754944e-38 for fp32: below it 1/perturb_eps overflows). A zero norm
+            perturbs by exactly 0. (Named as in pytorch_optimizer; ``eps`` is the base optimizer's.)
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
         **base_optimizer_kwargs: passed to ``base_optimizer`` (``lr``, ``eps``, ``betas``,
             ``weight_decay``, ...).
@@ -101,6 +102,7 @@ class FSAM(TwoStepOptimizer):
         # Users may change these between steps; _check_settings checks them again where a step reads them.
         self.sparsity, self.mask_update_interval = args["sparsity"], args["mask_update_interval"]
         self.fisher, self.perturb_eps = args["fisher"], args["perturb_eps"]
+        settings.check_perturb_eps(self.perturb_eps, settings.norm_dtype_of(self.param_groups))
 
         self._step_count = 0  # completed (perturbed) first steps
         self._layout: Optional[ParamLayout] = None
@@ -284,6 +286,7 @@ class FSAM(TwoStepOptimizer):
         norm = backend.grad_norm(layout, grads)
         if self._shards is not None:
             norm = self._shards.global_norm(norm)
+        settings.check_perturb_eps(self.perturb_eps, norm.dtype)  # before anything changes
         if not math.isfinite(norm.item()):  # one sync; torch.isfinite would add 4 kernel launches
             if scaler is None:
                 warnings.warn(f"FSAM.first_step: non-finite gradient norm ({float(norm)}); weights left unchanged "

@@ -53,6 +53,23 @@ def check_step_settings(opt: Any) -> None:
     check_fisher(opt.fisher)
 
 
+def check_perturb_eps(perturb_eps: float, norm_dtype: torch.dtype) -> None:
+    """Refuse a ``perturb_eps`` the gradient norm's dtype cannot use: below its smallest normal number
+    (1.1754944e-38 for fp32) the value is subnormal or 0 in that dtype and ``1 / perturb_eps`` overflows."""
+    tiny = torch.finfo(norm_dtype).tiny
+    if perturb_eps < tiny:
+        name = str(norm_dtype).replace("torch.", "")
+        raise ValueError(f"Invalid perturb_eps: {perturb_eps!r}; too small for the {name} gradient norm "
+                         f"(1 / perturb_eps overflows); expected a number >= {tiny!r}")
+
+
+def norm_dtype_of(param_groups: list[dict]) -> torch.dtype:
+    """The gradient norm's dtype for these parameters (see :mod:`fsam_kernels.reference`): fp64 when a
+    perturbed parameter is fp64 (torch gives a gradient its parameter's dtype), else fp32."""
+    fp64 = any(p.dtype == torch.float64 for g in param_groups if g.get("perturb", True) for p in g["params"])
+    return torch.float64 if fp64 else torch.float32
+
+
 def warn_eps_alias() -> None:
     warnings.warn("FSAM's eps attribute is now perturb_eps; eps is the base optimizer's option (pass it to the "
                   "constructor, or set it in opt.param_groups)", FutureWarning, stacklevel=3)

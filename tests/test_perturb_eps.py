@@ -93,3 +93,68 @@ def test_copies_pickled_with_the_old_eps_attribute_load(member, monkeypatch):
         p.grad = torch.ones_like(p)
     loaded.first_step()
     loaded.restore()
+
+
+# ----------------------------------------------------------------------------- an epsilon the norm can use
+FP32_TINY = torch.finfo(torch.float32).tiny
+FP64_TINY = torch.finfo(torch.float64).tiny
+
+
+def _backend_or_skip(name):
+    from fsam_kernels.backends import BackendUnavailable, get_backend
+
+    try:
+        get_backend(name, "cpu")
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    return name
+
+
+@pytest.mark.parametrize("value", [1e-40, 1e-46, FP32_TINY / 2])
+def test_an_epsilon_fp32_cannot_use_is_refused_at_construction(value):
+    with pytest.raises(ValueError, match=r"Invalid perturb_eps: .*float32.*expected a number >= 1\.17549435\d*e-38"):
+        FSAM(_model().parameters(), torch.optim.SGD, lr=0.1, perturb_eps=value)
+    FSAM(_model().parameters(), torch.optim.SGD, lr=0.1, perturb_eps=FP32_TINY)  # the smallest usable value
+
+
+def test_fp64_parameters_use_fp64s_smallest_epsilon():
+    model = _model().double()
+    FSAM(model.parameters(), torch.optim.SGD, lr=0.1, perturb_eps=1e-300)
+    with pytest.raises(ValueError, match=r"Invalid perturb_eps: 1e-310; too small for the float64 gradient norm"):
+        FSAM(model.parameters(), torch.optim.SGD, lr=0.1, perturb_eps=1e-310)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_an_epsilon_set_mid_run_is_refused_before_anything_changes(backend):
+    model = _model()
+    opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, backend=_backend_or_skip(backend))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.perturb_eps = 1e-40
+    with pytest.raises(ValueError, match="perturb_eps: 1e-40; too small for the float32 gradient norm"):
+        opt.first_step()
+    assert opt.phase.name == "IDLE" and opt.step_count == 0 and opt.masks() == []
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_a_zero_norm_perturbs_by_exactly_zero(backend, adaptive, dtype):
+    """An all-zero gradient: 1 / perturb_eps times a large rho overflows (scale inf), yet no weight moves
+    (0 * inf would make every masked weight NaN)."""
+    model = _model().to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    groups = [{"params": model[0].parameters()}, {"params": model[1].parameters(), "fisher_mask": False}]
+    opt = FSAM(groups, torch.optim.SGD, 100.0, adaptive, lr=0.1, sparsity=0.5, perturb_eps=tiny,
+               backend=_backend_or_skip(backend))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    norm = opt.first_step()
+    assert float(norm) == 0.0 and opt.phase.name == "PERTURBED"
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b), f"{p} moved from {b}"
+    opt.restore()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
