@@ -135,6 +135,13 @@ def _plan():
     class BuildNative(BuildExtension):
         """Degrades instead of failing: CUDA+CPU -> CPU only -> pure Python (unless FSAM_FORCE_CUDA)."""
 
+        def run(self):
+            try:
+                super().run()
+            finally:  # in place (--inplace, pip install -e): the record goes next to the copied extension too
+                if self.inplace:
+                    build_info.write(RECORD, os.path.join(ROOT, "fsam_kernels", build_info.FILE_NAME))
+
         def build_extensions(self):
             try:
                 self._build_with_fallbacks()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -67,12 +68,24 @@ def test_a_cuda_build_that_fails_to_link_is_recorded_and_reported(tmp_path):
 
 
 def test_a_failing_compiler_falls_back_to_pure_python_and_says_why(tmp_path):
+    """Built in place (as pip install -e does), in a copy of the build's files: the record lands in the
+    package next to where the extension would be."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "csrc"):
+        (shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy)(os.path.join(ROOT, name), src / name)
+    (src / "fsam_kernels").mkdir()
+    shutil.copy(os.path.join(ROOT, "fsam_kernels", "build_info.py"), src / "fsam_kernels")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     cxx = _script(bin_dir / "c++", 'echo "csrc/checks.cpp:1:10: fatal error: no compiler here" >&2\nexit 1\n')
-    proc, record = _build(tmp_path, {"CXX": cxx, "CC": cxx, "FSAM_NO_CUDA": "1"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FSAM_")}
+    env.update(CXX=cxx, CC=cxx, FSAM_NO_CUDA="1")
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--build-temp", str(tmp_path / "tmp")],
+                          cwd=src, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]  # degrades to pure Python
-    assert not list((tmp_path / "lib" / "fsam_kernels").glob("_C*"))
+    assert not list((src / "fsam_kernels").glob("_C*"))
+    record = json.loads((src / "fsam_kernels" / build_info.FILE_NAME).read_text())
     cpu = record["parts"]["cpu"]
     assert cpu["attempted"] and cpu["status"].startswith("failed") and cpu["reason"]
     lines = build_info.report_lines(record)
