@@ -179,7 +179,7 @@ def report_lines(record: Optional[dict[str, Any]] = None) -> list[str]:
     record = load() if record is None else record
     if record is None:
         return ["build record: none (this tree was not built by setup.py, or it is an editable install)"]
-    lines = [f"build against torch {record.get('torch')}"
+    lines = [f"build record: torch {record.get('torch')}"
              + (f" (CUDA {record['torch_cuda']})" if record.get("torch_cuda") else " (a CPU build)")]
     lines += [part_line(record, part) for part in PART_NAMES]
     return lines

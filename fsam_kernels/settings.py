@@ -11,6 +11,7 @@ from . import options, structured
 from .backends import backend_names, requested_backend
 
 FISHER_MODES = ("batch", "empirical")
+FP32_TINY = torch.finfo(torch.float32).tiny  # the smallest perturb_eps an fp32 gradient norm can use
 
 
 def check_fisher(fisher: Any) -> str:
@@ -50,6 +51,8 @@ def check_step_settings(opt: Any) -> None:
     opt.sparsity = options.fraction(opt.sparsity, "sparsity")
     opt.mask_update_interval = options.count(opt.mask_update_interval, "mask_update_interval")
     opt.perturb_eps = options.positive(opt.perturb_eps, "perturb_eps")
+    if opt.perturb_eps < FP32_TINY:  # rare: only then are the parameters' dtypes looked at
+        check_perturb_eps(opt.perturb_eps, norm_dtype_of(opt.param_groups))
     check_fisher(opt.fisher)
 
 

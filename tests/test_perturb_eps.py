@@ -158,3 +158,13 @@ def test_a_zero_norm_perturbs_by_exactly_zero(backend, adaptive, dtype):
         assert torch.equal(p, b), f"{p} moved from {b}"
     opt.restore()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_an_epsilon_set_mid_run_is_refused_before_the_scaler_unscales():
+    """check_options (what the closure form and fsam_kernels.amp call before anything acts) refuses it
+    too, so a GradScaler is never left unscaled by a refused step."""
+    model = _model()
+    opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="torch")
+    opt.perturb_eps = 1e-40
+    with pytest.raises(ValueError, match="perturb_eps: 1e-40; too small for the float32 gradient norm"):
+        opt.check_options()
