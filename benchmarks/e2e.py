@@ -119,7 +119,7 @@ class Trainer:
         if method == "adamw":
             self.base = torch.optim.AdamW(params, **adamw_kwargs)
         elif method.startswith("fsam["):
-            self.fsam = FSAM(params, torch.optim.AdamW, rho=RHO, sparsity=SPARSITY, eps=EPS,
+            self.fsam = FSAM(params, torch.optim.AdamW, rho=RHO, sparsity=SPARSITY, perturb_eps=EPS,
                              mask_update_interval=mask_update_interval, backend=method[5:-1], **adamw_kwargs)
         else:
             base = torch.optim.AdamW(params, **adamw_kwargs)

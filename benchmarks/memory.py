@@ -20,7 +20,7 @@ from .ops import EPS, RHO, SPARSITY, Workload
 
 
 def _with_fsam(wl: Workload, backend: str):
-    opt = FSAM(wl.params, torch.optim.SGD, rho=RHO, sparsity=SPARSITY, eps=EPS, backend=backend, lr=0.0)
+    opt = FSAM(wl.params, torch.optim.SGD, rho=RHO, sparsity=SPARSITY, perturb_eps=EPS, backend=backend, lr=0.0)
     opt.first_step()  # builds the mask (step 0) and perturbs
     stats = opt.memory_stats()
     opt.restore()

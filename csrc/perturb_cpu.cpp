@@ -207,8 +207,9 @@ void masked_perturb_cpu(at::TensorList params, const OptionalTensors& grads_in, 
     // The reference's roundings, in the norm's dtype: a correctly rounded reciprocal, then one
     // multiply by fl(rho) (not rho / denom, which rounds once and can differ in the last bit); then
     // rounded to each tensor's compute dtype. Built with -ffp-contract=off, so nothing here is fused.
-    const double scale64 = (1.0 / (n + eps)) * rho[ch.t];
-    const float scale32 = norm_fp64 ? static_cast<float>(scale64)
+    // A zero norm (an all-zero gradient) perturbs by exactly 0, whatever rho and eps (0 * inf is NaN).
+    const double scale64 = n == 0.0 ? 0.0 : (1.0 / (n + eps)) * rho[ch.t];
+    const float scale32 = norm_fp64 || n == 0.0 ? static_cast<float>(scale64)
                                     : (1.0f / (static_cast<float>(n) + static_cast<float>(eps))) * static_cast<float>(rho[ch.t]);
     const bool asam = adaptive.get(ch.t);
     const int64_t bo = bit_offsets[ch.t];

@@ -278,7 +278,8 @@ __global__ void __launch_bounds__(kThreads) perturb_restore_kernel(const Perturb
       } else {
         dispatch_dtype(info.grad_dtype, [&](auto* gtag) {
           using G = std::remove_pointer_t<decltype(gtag)>;
-          const Perturb op{__fmul_rn(__frcp_rn(denom), info.rho), info.adaptive != 0};
+          // a zero norm (an all-zero gradient) perturbs by exactly 0, whatever rho and eps (0 * inf is NaN)
+          const Perturb op{n == 0.0f ? 0.0f : __fmul_rn(__frcp_rn(denom), info.rho), info.adaptive != 0};
           if (kWideLoads && info.vectorized && base + kBlock <= info.numel) {  // warp-uniform
             perturb_block_wide<W, G>(info, base, bits, block_prefix, op);
           } else {

@@ -2,7 +2,9 @@
 
 For each optimizer it prints test accuracy (mean ± std over seeds), time per training step and the
 bytes of optimizer state: the base optimizer's and what SAM/FSAM keep on top of it, both between steps
-(persistent) and at the peak of a step. Runs on the CPU by default in well under two minutes on two
+(persistent) and at the peak of a step. The optimizers train interleaved, one epoch of each in turn (the
+order rotating every epoch), so that a machine busy with something else slows them alike; each run keeps
+its own random stream, so its results are those of running it alone. Runs on the CPU by default in well under two minutes on two
 cores; ``--device auto`` uses a GPU when one is present.
 
     python examples/demo.py                      # the full demo
@@ -55,19 +57,38 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def train_one(name: str, seed: int, data, args, device: torch.device) -> dict:
-    x_tr, y_tr, x_te, y_te = data
-    torch.manual_seed(seed)
-    model = make_model(args.hidden).to(device)
-    opt = make_optimizer(name, model, args)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    steps, step_time, peak_extra = 0, 0.0, 0
-    model.train()
-    for _ in range(args.epochs):
-        order = torch.randperm(x_tr.shape[0], generator=gen).to(device)
-        for start in range(0, x_tr.shape[0], args.batch_size):
-            idx = order[start : start + args.batch_size]
+class Run:
+    """One optimizer and seed: its model, optimizer, data order and its own random stream (dropout), so
+    that runs interleaved epoch by epoch give what each gives alone."""
+
+    def __init__(self, name: str, seed: int, data, args, device: torch.device) -> None:
+        self.name, self.data, self.args, self.device = name, data, args, device
+        torch.manual_seed(seed)
+        self.model = make_model(args.hidden).to(device)
+        self.opt = make_optimizer(name, self.model, args)
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.rng = self._rng_state()
+        self.steps, self.step_time, self.peak_extra = 0, 0.0, 0
+
+    def _rng_state(self):
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def _set_rng_state(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def epoch(self) -> None:
+        """One epoch of training; only the steps are timed."""
+        x_tr, y_tr = self.data[0], self.data[1]
+        model, opt, device = self.model, self.opt, self.device
+        loss_fn = torch.nn.CrossEntropyLoss()
+        outer = self._rng_state()
+        self._set_rng_state(self.rng)
+        model.train()
+        order = torch.randperm(x_tr.shape[0], generator=self.gen).to(device)
+        for start in range(0, x_tr.shape[0], self.args.batch_size):
+            idx = order[start : start + self.args.batch_size]
             xb, yb = x_tr[idx], y_tr[idx]
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -75,7 +96,8 @@ def train_one(name: str, seed: int, data, args, device: torch.device) -> dict:
             loss_fn(model(xb), yb).backward()
             if isinstance(opt, FSAM):
                 opt.first_step(zero_grad=True)
-                peak_extra = max(peak_extra, sum(v for k, v in opt.memory_stats().items() if k != "persistent"))
+                self.peak_extra = max(self.peak_extra,
+                                      sum(v for k, v in opt.memory_stats().items() if k != "persistent"))
                 loss_fn(model(xb), yb).backward()
                 opt.second_step(zero_grad=True)
             else:
@@ -83,15 +105,39 @@ def train_one(name: str, seed: int, data, args, device: torch.device) -> dict:
                 opt.zero_grad()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            step_time += time.perf_counter() - t0
-            steps += 1
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x_te).argmax(dim=1) == y_te).float().mean().item()
-    extra = opt.memory_stats()["persistent"] if isinstance(opt, FSAM) else 0
-    n_params = sum(p.numel() for p in model.parameters())
-    return dict(acc=acc, ms_per_step=1e3 * step_time / steps, base_state=state_bytes(opt),
-                extra_persistent=extra, extra_peak=peak_extra, n_params=n_params)
+            self.step_time += time.perf_counter() - t0
+            self.steps += 1
+        self.rng = self._rng_state()
+        self._set_rng_state(outer)
+
+    def result(self) -> dict:
+        x_te, y_te = self.data[2], self.data[3]
+        self.model.eval()
+        with torch.no_grad():
+            acc = (self.model(x_te).argmax(dim=1) == y_te).float().mean().item()
+        opt = self.opt
+        extra = opt.memory_stats()["persistent"] if isinstance(opt, FSAM) else 0
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return dict(acc=acc, ms_per_step=1e3 * self.step_time / self.steps, base_state=state_bytes(opt),
+                    extra_persistent=extra, extra_peak=self.peak_extra, n_params=n_params)
+
+
+def interleaved(runs: list[Run], epochs: int):
+    """(epoch, run) in the order they train: one epoch of each run in turn, the order rotating every
+    epoch so that no method is always first (or last) after a pause."""
+    for e in range(epochs):
+        k = e % len(runs)
+        for run in runs[k:] + runs[:k]:
+            yield e, run
+
+
+def train_seed(names: list[str], seed: int, data, args, device: torch.device, bar=None) -> dict[str, dict]:
+    runs = [Run(name, seed, data, args, device) for name in names]
+    for _, run in interleaved(runs, args.epochs):
+        run.epoch()
+        if bar is not None:
+            bar.update(1)
+    return {run.name: run.result() for run in runs}
 
 
 def main(argv=None) -> dict:
@@ -114,10 +160,11 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     data = load_digits_split(device)
 
-    results = {}
-    runs = [(name, seed) for name in args.optimizers for seed in range(args.seeds)]
-    for name, seed in tqdm(runs, desc="training", unit="run"):
-        results.setdefault(name, []).append(train_one(name, seed, data, args, device))
+    results: dict[str, list[dict]] = {name: [] for name in args.optimizers}
+    with tqdm(total=args.seeds * args.epochs * len(args.optimizers), desc="training", unit="epoch") as bar:
+        for seed in range(args.seeds):
+            for name, r in train_seed(args.optimizers, seed, data, args, device, bar).items():
+                results[name].append(r)
 
     n_params = results[args.optimizers[0]][0]["n_params"]
     print(f"\ndigits: {data[0].shape[0]} train / {data[2].shape[0]} test, MLP with {n_params:,} params, "
@@ -136,8 +183,10 @@ def main(argv=None) -> dict:
         print(f"{label:<10}{100 * mean:>11.2f} ± {100 * std:4.2f}{ms:>10.2f}{r0['base_state']:>12,}"
               f"{r0['extra_persistent']:>17,}{r0['extra_peak']:>14,}")
         summary[name] = dict(acc_mean=mean, acc_std=std, ms_per_step=ms, **{k: r0[k] for k in ("base_state", "extra_persistent", "extra_peak")})
-    print("(bytes; 'extra' is what SAM/FSAM hold beyond the base optimizer: the packed mask between steps, "
-          "plus the saved originals of the perturbed weights during a step)")
+    print("(ms/step: mean wall time of a training step, forward, backward(s) and optimizer, with the optimizers "
+          "interleaved one epoch each in turn, so a busy machine slows them alike; bytes: 'extra' is what "
+          "SAM/FSAM hold beyond the base optimizer: the packed mask between steps, plus the saved originals "
+          "of the perturbed weights during a step)")
     return summary
 
 

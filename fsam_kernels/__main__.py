@@ -1,8 +1,9 @@
 """``python -m fsam_kernels``: what was built, what can run here, and what ``backend="auto"`` picks.
 
 Prints the versions, the compiled extension (CPU and CUDA kernels, the CUDA architectures and the
-torch it was built against), each backend's availability per device and why not, and the backend
-``"auto"`` picks per device. Works on a pure-Python install and without a GPU; probes nothing at
+torch it was built against), what the build attempted and how each part ended (see
+:mod:`fsam_kernels.build_info`), each backend's availability per device and why not, and the backend
+``"auto"`` picks per device (a warning that choice gives is part of the report, not printed before it). Works on a pure-Python install and without a GPU; probes nothing at
 import time of the package, only when run.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib.util
 import os
 import platform
 import sys
+import warnings
 
 import torch
 
@@ -40,8 +42,7 @@ def _triton_version() -> str:
 
 
 def report() -> str:
-    from . import __version__
-    from .backends import AUTO_ORDER, BackendUnavailable, backend_names, get_backend, load_error
+    from . import __version__, build_info
 
     devices = ["cpu"]
     cuda = "not available"
@@ -56,9 +57,21 @@ def report() -> str:
         f"python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}",
         f"GPU: {cuda}",
         f"native extension: {_native_build()}",
+        *(f"  {line}" for line in build_info.report_lines()),
         f"FSAM_BACKEND: {os.environ.get('FSAM_BACKEND', '(not set)')}",
         "",
     ]
+    with warnings.catch_warnings(record=True) as caught:  # auto's fallback warning: a line of the report
+        warnings.simplefilter("always")
+        lines += _backend_lines(devices)
+    lines += [f"warning: {w.message}" for w in caught]
+    return "\n".join(lines)
+
+
+def _backend_lines(devices: list[str]) -> list[str]:
+    from .backends import AUTO_ORDER, BackendUnavailable, backend_names, get_backend, load_error
+
+    lines = []
     for dev in devices:
         lines.append(f"{dev}: backends in auto's order {list(AUTO_ORDER.get(dev, ('torch',)))}")
         for name in backend_names():
@@ -75,7 +88,7 @@ def report() -> str:
             lines.append(f"  auto -> {get_backend('auto', dev).name}")
         except (BackendUnavailable, ValueError) as exc:
             lines.append(f"  auto -> error: {exc}")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:

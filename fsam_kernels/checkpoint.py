@@ -44,6 +44,21 @@ def copy_state(opt: Any) -> dict[str, Any]:
     return state  # torch.optim.Optimizer.__setstate__ adds empty hooks
 
 
+# Attributes renamed since a copy could have been pickled: old name -> new name.
+_RENAMED = {"eps": "perturb_eps"}  # FSAM's norm epsilon; ``eps`` now goes to the base optimizer
+
+
+def renamed_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A pickled copy's attributes under today's names (the options keep their values)."""
+    if not any(old in state for old in _RENAMED):
+        return state
+    state = dict(state)
+    for old, new in _RENAMED.items():
+        if old in state:
+            state.setdefault(new, state.pop(old))
+    return state
+
+
 def state_dict(opt: Any) -> dict[str, Any]:
     if opt.phase.name == "PERTURBED":
         raise RuntimeError("state_dict: the weights are perturbed; call second_step() or restore() first")

@@ -24,6 +24,8 @@ class SAM(FSAM):
     """Sharpness-aware minimization (Foret et al., 2021) with davda54/sam's semantics; ASAM with
     ``adaptive=True``. FSAM without a mask: every perturbed group is dense, no Fisher is computed and no
     mask is stored. In fp32 and fp64 with backend="torch" the trajectory is bit-identical to davda54/sam's loop.
+    davda54/sam's constructor works as is: ``SAM(params, base_optimizer, rho, adaptive, **kwargs)``, every
+    keyword but ``perturb_eps`` and ``backend`` (``eps``, ``lr``, ``betas``, ...) going to the base optimizer.
     """
 
     def __init__(
@@ -31,9 +33,9 @@ class SAM(FSAM):
         params: Iterable,
         base_optimizer: type,
         rho: float = 0.05,
-        *,
         adaptive: bool = False,
-        eps: float = 1e-12,
+        *,
+        perturb_eps: float = 1e-12,
         backend: str = "auto",
         **base_optimizer_kwargs: Any,
     ) -> None:
@@ -41,7 +43,7 @@ class SAM(FSAM):
         if mask_options:
             raise TypeError(f"SAM has no Fisher mask, so it takes no {', '.join(mask_options)}; use FSAM for that")
         super().__init__(
-            params, base_optimizer, rho, sparsity=0.0, adaptive=adaptive, eps=eps, backend=backend,
+            params, base_optimizer, rho, adaptive, sparsity=0.0, perturb_eps=perturb_eps, backend=backend,
             **base_optimizer_kwargs,
         )
         self.defaults["fisher_mask"] = False
@@ -100,6 +102,7 @@ class ESAM(_MaskedFamily):
         params: Iterable,
         base_optimizer: type,
         rho: float = 0.05,
+        adaptive: bool = False,
         *,
         beta: float = 0.6,
         gamma: float = 0.5,
@@ -113,7 +116,7 @@ class ESAM(_MaskedFamily):
             raise TypeError(f"Invalid generator: {generator!r}; expected None or a torch.Generator")
         self.generator = generator
         self._scaled: Optional[tuple[ParamLayout, ParamLayout]] = None  # (layout, its rho / beta copy)
-        super().__init__(params, base_optimizer, rho, sparsity=sparsity, **kwargs)
+        super().__init__(params, base_optimizer, rho, adaptive, sparsity=sparsity, **kwargs)
 
     def _check_settings(self) -> None:
         super()._check_settings()
@@ -238,6 +241,7 @@ class GSAM(_MaskedFamily):
         params: Iterable,
         base_optimizer: type,
         rho: float = 0.05,
+        adaptive: bool = False,
         *,
         alpha: float = 0.4,
         rho_min: Optional[float] = None,
@@ -250,7 +254,7 @@ class GSAM(_MaskedFamily):
         self._schedule_defaults = dict(rho_min=rho_min, lr_max=lr_max, lr_min=lr_min)
         self._first_grads: Optional[list[Optional[torch.Tensor]]] = None
         self._rho_layout: Optional[tuple[ParamLayout, tuple[float, ...], ParamLayout]] = None
-        super().__init__(params, base_optimizer, rho, sparsity=sparsity, **kwargs)
+        super().__init__(params, base_optimizer, rho, adaptive, sparsity=sparsity, **kwargs)
         for gi, group in enumerate(self.param_groups):
             self._finish_schedule(group, gi)
 
@@ -350,8 +354,8 @@ class GSAM(_MaskedFamily):
             sq = lambda ts: torch.stack([t.reshape(-1).dot(t.reshape(-1)) for t in ts]).sum()
             sums = self._shards.all_reduce_sum(torch.stack([inner, sq(new), sq(old)]))
             inner, new_norm, old_norm = sums[0], sums[1].sqrt(), sums[2].sqrt()
-        cosine = inner / (new_norm * old_norm + self.eps)
-        coef = cosine * old_norm / (new_norm + self.eps)
+        cosine = inner / (new_norm * old_norm + self.perturb_eps)
+        coef = cosine * old_norm / (new_norm + self.perturb_eps)
         vertical = torch._foreach_sub(old, torch._foreach_mul(new, coef))
         torch._foreach_add_(new, vertical, alpha=-self.alpha)
         for (p, _), g in zip(pairs, new):

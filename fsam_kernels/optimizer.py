@@ -23,7 +23,7 @@ class FSAM(TwoStepOptimizer):
 
     Each step perturbs only the ``1 - sparsity`` fraction of weights with the largest Fisher
     information (chosen globally over all masked parameters and refreshed every
-    ``mask_update_interval`` steps) by :math:`\epsilon = \rho\,(g \odot m) / (\lVert g\rVert_2 + eps)`,
+    ``mask_update_interval`` steps) by :math:`\epsilon = \rho\,(g \odot m) / (\lVert g\rVert_2 + perturb\_eps)`,
     takes the caller's second gradient there, restores the weights bit for bit and steps the base
     optimizer with that gradient.
 
@@ -45,10 +45,14 @@ class FSAM(TwoStepOptimizer):
             :mod:`fsam_kernels.structured`).
         preserve_zeros: never perturb weights that are exactly zero (mask intersected with the weights'
             support, read when the mask is built). Default: on with a ``structure``, else off.
-        adaptive: ASAM's scale-invariant perturbation.
-        eps: added to the gradient norm.
+        adaptive: ASAM's scale-invariant perturbation. ``rho`` and ``adaptive`` may be given by position,
+            as davda54/sam's ``SAM(params, base_optimizer, rho, adaptive, **kwargs)``.
+        perturb_eps: added to the gradient norm (> 0, and at least the smallest normal number of the
+            norm's dtype, 1.1754944e-38 for fp32: below it 1/perturb_eps overflows). A zero norm
+            perturbs by exactly 0. (Named as in pytorch_optimizer; ``eps`` is the base optimizer's.)
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
-        **base_optimizer_kwargs: passed to ``base_optimizer``.
+        **base_optimizer_kwargs: passed to ``base_optimizer`` (``lr``, ``eps``, ``betas``,
+            ``weight_decay``, ...).
 
     Numbers may be any real number (Python, numpy scalar, 0-dim tensor; not bool) and are stored as
     Python floats. Options may be changed between steps; each step checks what it reads and raises
@@ -71,19 +75,19 @@ class FSAM(TwoStepOptimizer):
         params: Iterable,
         base_optimizer: type,
         rho: float = 0.05,
+        adaptive: bool = False,
         *,
         sparsity: float = 0.9,
         mask_update_interval: int = 100,
         fisher: str = "batch",
         structure: Optional[str] = None,
         preserve_zeros: Optional[bool] = None,
-        adaptive: bool = False,
-        eps: float = 1e-12,
+        perturb_eps: float = 1e-12,
         backend: str = "auto",
         **base_optimizer_kwargs: Any,
     ) -> None:
         args = settings.check_constructor(rho, sparsity, mask_update_interval, fisher, structure, preserve_zeros,
-                                          eps, backend, base_optimizer)
+                                          perturb_eps, backend, base_optimizer)
         rho = args["rho"]
         defaults = dict(rho=rho, adaptive=adaptive, fisher_mask=True, perturb=True, **base_optimizer_kwargs)
         super().__init__(params, defaults)  # validates each group in add_param_group
@@ -97,7 +101,8 @@ class FSAM(TwoStepOptimizer):
 
         # Users may change these between steps; _check_settings checks them again where a step reads them.
         self.sparsity, self.mask_update_interval = args["sparsity"], args["mask_update_interval"]
-        self.fisher, self.eps = args["fisher"], args["eps"]
+        self.fisher, self.perturb_eps = args["fisher"], args["perturb_eps"]
+        settings.check_perturb_eps(self.perturb_eps, settings.norm_dtype_of(self.param_groups))
 
         self._step_count = 0  # completed (perturbed) first steps
         self._layout: Optional[ParamLayout] = None
@@ -281,6 +286,7 @@ class FSAM(TwoStepOptimizer):
         norm = backend.grad_norm(layout, grads)
         if self._shards is not None:
             norm = self._shards.global_norm(norm)
+        settings.check_perturb_eps(self.perturb_eps, norm.dtype)  # before anything changes
         if not math.isfinite(norm.item()):  # one sync; torch.isfinite would add 4 kernel launches
             if scaler is None:
                 warnings.warn(f"FSAM.first_step: non-finite gradient norm ({float(norm)}); weights left unchanged "
@@ -291,7 +297,7 @@ class FSAM(TwoStepOptimizer):
             return norm
         if layout.masked_index and self.mask_update_due:
             self._mask.refresh(layout, grads, self.sparsity, self.fisher, mask_scores, scheduled=True)
-        self._pending = Perturbation.apply(backend, self._perturbation_plan(layout, backend), grads, norm, self.eps,
+        self._pending = Perturbation.apply(backend, self._perturbation_plan(layout, backend), grads, norm, self.perturb_eps,
                                            self._layout_key[3])  # the storage signature of layout.params
         self._phase = Phase.PERTURBED
         self._step_count += 1
@@ -346,6 +352,20 @@ class FSAM(TwoStepOptimizer):
         mode, ...). Copy the model and the optimizer in one call (``copy.deepcopy((model, opt))``) so the
         copy's optimizer holds the copy's parameters."""
         return checkpoint.copy_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(checkpoint.renamed_state(state))  # copies pickled before perturb_eps still load
+
+    @property
+    def eps(self) -> float:
+        """Deprecated alias of :attr:`perturb_eps` (``eps`` is the base optimizer's option now)."""
+        settings.warn_eps_alias()
+        return self.perturb_eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        settings.warn_eps_alias()
+        self.perturb_eps = value
 
     # ------------------------------------------------------------------ hooks for the SAM family
     _FULL_MASK_AT_ZERO_SPARSITY = False  # the mask route at sparsity 0 (see MaskPolicy)

@@ -30,7 +30,7 @@ Exact definitions (what "bit-for-bit" means for the other backends):
   order overflows before another; decisions can differ only for a norm within rounding of that
   largest value.
 * Perturbation: ``scale = fl(1 / (norm + eps)) * fl(rho_i)`` in the norm dtype (davda54/sam's
-  rounding), rounded to the tensor's compute dtype; ``e = g * scale``, or ``e = ((w*w) * g) * scale``
+  rounding; ``scale = 0`` when ``norm == 0``, so an all-zero gradient perturbs by exactly 0), rounded to the tensor's compute dtype; ``e = g * scale``, or ``e = ((w*w) * g) * scale``
   for adaptive groups (ASAM), in the compute dtype; ``w <- dtype(w + e)`` on the masked (or dense)
   elements.
 * Restore: the saved original values are written back; bit-exact by construction.
@@ -336,7 +336,9 @@ def perturb_reference(
         return None
     saved: list[Optional[torch.Tensor]] = [None] * len(layout.params)
     masked_pos = {i: j for j, i in enumerate(layout.masked_index)}
-    inverse = (norm.reshape(()) + eps).reciprocal()
+    norm = norm.reshape(())
+    # A zero norm (an all-zero gradient) perturbs by exactly 0, whatever rho and eps (0 * inf is NaN).
+    inverse = torch.where(norm == 0, torch.zeros_like(norm), (norm + eps).reciprocal())
     for i, (p, g) in enumerate(zip(layout.params, grads)):
         if g is None:
             continue

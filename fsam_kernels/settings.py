@@ -1,7 +1,8 @@
 """FSAM's optimizer-wide settings: checked at construction, and again where each step reads them (users
-may change ``sparsity``, ``mask_update_interval``, ``fisher`` and ``eps`` between steps)."""
+may change ``sparsity``, ``mask_update_interval``, ``fisher`` and ``perturb_eps`` between steps)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -10,6 +11,7 @@ from . import options, structured
 from .backends import backend_names, requested_backend
 
 FISHER_MODES = ("batch", "empirical")
+FP32_TINY = torch.finfo(torch.float32).tiny  # the smallest perturb_eps an fp32 gradient norm can use
 
 
 def check_fisher(fisher: Any) -> str:
@@ -19,7 +21,7 @@ def check_fisher(fisher: Any) -> str:
 
 
 def check_constructor(rho: Any, sparsity: Any, mask_update_interval: Any, fisher: Any, structure: Any,
-                      preserve_zeros: Any, eps: Any, backend: Any, base_optimizer: Any) -> dict[str, Any]:
+                      preserve_zeros: Any, perturb_eps: Any, backend: Any, base_optimizer: Any) -> dict[str, Any]:
     """FSAM's constructor arguments, checked; numbers as Python numbers, ``structure`` as ``(N, M)``
     or ``None`` and ``preserve_zeros`` resolved (default: on with a structure)."""
     checked = dict(
@@ -28,7 +30,7 @@ def check_constructor(rho: Any, sparsity: Any, mask_update_interval: Any, fisher
         mask_update_interval=options.count(mask_update_interval, "mask_update_interval"),
         fisher=check_fisher(fisher),
         structure=structured.parse_structure(structure),
-        eps=options.positive(eps, "eps"),  # > 0: a zero gradient would give 0/0
+        perturb_eps=options.positive(perturb_eps, "perturb_eps"),  # > 0: a zero gradient would give 0/0
     )
     if preserve_zeros is not None and not isinstance(preserve_zeros, bool):
         raise TypeError(f"Invalid preserve_zeros: {preserve_zeros!r}; expected None, True or False")
@@ -48,5 +50,29 @@ def check_step_settings(opt: Any) -> None:
     """Check (and store as Python numbers) the optimizer-wide options a step of ``opt`` reads."""
     opt.sparsity = options.fraction(opt.sparsity, "sparsity")
     opt.mask_update_interval = options.count(opt.mask_update_interval, "mask_update_interval")
-    opt.eps = options.positive(opt.eps, "eps")
+    opt.perturb_eps = options.positive(opt.perturb_eps, "perturb_eps")
+    if opt.perturb_eps < FP32_TINY:  # rare: only then are the parameters' dtypes looked at
+        check_perturb_eps(opt.perturb_eps, norm_dtype_of(opt.param_groups))
     check_fisher(opt.fisher)
+
+
+def check_perturb_eps(perturb_eps: float, norm_dtype: torch.dtype) -> None:
+    """Refuse a ``perturb_eps`` the gradient norm's dtype cannot use: below its smallest normal number
+    (1.1754944e-38 for fp32) the value is subnormal or 0 in that dtype and ``1 / perturb_eps`` overflows."""
+    tiny = torch.finfo(norm_dtype).tiny
+    if perturb_eps < tiny:
+        name = str(norm_dtype).replace("torch.", "")
+        raise ValueError(f"Invalid perturb_eps: {perturb_eps!r}; too small for the {name} gradient norm "
+                         f"(1 / perturb_eps overflows); expected a number >= {tiny!r}")
+
+
+def norm_dtype_of(param_groups: list[dict]) -> torch.dtype:
+    """The gradient norm's dtype for these parameters (see :mod:`fsam_kernels.reference`): fp64 when a
+    perturbed parameter is fp64 (torch gives a gradient its parameter's dtype), else fp32."""
+    fp64 = any(p.dtype == torch.float64 for g in param_groups if g.get("perturb", True) for p in g["params"])
+    return torch.float64 if fp64 else torch.float32
+
+
+def warn_eps_alias() -> None:
+    warnings.warn("FSAM's eps attribute is now perturb_eps; eps is the base optimizer's option (pass it to the "
+                  "constructor, or set it in opt.param_groups)", FutureWarning, stacklevel=3)

@@ -301,7 +301,7 @@ MID_RUN = {  # name: (optimizer class, setter, exception, message)
     "interval_zero": (FSAM, _attr("mask_update_interval", 0), ValueError,
                       r"Invalid mask_update_interval: 0; expected an int >= 1"),
     "interval_float": (FSAM, _attr("mask_update_interval", 2.5), ValueError, r"Invalid mask_update_interval: 2.5"),
-    "eps_zero": (FSAM, _attr("eps", 0.0), ValueError, r"Invalid eps: 0.0; expected a finite number > 0"),
+    "eps_zero": (FSAM, _attr("perturb_eps", 0.0), ValueError, r"Invalid perturb_eps: 0.0; expected a finite number > 0"),
     "fisher_unknown": (FSAM, _attr("fisher", "hessian"), ValueError, r"Invalid fisher: 'hessian'"),
     "esam_beta_zero": (ESAM, _attr("beta", 0.0), ValueError, r"Invalid beta: 0.0; expected a number in \(0, 1\]"),
     "esam_gamma_nan": (ESAM, _attr("gamma", NAN), ValueError, r"Invalid gamma: nan"),
@@ -404,9 +404,9 @@ def numbers_of_other_types_accepted_and_stored_as_python_numbers(backend):
     groups = groups_of(model)
     groups[1]["rho"] = torch.tensor(0.1, dtype=torch.float64)
     opt = FSAM(groups, torch.optim.SGD, np.float32(0.05), lr=0.1, sparsity=torch.tensor(0.5),
-               mask_update_interval=np.int64(3), eps=np.float32(1e-12), backend=backend)
+               mask_update_interval=np.int64(3), perturb_eps=np.float32(1e-12), backend=backend)
     assert [type(g["rho"]) for g in opt.param_groups] == [float, float]
-    assert (type(opt.sparsity), type(opt.mask_update_interval), type(opt.eps)) == (float, int, float)
+    assert (type(opt.sparsity), type(opt.mask_update_interval), type(opt.perturb_eps)) == (float, int, float)
     opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "rho": np.float16(0.25)})
     assert opt.param_groups[2]["rho"] == 0.25 and type(opt.param_groups[2]["rho"]) is float
     full_step(model, opt)

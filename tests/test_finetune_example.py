@@ -133,7 +133,7 @@ def test_finetune_script_runs_a_few_steps(tmp_path):
     spec.loader.exec_module(script)
     out = tmp_path / "results"
     rows = script.main([
-        "--task", "rte", "--data-dir", SHARED_DATA, "--optimizer", "adam", "fsam", "--seeds", "0",
+        "--task", "rte", "--data-dir", SHARED_DATA, "--model", "bundled", "--optimizer", "adam", "fsam", "--seeds", "0",
         "--max-steps", "2", "--epochs", "1", "--batch-size", "4", "--max-seq-len", "32", "--max-dev-examples", "8",
         "--sparsity", "0.5", "--out", str(out), "--quiet",
     ])

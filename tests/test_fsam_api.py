@@ -45,8 +45,8 @@ def assert_unchanged(model, snap):
         (dict(mask_update_interval=2.5), ValueError, "mask_update_interval"),
         (dict(fisher="hessian"), ValueError, "fisher"),
         (dict(backend="cuda-magic"), ValueError, "backend"),
-        (dict(eps=-1.0), ValueError, "eps"),
-        (dict(eps=0.0), ValueError, "eps"),
+        (dict(perturb_eps=-1.0), ValueError, "perturb_eps"),
+        (dict(perturb_eps=0.0), ValueError, "perturb_eps"),
     ],
 )
 def test_bad_arguments_are_named(tiny_net, kwargs, exc, words):

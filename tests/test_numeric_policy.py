@@ -154,7 +154,7 @@ def test_gsam_decomposition_of_fp64_gradients_is_fp64():
     opt.first_step()
     w.grad = g2.clone()
     opt._subtract_orthogonal(opt._first_grads)
-    eps = opt.eps
+    eps = opt.perturb_eps
     cosine = g1.dot(g2) / (g2.norm() * g1.norm() + eps)
     vertical = g1 - (cosine * g1.norm() / (g2.norm() + eps)) * g2
     want = g2 - 0.4 * vertical

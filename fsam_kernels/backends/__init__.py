@@ -85,6 +85,22 @@ _FIXES = {
 }
 
 
+def _fix(name: str, dev: torch.device) -> str:
+    """Why compiled backend ``name`` does not serve ``dev`` and how to get it: for the native extension
+    the build record's line for that part (see :mod:`fsam_kernels.build_info`) where there is one."""
+    if name == "native":
+        from .. import build_info
+
+        why = build_info.reason("cuda" if dev.type == "cuda" else "cpu")
+        if why is not None:
+            return f"the native extension's {why}"
+    b = _loaded.get(name)
+    reason = None if b is None else getattr(b, "unsupported_reason", lambda d: None)(dev)
+    if reason:
+        return f"backend {name!r}: {reason}"
+    return _FIXES.get(name, f"backend {name!r} is not installed")
+
+
 def _warn_not_built(missing: list[str], dev: torch.device) -> None:
     """Once per device type: "auto" fell back to the pure-torch backend because a compiled one that
     would serve this device is not there, and how to get it."""
@@ -92,7 +108,7 @@ def _warn_not_built(missing: list[str], dev: torch.device) -> None:
     if key in _warned:
         return
     _warned.add(key)
-    fixes = "; ".join(_FIXES.get(name, f"backend {name!r} is not installed") for name in missing)
+    fixes = "; ".join(_fix(name, dev) for name in missing)
     warnings.warn(
         f"fsam_kernels: backend='auto' uses the slower pure-torch backend on {dev.type}: {fixes}. "
         "`python -m fsam_kernels` shows what was built.",
@@ -136,6 +152,8 @@ def get_backend(name: str, device: Union[str, torch.device]) -> Backend:
                 if b.name == "torch" and missing:
                     _warn_not_built(missing, dev)
                 return b
+            if candidate != "torch":  # loaded, but not built for this device (native without CUDA kernels)
+                missing.append(candidate)
         return _load("torch")
     if name not in _REGISTRY:
         raise ValueError(f"Invalid backend: {name!r}; expected 'auto' or one of {backend_names()}")

@@ -169,7 +169,9 @@ class TritonBackend(Backend):
                     return ("TRITON_INTERPRET=1 was set after fsam_kernels' Triton kernels were imported; set it "
                             "before importing them")
                 return ("Triton runs on CUDA tensors; set TRITON_INTERPRET=1 to run its kernels on the CPU "
-                        "(slow, for tests)")
+                        "(slow, for tests; Triton's interpreter needs numpy: pip install numpy)")
+            if importlib.util.find_spec("numpy") is None:
+                return "Triton's interpreter (TRITON_INTERPRET=1) needs numpy: pip install numpy"
             return mode_conflict()
         return f"Triton kernels run on CUDA tensors, not on {dev.type}"
 

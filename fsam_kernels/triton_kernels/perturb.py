@@ -97,7 +97,8 @@ def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_s
             wp = tl.multiple_of(wp, 16)
             gp = tl.multiple_of(gp, 16)
         # davda54/sam's rounding, as the reference: a correctly rounded 1 / (norm + eps), times rho
-        scale = tl.div_rn(1.0, norm + eps) * tl.load(rhos + slot)
+        # (0 for a zero norm: an all-zero gradient perturbs by exactly 0)
+        scale = tl.where(norm == 0, 0.0, tl.div_rn(1.0, norm + eps) * tl.load(rhos + slot))
         is_adaptive = tl.load(adaptive + slot) != 0
         SUB: tl.constexpr = BLOCK // SPLIT
         for h in tl.static_range(SPLIT):
