@@ -333,9 +333,9 @@ def test_load_rejects_foreign_state_and_changes_nothing(batches):
     opt.step(lambda: model(x).square().sum().backward())
     before = copy.deepcopy(opt.state_dict())
 
-    plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
-    with pytest.raises(ValueError, match="FSAM"):
-        opt.load_state_dict(plain)
+    # neither FSAM's nor a torch.optim state dict (a plain one is a warm start: test_state_and_hooks.py)
+    with pytest.raises(ValueError, match="FSAM state dict, or a torch.optim state dict"):
+        opt.load_state_dict({"state": {}, "lr": 0.1})
     # same number of tensors, different shapes (masked sizes differ) and another learning rate
     other_model = two_layers(3, 5)
     other = FSAM(other_model.parameters(), torch.optim.SGD, lr=0.7, momentum=0.9, sparsity=0.5)
