@@ -16,6 +16,7 @@ from . import reference as ref
 from .backends.base import Backend, tensors_nbytes
 from .layout import ParamLayout
 from .optimizer import FSAM
+from .protocol import outside_inference_mode
 
 __all__ = ["SAM", "ESAM", "GSAM"]
 
@@ -172,6 +173,7 @@ class ESAM(_MaskedFamily):
         top = torch.sort(rise, descending=True, stable=True).indices[:keep]
         return torch.sort(top).values
 
+    @outside_inference_mode
     def step(self, closure: Optional[Callable[[Optional[torch.Tensor]], torch.Tensor]] = None,
              losses: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """One ESAM step; returns the mean loss of the samples used by the second backward (at ``w + e``).
