@@ -4,7 +4,9 @@
   entry (version 2: step count, packed mask, fp32 Fisher accumulator, the masked sizes and every
   parameter's shape). Version 1 checkpoints (no shapes) still load. A checkpoint that does not fit the
   parameters is refused before anything changes, naming what differs; a failure while loading puts
-  everything back.
+  everything back. The entry also records ``structure`` and ``preserve_zeros`` (absent from older
+  checkpoints, whose mask is then checked against the optimizer's options instead); a plain state dict
+  of the base optimizer is a warm start (:func:`warm_start_entry`).
 * :func:`copy_state`: what ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` copy.
 """
 from __future__ import annotations
@@ -159,10 +161,7 @@ def _with_fsam_options(opt: Any, saved_groups: list) -> list:
 
 
 def _load_checked(opt: Any, state_dict: dict[str, Any], fsam: dict[str, Any]) -> None:
-    opt.base_optimizer.load_state_dict(state_dict)
-    # torch's load_state_dict replaces the groups list: share it again.
-    opt.param_groups = opt.base_optimizer.param_groups
-    opt.state = opt.base_optimizer.state
+    opt.base_optimizer.load_state_dict(state_dict)  # opt.param_groups and opt.state follow (properties)
     layout = opt._current_layout()
     # Masks and accumulators keep their own dtypes (uint8 / fp32), never the parameters'.
     bits = fsam["mask"]
