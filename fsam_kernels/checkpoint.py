@@ -102,10 +102,13 @@ def mask_options(opt: Any) -> dict[str, Any]:
 def check_mask_options(opt: Any, fsam: Mapping[str, Any]) -> None:
     """Refuse a checkpoint written with another ``structure`` or ``preserve_zeros`` (naming both), and a
     mask that this optimizer's options could not have built: with a structure, more than N set of some M
-    consecutive elements of an N:M tensor (exactly N without ``preserve_zeros``); with
-    ``preserve_zeros``, a set bit on a weight that is zero."""
+    consecutive elements of an N:M tensor (exactly N without ``preserve_zeros``); and, in a checkpoint
+    that does not record the options, with ``preserve_zeros`` a set bit on a weight that is zero now (a
+    recorded one was built on the support of its time: weights pruned since, before the next mask
+    update, do not make it unloadable)."""
     ours = mask_options(opt)
-    if "structure" in fsam or "preserve_zeros" in fsam:
+    recorded = "structure" in fsam or "preserve_zeros" in fsam
+    if recorded:
         theirs = {k: fsam.get(k) for k in ours}
         if theirs != ours:
             raise ValueError("load_state_dict: the checkpoint was written with " + _options_text(theirs) +
@@ -120,7 +123,7 @@ def check_mask_options(opt: Any, fsam: Mapping[str, Any]) -> None:
                  for i in range(len(g["params"]))]
     for (gi, i), p, keep in zip(masked_at, layout.masked_params, ref.unpack_mask(layout, bits.to(layout.device))):
         where = f"param_groups[{gi}]['params'][{i}]"
-        if opt.preserve_zeros and bool((keep & (p.detach() == 0)).any()):
+        if opt.preserve_zeros and not recorded and bool((keep & (p.detach() == 0)).any()):
             raise ValueError(f"load_state_dict: the checkpoint's mask perturbs weights of {where} that are zero, "
                              f"which preserve_zeros=True never does (written without it?)")
         if opt.structure is None or not ref.nm_eligible(p.shape, opt.structure[1]):

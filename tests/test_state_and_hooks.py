@@ -429,3 +429,13 @@ def test_each_masked_tensor_pays_64_bytes_of_mask_at_least():
     mask = opt.memory_stats()["mask"]
     assert mask == 30 * 64  # one 512-bit aligned run per tensor
     assert mask / 90 == pytest.approx(21.33, abs=0.01)  # bytes per parameter, as documented
+
+
+def test_recorded_checkpoint_loads_after_more_weights_were_pruned():
+    sd = checkpoint_of(pruned_linear(), structure="2:4")
+    layer = pruned_linear()
+    with torch.no_grad():
+        layer.weight[0] = 0  # pruned further after the mask was built
+    opt = FSAM(layer.parameters(), torch.optim.SGD, lr=0.0, structure="2:4", backend="torch")
+    opt.load_state_dict(sd)
+    assert torch.equal(opt._mask.bits, sd["fsam"]["mask"])
