@@ -439,3 +439,21 @@ def test_recorded_checkpoint_loads_after_more_weights_were_pruned():
     opt = FSAM(layer.parameters(), torch.optim.SGD, lr=0.0, structure="2:4", backend="torch")
     opt.load_state_dict(sd)
     assert torch.equal(opt._mask.bits, sd["fsam"]["mask"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_stats_count_esams_per_step_mask(backend):
+    from fsam_kernels import ESAM
+
+    need(backend)
+    model = net()
+    opt = ESAM(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, beta=0.5, gamma=1.0, backend=backend,
+               generator=torch.Generator().manual_seed(0))
+    loss_of(model).backward()
+    opt.first_step()
+    pending = opt._pending
+    assert pending.bits is not opt._mask.bits  # the Fisher mask and'ed with a random subset
+    originals = sum(int(m.sum()) for m in ref.unpack_mask(pending.layout, pending.bits)) * 4
+    assert opt.memory_stats()["saved"] == originals + nbytes(held_tensors([pending.bits, pending.aux]))
+    opt.restore()
+    assert opt.memory_stats()["saved"] == 0
