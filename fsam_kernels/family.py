@@ -148,6 +148,15 @@ class ESAM(_MaskedFamily):
         bits = torch.bitwise_and(bits, self._random_bits(layout))
         return self._scaled_layout(layout), bits, backend.mask_aux(layout, bits)
 
+    def memory_stats(self) -> dict[str, int]:
+        """FSAM's, plus ``step_mask``: a pending step's own mask and aux (the Fisher mask and'ed with the
+        random subset, while ``beta < 1``)."""
+        stats = super().memory_stats()
+        pending = self._pending
+        own = pending is not None and pending.bits is not None and pending.bits is not self._mask.bits
+        stats["step_mask"] = tensors_nbytes(pending.bits) + tensors_nbytes(pending.aux) if own else 0
+        return stats
+
     # ------------------------------------------------------------------ sharpness-sensitive data selection
     @staticmethod
     def _check_losses(what: str, losses: Any, size: Optional[int]) -> torch.Tensor:

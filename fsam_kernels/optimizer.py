@@ -245,22 +245,14 @@ class FSAM(TwoStepOptimizer):
         tensor costs at least 64 bytes, so a model of 3-value tensors pays 21 B/param, not 0.125),
         ``mask_aux`` (the backend's data derived from the mask: native's per-512-bit-block int64 prefix
         counts, Triton's per-chunk prefix counts; none on torch), ``fisher`` (the fp32 accumulator),
-        ``saved`` (the pending step's compact originals, and ESAM's per-step mask) and ``persistent``
-        (all but ``saved``). The backends' device tables (pointers, offsets; cached per set of tensors
-        and shared by optimizers) are not counted."""
+        ``saved`` (the pending step's compact originals) and ``persistent`` (all but ``saved``). The
+        backends' device tables (pointers, offsets; cached per set of tensors and shared by optimizers)
+        are not counted."""
         stats = {"mask": tensors_nbytes(self._mask.bits), "mask_aux": tensors_nbytes(self._mask.aux),
-                 "fisher": tensors_nbytes(self._mask.fisher), "saved": self._pending_nbytes()}
+                 "fisher": tensors_nbytes(self._mask.fisher), "saved": self._pending.nbytes() if self._pending else 0}
         stats["persistent"] = stats["mask"] + stats["mask_aux"] + stats["fisher"]
         return stats
 
-    def _pending_nbytes(self) -> int:
-        """The pending step's originals, and its own mask and aux when it perturbs with another mask than
-        the Fisher mask (ESAM's random subset)."""
-        pending = self._pending
-        if pending is None:
-            return 0
-        own = pending.bits is not None and pending.bits is not self._mask.bits
-        return pending.nbytes() + (tensors_nbytes(pending.bits) + tensors_nbytes(pending.aux) if own else 0)
 
     # ------------------------------------------------------------------ the step protocol
     @_hooked_step

@@ -454,6 +454,8 @@ def test_memory_stats_count_esams_per_step_mask(backend):
     pending = opt._pending
     assert pending.bits is not opt._mask.bits  # the Fisher mask and'ed with a random subset
     originals = sum(int(m.sum()) for m in ref.unpack_mask(pending.layout, pending.bits)) * 4
-    assert opt.memory_stats()["saved"] == originals + nbytes(held_tensors([pending.bits, pending.aux]))
+    stats = opt.memory_stats()
+    assert stats["saved"] == originals
+    assert stats["step_mask"] == nbytes(held_tensors([pending.bits, pending.aux])) > 0
     opt.restore()
-    assert opt.memory_stats()["saved"] == 0
+    assert opt.memory_stats()["saved"] == opt.memory_stats()["step_mask"] == 0
