@@ -88,9 +88,19 @@ def _hooked_step(func: Callable) -> Callable:
     return wrapper
 
 
-# FSAM's entry points run with inference mode off: called inside torch.inference_mode() they behave as
-# outside, on every backend, and create no inference tensor (which a later step outside could not update).
-outside_inference_mode = torch.inference_mode(False)
+def outside_inference_mode(func: Callable) -> Callable:
+    """FSAM's entry points run with inference mode off: called inside torch.inference_mode() they behave
+    as outside, on every backend, and create no inference tensor (which a later step outside could not
+    update). Outside it (the usual case) this costs one check, not a context switch."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_inference_mode_enabled():
+            return func(*args, **kwargs)
+        with torch.inference_mode(False):
+            return func(*args, **kwargs)
+
+    return wrapper
 
 
 class TwoStepOptimizer(torch.optim.Optimizer):
