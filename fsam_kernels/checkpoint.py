@@ -4,7 +4,9 @@
   entry (version 2: step count, packed mask, fp32 Fisher accumulator, the masked sizes and every
   parameter's shape). Version 1 checkpoints (no shapes) still load. A checkpoint that does not fit the
   parameters is refused before anything changes, naming what differs; a failure while loading puts
-  everything back.
+  everything back. The entry also records ``structure`` and ``preserve_zeros`` (absent from older
+  checkpoints, whose mask is then checked against the optimizer's options instead); a plain state dict
+  of the base optimizer is a warm start (:func:`warm_start_entry`).
 * :func:`copy_state`: what ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` copy.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
+from . import reference as ref
 from .layout import MASK_ALIGN_BITS, align_up, full_mask
 
 STATE_VERSION = 2  # 2 added every parameter's shape
@@ -75,6 +78,7 @@ def state_dict(opt: Any) -> dict[str, Any]:
         # Every parameter's shape (version 2), so that a checkpoint never loads into other shapes.
         "param_shapes": [[list(p.shape) for p in g["params"]] for g in opt.param_groups],
     }
+    sd["fsam"].update(mask_options(opt))
     return sd
 
 
@@ -82,11 +86,13 @@ def load_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
     state_dict = dict(state_dict)
     fsam = state_dict.pop("fsam", None)
     if fsam is None:
-        raise ValueError("load_state_dict: not an FSAM state dict (no 'fsam' entry)")
-    if fsam.get("version") not in LOADABLE_VERSIONS:
+        fsam = warm_start_entry(opt, state_dict)
+        state_dict["param_groups"] = _with_fsam_options(opt, state_dict["param_groups"])
+    elif fsam.get("version") not in LOADABLE_VERSIONS:
         raise ValueError(f"load_state_dict: unsupported FSAM state version {fsam.get('version')!r}; "
                          f"expected one of {LOADABLE_VERSIONS}")
     check_loadable(opt, state_dict, fsam)  # before anything changes
+    check_mask_options(opt, fsam)
     # torch's load_state_dict replaces the state and groups objects, leaving the old ones intact:
     # whatever fails from here on is undone by putting them (and FSAM's attributes) back.
     before = (dict(opt.__dict__), dict(opt._mask.__dict__), opt.base_optimizer.state, opt.base_optimizer.param_groups)
@@ -101,11 +107,79 @@ def load_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
         raise
 
 
+def mask_options(opt: Any) -> dict[str, Any]:
+    """How the optimizer builds its mask, recorded in its checkpoints (since 0.x, without a new version:
+    a checkpoint without them was written before, and its mask is checked against these options)."""
+    return {"structure": None if opt.structure is None else "%d:%d" % opt.structure,
+            "preserve_zeros": bool(opt.preserve_zeros)}
+
+
+def check_mask_options(opt: Any, fsam: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint written with another ``structure`` or ``preserve_zeros`` (naming both), and a
+    mask that this optimizer's options could not have built: with a structure, more than N set of some M
+    consecutive elements of an N:M tensor (exactly N without ``preserve_zeros``); and, in a checkpoint
+    that does not record the options, with ``preserve_zeros`` a set bit on a weight that is zero now (a
+    recorded one was built on the support of its time: weights pruned since, before the next mask
+    update, do not make it unloadable)."""
+    ours = mask_options(opt)
+    recorded = "structure" in fsam or "preserve_zeros" in fsam
+    if recorded:
+        theirs = {k: fsam.get(k) for k in ours}
+        if theirs != ours:
+            raise ValueError("load_state_dict: the checkpoint was written with " + _options_text(theirs) +
+                             "; this optimizer has " + _options_text(ours) + " (they choose how the mask is built; "
+                             "create the optimizer with the checkpoint's options)")
+    bits = fsam["mask"]
+    if bits is None or (opt.structure is None and not opt.preserve_zeros):
+        return
+    layout = opt._current_layout()
+    groups = opt.param_groups
+    masked_at = [(gi, i) for gi, g in enumerate(groups) if g.get("perturb", True) and g.get("fisher_mask", True)
+                 for i in range(len(g["params"]))]
+    for (gi, i), p, keep in zip(masked_at, layout.masked_params, ref.unpack_mask(layout, bits.to(layout.device))):
+        where = f"param_groups[{gi}]['params'][{i}]"
+        if opt.preserve_zeros and not recorded and bool((keep & (p.detach() == 0)).any()):
+            raise ValueError(f"load_state_dict: the checkpoint's mask perturbs weights of {where} that are zero, "
+                             f"which preserve_zeros=True never does (written without it?)")
+        if opt.structure is None or not ref.nm_eligible(p.shape, opt.structure[1]):
+            continue
+        n, m = opt.structure
+        per_group = keep.reshape(-1, m).sum(dim=1)
+        wrong = (per_group > n) if opt.preserve_zeros else (per_group != n)
+        if bool(wrong.any()):
+            raise ValueError(f"load_state_dict: the checkpoint's mask of {where} is not {n}:{m}: {int(wrong.sum())} "
+                             f"groups of {m} have {'more than' if opt.preserve_zeros else 'other than'} {n} elements "
+                             "set (written without this structure?)")
+
+
+def _options_text(options: Mapping[str, Any]) -> str:
+    return f"structure={options['structure']!r}, preserve_zeros={options['preserve_zeros']!r}"
+
+
+WARM_START = 0  # the "version" of a plain base optimizer state dict (no "fsam" entry)
+
+
+def warm_start_entry(opt: Any, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``"fsam"`` entry that a plain state dict of the base optimizer stands for: FSAM's state afresh
+    (step count 0, no mask, no Fisher accumulator), checked like a version 1 checkpoint."""
+    if not isinstance(state_dict.get("param_groups"), list) or not isinstance(state_dict.get("state"), Mapping):
+        raise ValueError("load_state_dict: expected an FSAM state dict, or a torch.optim state dict (with "
+                         "'state' and 'param_groups') of the base optimizer to warm-start from; got one with keys "
+                         f"{sorted(map(str, state_dict))}")
+    layout = opt._current_layout()
+    return {"version": WARM_START, "step_count": 0, "mask": None, "fisher_accum": None, "fisher_count": 0,
+            "masked_numel": [layout.numel[i] for i in layout.masked_index]}
+
+
+def _with_fsam_options(opt: Any, saved_groups: list) -> list:
+    """The saved groups, each completed with the FSAM options (rho, ...) of this optimizer's group that
+    it lacks (a base optimizer's state dict knows none of them; torch takes a loaded group's options)."""
+    return [{**{k: v for k, v in g.items() if k != "params"}, **sg} if isinstance(sg, Mapping) else sg
+            for sg, g in zip(saved_groups, opt.param_groups)] + saved_groups[len(opt.param_groups):]
+
+
 def _load_checked(opt: Any, state_dict: dict[str, Any], fsam: dict[str, Any]) -> None:
-    opt.base_optimizer.load_state_dict(state_dict)
-    # torch's load_state_dict replaces the groups list: share it again.
-    opt.param_groups = opt.base_optimizer.param_groups
-    opt.state = opt.base_optimizer.state
+    opt.base_optimizer.load_state_dict(state_dict)  # opt.param_groups and opt.state follow (properties)
     layout = opt._current_layout()
     # Masks and accumulators keep their own dtypes (uint8 / fp32), never the parameters'.
     bits = fsam["mask"]

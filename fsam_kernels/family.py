@@ -16,6 +16,7 @@ from . import reference as ref
 from .backends.base import Backend, tensors_nbytes
 from .layout import ParamLayout
 from .optimizer import FSAM
+from .protocol import outside_inference_mode
 
 __all__ = ["SAM", "ESAM", "GSAM"]
 
@@ -150,6 +151,15 @@ class ESAM(_MaskedFamily):
         bits = torch.bitwise_and(bits, self._random_bits(layout))
         return self._scaled_layout(layout), bits, backend.mask_aux(layout, bits)
 
+    def memory_stats(self) -> dict[str, int]:
+        """FSAM's, plus ``step_mask``: a pending step's own mask and aux (the Fisher mask and'ed with the
+        random subset, while ``beta < 1``)."""
+        stats = super().memory_stats()
+        pending = self._pending
+        own = pending is not None and pending.bits is not None and pending.bits is not self._mask.bits
+        stats["step_mask"] = tensors_nbytes(pending.bits) + tensors_nbytes(pending.aux) if own else 0
+        return stats
+
     # ------------------------------------------------------------------ sharpness-sensitive data selection
     @staticmethod
     def _check_losses(what: str, losses: Any, size: Optional[int]) -> torch.Tensor:
@@ -175,6 +185,7 @@ class ESAM(_MaskedFamily):
         top = torch.sort(rise, descending=True, stable=True).indices[:keep]
         return torch.sort(top).values
 
+    @outside_inference_mode
     def step(self, closure: Optional[Callable[[Optional[torch.Tensor]], torch.Tensor]] = None,
              losses: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """One ESAM step; returns the mean loss of the samples used by the second backward (at ``w + e``).

@@ -14,7 +14,7 @@ from .fsdp import ShardedParams
 from .layout import ParamLayout
 from .mask_policy import MaskPolicy, Scores
 from .perturbation import Perturbation
-from .protocol import Phase, TwoStepOptimizer, _check_scaler
+from .protocol import Phase, TwoStepOptimizer, _check_scaler, _hooked_step, outside_inference_mode
 from .settings import FISHER_MODES
 
 
@@ -94,10 +94,8 @@ class FSAM(TwoStepOptimizer):
         if not any(g["perturb"] and g["params"] for g in self.param_groups):
             raise ValueError("FSAM: no parameter to perturb (every param group has perturb=False)")
 
-        self.base_optimizer = base_optimizer(self.param_groups, **base_optimizer_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        self.defaults.update(self.base_optimizer.defaults)
+        # From here on param_groups, state and defaults are the base optimizer's (see TwoStepOptimizer).
+        self._share_base_optimizer(base_optimizer(self.param_groups, **base_optimizer_kwargs))
 
         # Users may change these between steps; _check_settings checks them again where a step reads them.
         self.sparsity, self.mask_update_interval = args["sparsity"], args["mask_update_interval"]
@@ -196,6 +194,7 @@ class FSAM(TwoStepOptimizer):
     def _has_any_grad(self) -> bool:
         return any(g is not None for g in self._grads(self._current_layout()))
 
+    @outside_inference_mode
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """The norm of the current gradients that :meth:`first_step` would perturb with (0-dim tensor)."""
@@ -210,6 +209,7 @@ class FSAM(TwoStepOptimizer):
         interval = options.count(self.mask_update_interval, "mask_update_interval")
         return self._mask.bits is None or self._step_count % interval == 0
 
+    @outside_inference_mode
     @torch.no_grad()
     def accumulate_fisher(self) -> None:
         """Add the current gradients, squared, to the fp32 Fisher accumulator.
@@ -221,6 +221,7 @@ class FSAM(TwoStepOptimizer):
         layout = self._current_layout()
         self._mask.accumulate(layout, self._grads(layout))
 
+    @outside_inference_mode
     @torch.no_grad()
     def update_mask(self, fisher: Optional[Scores] = None) -> None:
         """Rebuild the mask now.
@@ -236,6 +237,7 @@ class FSAM(TwoStepOptimizer):
         layout = self._current_layout()
         self._mask.refresh(layout, self._grads(layout), self.sparsity, self.fisher, fisher, scheduled=False)
 
+    @outside_inference_mode
     def masks(self) -> list[torch.Tensor]:
         """Current masks as bool tensors shaped like the masked parameters (param_group order)."""
         if self._mask.bits is None:
@@ -243,13 +245,23 @@ class FSAM(TwoStepOptimizer):
         return ref.unpack_mask(self._current_layout(), self._mask.bits)
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes FSAM itself holds (the base optimizer's state is not counted)."""
+        """Bytes of every tensor FSAM itself holds (the base optimizer's state is not counted): ``mask``
+        (packed, 1 bit per masked value, each masked tensor's bits starting on a 64-byte boundary: a
+        tensor costs at least 64 bytes, so a model of 3-value tensors pays 21 B/param, not 0.125),
+        ``mask_aux`` (the backend's data derived from the mask: native's per-512-bit-block int64 prefix
+        counts, Triton's per-chunk prefix counts; none on torch), ``fisher`` (the fp32 accumulator),
+        ``saved`` (the pending step's compact originals) and ``persistent`` (all but ``saved``). The
+        backends' device tables (pointers, offsets; cached per set of tensors and shared by optimizers)
+        are not counted."""
         stats = {"mask": tensors_nbytes(self._mask.bits), "mask_aux": tensors_nbytes(self._mask.aux),
                  "fisher": tensors_nbytes(self._mask.fisher), "saved": self._pending.nbytes() if self._pending else 0}
         stats["persistent"] = stats["mask"] + stats["mask_aux"] + stats["fisher"]
         return stats
 
+
     # ------------------------------------------------------------------ the step protocol
+    @_hooked_step
+    @outside_inference_mode
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, mask_scores: Optional[Scores] = None,
                    scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
@@ -306,6 +318,7 @@ class FSAM(TwoStepOptimizer):
             self.zero_grad()
         return norm
 
+    @outside_inference_mode
     @torch.no_grad()
     def restore(self) -> None:
         """Undo a pending perturbation, bit for bit. Idempotent; a no-op when nothing is perturbed."""
@@ -331,14 +344,37 @@ class FSAM(TwoStepOptimizer):
 
     # ------------------------------------------------------------------ checkpoints and copies
     def state_dict(self) -> dict[str, Any]:
-        return checkpoint.state_dict(self)
+        """The base optimizer's state dict plus FSAM's ``"fsam"`` entry. torch.optim's state-dict
+        pre-hooks and post-hooks registered on this optimizer fire as torch's ``state_dict`` fires them."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = checkpoint.state_dict(self)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
 
+    @outside_inference_mode
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of :meth:`state_dict` (this version's or version 1's). It must fit these
-        parameters (shapes, mask, Fisher accumulator; see :func:`fsam_kernels.checkpoint.check_loadable`);
-        if it does not, or loading fails, a ValueError names what differs and nothing has changed."""
+        parameters (shapes, mask, Fisher accumulator, ``structure`` and ``preserve_zeros``; see
+        :func:`fsam_kernels.checkpoint.check_loadable`); if it does not, or loading fails, a ValueError
+        names what differs and nothing has changed.
+
+        A plain state dict of the base optimizer (no ``"fsam"`` entry) is a warm start: the base
+        optimizer's state and hyperparameters are loaded (each group keeps its FSAM options), FSAM's own
+        state starts afresh (step count 0, no mask: it is built at the next step, no Fisher
+        accumulator). torch.optim's load-state-dict pre-hooks and post-hooks fire as torch fires them."""
         self._require_idle("load_state_dict")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         checkpoint.load_state_dict(self, state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _loaded(self, step_count: int) -> None:
         self._step_count, self._pending, self._phase = step_count, None, Phase.IDLE

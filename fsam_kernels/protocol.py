@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
+import itertools
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from torch.optim import optimizer as _torch_optimizer
 
 
 class Phase(enum.Enum):
@@ -29,12 +32,104 @@ class Phase(enum.Enum):
     SKIPPED = "skipped"  # first_step saw a non-finite gradient norm and changed nothing
 
 
+def _forwarded(name: str) -> property:
+    """``param_groups``, ``state`` and ``defaults``: always the base optimizer's (also after
+    ``opt.base_optimizer.load_state_dict(...)``, which replaces its lists), so an LR scheduler attached
+    to either acts on both. Before the base optimizer exists (torch.optim.Optimizer.__init__ assigns
+    them) they are held here."""
+    own = "_own_" + name
+
+    def get(self: Any) -> Any:
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            return getattr(base, name)
+        try:
+            return self.__dict__[own]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def set(self: Any, value: Any) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            setattr(base, name, value)
+        else:
+            self.__dict__[own] = value
+
+    return property(get, set, doc=f"The base optimizer's ``{name}``.")
+
+
+def _hooked_step(func: Callable) -> Callable:
+    """What torch.optim's ``profile_hook_step`` does for ``step``, for the two-call form: the step
+    pre-hooks (global, then this optimizer's) before ``first_step``, the post-hooks (this optimizer's,
+    then global) after ``second_step``. A pre-hook may return ``(args, kwargs)`` to replace the call's.
+    Inside ``step(closure)``, which torch's wrapper already hooks, they do not fire again."""
+    pre = func.__name__ == "first_step"
+
+    @functools.wraps(func)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._in_hooked_step:
+            return func(self, *args, **kwargs)
+        if pre:
+            for hook in itertools.chain(_torch_optimizer._global_optimizer_pre_hooks.values(),
+                                        self._optimizer_step_pre_hooks.values()):
+                result = hook(self, (self, *args), kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(f"{func.__qualname__}: a step pre-hook must return None or a tuple "
+                                           f"(new_args, new_kwargs), got {result!r}")
+                    (_, *args), kwargs = result
+        out = func(self, *args, **kwargs)
+        if not pre:
+            for hook in itertools.chain(self._optimizer_step_post_hooks.values(),
+                                        _torch_optimizer._global_optimizer_post_hooks.values()):
+                hook(self, (self, *args), kwargs)
+        return out
+
+    return wrapper
+
+
+def outside_inference_mode(func: Callable) -> Callable:
+    """FSAM's entry points run with inference mode off: called inside torch.inference_mode() they behave
+    as outside, on every backend, and create no inference tensor (which a later step outside could not
+    update). Outside it (the usual case) this costs one check, not a context switch."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_inference_mode_enabled():
+            return func(*args, **kwargs)
+        with torch.inference_mode(False):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
 class TwoStepOptimizer(torch.optim.Optimizer):
-    """Base of :class:`fsam_kernels.FSAM`: the step protocol around ``self.base_optimizer``."""
+    """Base of :class:`fsam_kernels.FSAM`: the step protocol around ``self.base_optimizer``.
+
+    torch.optim's step hooks (``register_step_pre_hook``/``register_step_post_hook`` and the global
+    ``register_optimizer_step_pre_hook``/``post_hook``) fire once per step: around ``step(closure)``
+    (torch's own wrapper), and in the two-call form the pre-hooks when ``first_step`` begins and the
+    post-hooks when ``second_step`` returns (a step abandoned with ``restore()`` fires no post-hook).
+    """
 
     base_optimizer: torch.optim.Optimizer
     _phase: Phase = Phase.IDLE
     _closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
+    _in_hooked_step = False  # inside step(closure): its first_step/second_step fire no step hooks
+
+    param_groups = _forwarded("param_groups")
+    state = _forwarded("state")
+    defaults = _forwarded("defaults")
+
+    def _share_base_optimizer(self, base: torch.optim.Optimizer) -> None:
+        """Make ``base`` the holder of ``param_groups``, ``state`` and ``defaults`` (keeping this
+        optimizer's defaults the base optimizer lacks, e.g. ``rho``)."""
+        own = self.defaults
+        self.base_optimizer = base
+        for key, value in own.items():
+            base.defaults.setdefault(key, value)
+        for name in ("param_groups", "state", "defaults"):
+            self.__dict__.pop("_own_" + name, None)
 
     @property
     def phase(self) -> Phase:
@@ -68,20 +163,32 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         """The snapshot will not be rewound to."""
 
     # ------------------------------------------------------------------ the protocol
+    @_hooked_step
+    @outside_inference_mode
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, scaler: Optional[torch.amp.GradScaler] = None) -> bool:
         """Restore the weights and step the base optimizer with the current (perturbed-point) gradient.
 
         With ``scaler``: the gradient is unscaled, the base optimizer stepped through the scaler (which
         skips the step on inf/NaN) after the restore, and the scale updated; after a skipped
-        first_step the base optimizer is not stepped. Returns whether the base optimizer stepped."""
+        first_step the base optimizer is not stepped. Returns whether the base optimizer stepped.
+
+        torch's clipping recipe works as with ``scaler.step``: ``scaler.unscale_(opt.base_optimizer)``,
+        clip, then this call (the gradients are not unscaled twice). If anything here fails, the
+        weights are restored first (the step is abandoned, phase ``IDLE``) and the error raised."""
         if self._phase is Phase.IDLE:
             raise RuntimeError("second_step called without a first_step")
         _check_scaler(scaler)
         perturbed = self._phase is Phase.PERTURBED
-        if perturbed and scaler is not None:
-            scaler.unscale_(self.base_optimizer)  # the hook works on true gradients
-        self._before_base_step()
+        try:
+            if perturbed and scaler is not None and _unscale_pending(scaler, self.base_optimizer):
+                scaler.unscale_(self.base_optimizer)  # the hook works on true gradients
+            self._before_base_step()
+        except BaseException:
+            self.restore()
+            if scaler is not None and scaler.is_enabled():
+                scaler.update()  # clears this step's unscale_ records, so the next step can unscale
+            raise
         self.restore()  # before the scaler's step, so a skipped step leaves the weights untouched
         if scaler is None:
             self._step_base()
@@ -105,6 +212,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         self._opt_called = True  # tells an LR scheduler attached to this optimizer that it stepped
         return out
 
+    @outside_inference_mode
     def step(self, closure: Optional[Callable[[], Any]] = None, *,
              scaler: Optional[torch.amp.GradScaler] = None) -> Any:
         """One FSAM step with ``closure`` (a function that computes the loss, calls ``backward()`` and
@@ -161,6 +269,14 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         """What every ``step(closure)`` does after the first backward: :meth:`first_step`,
         ``second_pass()`` at ``w + e``, :meth:`second_step`; undone if ``second_pass`` raises. After a
         non-finite first gradient the rest is skipped: ``(False, None)``."""
+        hooked, self._in_hooked_step = self._in_hooked_step, True  # torch's step wrapper fired the hooks
+        try:
+            return self._two_passes_unhooked(second_pass, scaler)
+        finally:
+            self._in_hooked_step = hooked
+
+    def _two_passes_unhooked(self, second_pass: Callable[[], Any],
+                             scaler: Optional[torch.amp.GradScaler] = None) -> tuple[bool, Any]:
         with self.undo_on_error(scaler):
             self.first_step(zero_grad=True, scaler=scaler)
             if self._phase is Phase.SKIPPED:
@@ -220,6 +336,15 @@ class TwoStepOptimizer(torch.optim.Optimizer):
 
     def _after_restore(self) -> None:
         """Called when a pending step ends (restored, stepped or abandoned)."""
+
+
+def _unscale_pending(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.step(optimizer)`` would still unscale ``optimizer``'s gradients (its stage is
+    READY), as GradScaler.step decides; False after the caller's own ``scaler.unscale_(optimizer)``."""
+    if not scaler.is_enabled():
+        return False
+    stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
+    return stage is torch.amp.grad_scaler.OptState.READY
 
 
 def _check_scaler(scaler: Optional[Any]) -> None:

@@ -2,6 +2,7 @@
 may change ``sparsity``, ``mask_update_interval``, ``fisher`` and ``perturb_eps`` between steps)."""
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Optional
 
@@ -43,7 +44,27 @@ def check_constructor(rho: Any, sparsity: Any, mask_update_interval: Any, fisher
             f"Invalid base_optimizer: {base_optimizer!r}; expected a torch.optim.Optimizer subclass "
             "(the class, e.g. torch.optim.AdamW, not an instance)"
         )
+    check_base_step(base_optimizer)
     return checked
+
+
+def check_base_step(base_optimizer: type) -> None:
+    """Refuse a base optimizer whose ``step`` needs a closure (torch.optim.LBFGS and subclasses, or a
+    ``step`` whose ``closure`` has no default): FSAM steps it once, without one."""
+    needs = issubclass(base_optimizer, torch.optim.LBFGS)
+    if not needs:
+        try:
+            closure = inspect.signature(base_optimizer.step).parameters.get("closure")
+        except (TypeError, ValueError):  # no signature to read (a C function): assume it takes none
+            closure = None
+        needs = (closure is not None and closure.default is inspect.Parameter.empty
+                 and closure.kind is not inspect.Parameter.VAR_POSITIONAL)
+    if needs:
+        raise TypeError(
+            f"Invalid base_optimizer: {base_optimizer.__module__}.{base_optimizer.__qualname__}.step needs a "
+            "closure (it re-evaluates the loss within a step), but FSAM steps its base optimizer once per step "
+            "with the gradient taken at w + e, without a closure; use a first-order optimizer (SGD, Adam, AdamW, ...)"
+        )
 
 
 def check_step_settings(opt: Any) -> None:

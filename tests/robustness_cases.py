@@ -356,13 +356,17 @@ def gsam_alpha_changed_between_passes(backend):
     opt = make_fsam(model, backend, GSAM)
     full_step(model, opt)
     loss_of(model).backward()
+    weights = [p.detach().clone() for p in model.parameters()]
     opt.first_step(zero_grad=True)
     loss_of(model).backward()
     opt.alpha = NAN
-    snap = snapshot(model, opt)
+    state = snapshot(model, opt)["state"]
     with pytest.raises(ValueError, match=r"Invalid alpha: nan"):
         opt.second_step()
-    assert_same(snap, snapshot(model, opt))
+    # a failure inside second_step abandons the step: weights restored, base optimizer not stepped
+    assert_same(weights, [p.detach() for p in model.parameters()], "weights")
+    assert_same(state, snapshot(model, opt)["state"], "base optimizer state")
+    assert opt.phase.name == "IDLE"
 
 
 @case

@@ -456,3 +456,26 @@ def test_meta_parameters_are_refused_at_construction():
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] is on the meta device"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2)), meta.bias]})
     assert len(opt.param_groups) == 1
+
+
+def test_version_1_checkpoint_of_another_size_is_refused():
+    # 4 and 6 elements: both 1-D, one aligned run of mask bits each, and SGD keeps no state to compare:
+    # only the masked sizes tell the checkpoint was made for another parameter.
+    def trained(n):
+        w = torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n)))
+        opt = FSAM([w], torch.optim.SGD, lr=0.1, sparsity=0.5, backend="torch")
+        w.grad = torch.linspace(1.0, 2.0, n)
+        opt.first_step()
+        opt.second_step()
+        return w, opt
+
+    _, old = trained(4)
+    sd = copy.deepcopy(old.state_dict())
+    sd["fsam"].pop("param_shapes")
+    sd["fsam"]["version"] = 1
+    assert not any(sd["state"].values())  # nothing in the base optimizer's state to catch it
+    w, opt = trained(6)
+    before = (w.detach().clone(), opt._mask.bits.clone())
+    with pytest.raises(ValueError, match=r"masked parameters' sizes differ from the checkpoint's \(\[6\] here, \[4\] there\)"):
+        opt.load_state_dict(sd)
+    assert torch.equal(w.detach(), before[0]) and torch.equal(opt._mask.bits, before[1])

@@ -430,6 +430,22 @@ def test_gsam_rho_follows_the_learning_rate():
     assert seen[0] == pytest.approx(0.2, rel=1e-5) and seen[-1] == pytest.approx(0.05, rel=1e-5)
 
 
+@pytest.mark.parametrize("lr, lr_min, rho_t", [
+    (0.4, 0.0, 0.2),  # lr above lr_max (a warm-up overshoot, a scheduler's restart): rho, not beyond
+    (0.01, 0.05, 0.05),  # lr below lr_min: rho_min, not below
+])
+def test_gsam_rho_schedule_is_clipped_to_rho_min_and_rho(lr, lr_min, rho_t):
+    w = torch.nn.Parameter(torch.zeros(100))
+    opt = GSAM([w], torch.optim.SGD, rho=0.2, rho_min=0.05, alpha=0.0, lr=0.1, lr_max=0.1, lr_min=lr_min,
+               backend="torch")
+    opt.param_groups[0]["lr"] = lr
+    assert opt.current_rho() == [pytest.approx(rho_t)]
+    w.grad = torch.ones(100)
+    opt.first_step()
+    assert torch.linalg.vector_norm(w.detach()).item() == pytest.approx(rho_t, rel=1e-6)
+    opt.restore()
+
+
 @pytest.mark.parametrize("lr_max, lr_min, lr, rho_t", [
     (1.0, 0.25, 0.25, 0.05),  # lr == lr_min: exactly rho_min
     (0.5, 0.5, 0.5, 0.2),  # lr_max == lr_min (a constant learning rate): rho, without dividing by zero

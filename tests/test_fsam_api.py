@@ -333,9 +333,9 @@ def test_load_rejects_foreign_state_and_changes_nothing(batches):
     opt.step(lambda: model(x).square().sum().backward())
     before = copy.deepcopy(opt.state_dict())
 
-    plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
-    with pytest.raises(ValueError, match="FSAM"):
-        opt.load_state_dict(plain)
+    # neither FSAM's nor a torch.optim state dict (a plain one is a warm start: test_state_and_hooks.py)
+    with pytest.raises(ValueError, match="FSAM state dict, or a torch.optim state dict"):
+        opt.load_state_dict({"state": {}, "lr": 0.1})
     # same number of tensors, different shapes (masked sizes differ) and another learning rate
     other_model = two_layers(3, 5)
     other = FSAM(other_model.parameters(), torch.optim.SGD, lr=0.7, momentum=0.9, sparsity=0.5)
@@ -529,3 +529,20 @@ def test_add_param_group_resets_mask(tiny_net, batches):
     assert opt.param_groups[1]["rho"] == 0.2 and opt.param_groups[1]["lr"] == 0.1
     fsam_step(tiny_net, opt, batches[1])
     assert len(opt.masks()) == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_masked_parameter_without_a_gradient_scores_zero_in_batch_mode(backend):
+    # fisher="batch": a masked parameter that got no gradient this step has Fisher 0, below every
+    # other masked element with a gradient, however small that gradient is.
+    from fsam_kernels import available_backends
+
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} does not run on this CPU")
+    used = torch.nn.Parameter(torch.randn(8))
+    unused = torch.nn.Parameter(torch.randn(8))
+    opt = FSAM([used, unused], torch.optim.SGD, lr=0.1, sparsity=0.5, fisher="batch", backend=backend)
+    used.grad = torch.full((8,), 1e-3) * torch.arange(1, 9)  # squares far below 1
+    opt.first_step()
+    assert opt.masks()[0].all() and not opt.masks()[1].any()
+    opt.restore()

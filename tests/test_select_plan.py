@@ -67,3 +67,16 @@ def test_candidate_buffer_grows_with_the_bracket():
     hi, lo = bracket_ranks(1_300_000_000, 130_000_000, samples)
     assert (lo - hi - 1) * 1_300_000_000 / samples > floor
     assert candidate_capacity(1000, 64, 10, 30, 4, 1 << 20) == min(1000, 19 * 16 + 19 * 16 // 4)
+
+
+def test_candidates_grown_to_the_budget_leave_room_for_the_sample():
+    # At 2**34 values the sample is 2**25 keys (128 MiB of a 320 MiB budget): a candidate buffer grown
+    # as far as the budget allows must leave those bytes, or the mask update overruns its bound.
+    n = 1 << 34
+    backend = TritonBackend()
+    backend.candidate_capacity = MAX_BUFFER  # the floor above the room: the buffer takes all that is left
+    plan = backend.select_plan(n, n // 4096 + 1000, n // 2)
+    temporaries = dict(plan.temporaries)
+    assert temporaries["sample (int32 keys)"] == 4 * plan.n_samples >= 4 << 24
+    assert plan.temporary_bytes <= plan.budget, temporaries
+    assert plan.budget - plan.temporary_bytes < 4  # the candidates took the rest

@@ -379,6 +379,21 @@ def test_unstructured_fsam_can_preserve_zeros_too():
     opt.restore()
 
 
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_preserve_zeros_fallback_selects_among_the_support(backend):
+    # A 1-D tensor takes the unstructured fallback: its zeros have the largest gradients, yet k elements
+    # of its support must be kept (selecting the zeros, then dropping them, would keep none).
+    from fsam_kernels import available_backends
+
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} does not run on this CPU")
+    w = torch.nn.Parameter(torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0, 3.0, 0.0, 4.0]))
+    opt = FSAM([w], torch.optim.SGD, lr=0.1, sparsity=0.5, structure="2:4", backend=backend)
+    w.grad = torch.tensor([9.0, 0.1, 8.0, 0.2, 7.0, 0.3, 6.0, 0.4])
+    opt.update_mask()
+    assert opt.masks()[0].tolist() == [False, True, False, True, False, True, False, True]
+
+
 def test_structure_survives_state_dict_round_trip():
     torch.manual_seed(0)
     model = Net()

@@ -13,6 +13,7 @@ per-block prefix counts); it is rebuilt with ``mask_aux`` whenever the mask chan
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import torch
@@ -116,11 +117,14 @@ class Backend:
 
 
 def tensors_nbytes(obj: Any) -> int:
-    """Bytes of every tensor found in ``obj`` (nested lists, tuples, dicts)."""
+    """Bytes of every tensor found in ``obj`` (nested lists, tuples, dicts, dataclasses such as a
+    backend's mask aux)."""
     if obj is None:
         return 0
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensors_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     if isinstance(obj, dict):
         return sum(tensors_nbytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):

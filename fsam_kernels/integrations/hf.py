@@ -91,6 +91,10 @@ class TrainerFSAM(FSAM):
     weights inside ``training_step``; the Trainer's closure-less ``optimizer.step()`` then steps the
     base optimizer with the accumulated (clipped, unscaled) ``g_SAM``."""
 
+    # A step is the Trainer's optimizer.step(), where torch's wrapper fires the step hooks; the
+    # first_step inside training_step fires none (else pre-hooks would fire twice per step).
+    _in_hooked_step = True
+
     def step(self, closure: Optional[Any] = None, **kwargs: Any) -> Any:
         if closure is not None:
             return super().step(closure, **kwargs)
