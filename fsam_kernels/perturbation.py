@@ -93,11 +93,16 @@ def interrupts_held() -> Iterator[None]:
         yield
         return
     handler = signal.getsignal(signal.SIGINT)
-    if not callable(handler):  # SIG_IGN, SIG_DFL, or a handler installed outside Python
+    received: list = []
+    try:
+        held = callable(handler)  # not SIG_IGN, SIG_DFL, or a handler installed outside Python
+        if held:
+            signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    except ValueError:  # not the main interpreter
+        held = False
+    if not held:
         yield
         return
-    received: list = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
     try:
         yield
     finally:

@@ -9,8 +9,8 @@ step and the scale backs off. :meth:`TwoStepOptimizer.undo_on_error` undoes a st
 integrations that run their own passes use it too.
 
 A subclass provides ``first_step(zero_grad, *, scaler=None)``, ``restore()``, ``check_options()``,
-``_has_any_grad()``, ``_gradient_is_zero()`` and the step snapshot (``_snapshot``, ``_rewind``, ``_release``), and changes a step
-only through the hooks ``_after_perturbation``, ``_before_base_step`` and ``_after_restore``.
+``_has_any_grad()``, ``_gradient_is_zero()`` and the step snapshot (``_snapshot``, ``_rewind``,
+``_release``), and changes a step only through the hooks ``_after_perturbation``, ``_before_base_step`` and ``_after_restore``.
 """
 from __future__ import annotations
 
