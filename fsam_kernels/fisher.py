@@ -1,8 +1,9 @@
 """Empirical Fisher information from per-sample gradients (the paper's Eq. 9)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch.utils._pytree import tree_map
@@ -57,6 +58,10 @@ def empirical_fisher(
 
     Returns:
         A dict parameter -> fp32 tensor of its shape, ready for ``FSAM.update_mask(fisher=...)``.
+
+    The model is called in its current mode (e.g. dropout active in train mode) and left as it was:
+    every buffer (BatchNorm's running statistics, ``num_batches_tracked``) and every module's train/eval
+    mode are restored, whichever method ran.
     """
     if method not in ("auto", "vmap", "loop"):
         raise ValueError(f"Invalid method: {method!r}; expected 'auto', 'vmap' or 'loop'")
@@ -67,6 +72,36 @@ def empirical_fisher(
     if not named:
         raise ValueError("empirical_fisher: the model has no parameter that requires grad")
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named.items()}
+    with _model_state_kept(model):
+        count = _accumulate(model, loss_fn, named, batches, method, sums)
+    if count == 0:
+        raise ValueError("empirical_fisher: batches yielded no sample")
+    return {named[n]: s.div_(count) for n, s in sums.items()}
+
+
+@contextlib.contextmanager
+def _model_state_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Every buffer (BatchNorm's running statistics, ``num_batches_tracked``, ...) and every module's
+    train/eval mode as on entry once the block ends, however it ends: computing a Fisher is a
+    measurement, not a training step."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = []
+    for m in model.modules():
+        for name, b in m._buffers.items():
+            if b is not None:
+                buffers.append((m, name, b, b.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, value in buffers:
+                m._buffers[name] = b  # in case the module replaced it
+                b.copy_(value)
+        for m, training in modes:
+            m.training = training
+
+
+def _accumulate(model, loss_fn, named, batches, method, sums) -> int:
     count = 0
     use_vmap = method in ("auto", "vmap")
     for inputs, targets in batches:
@@ -87,9 +122,7 @@ def empirical_fisher(
         if not use_vmap:
             _accumulate_loop(model, loss_fn, named, inputs, targets, n_samples, sums)
         count += n_samples
-    if count == 0:
-        raise ValueError("empirical_fisher: batches yielded no sample")
-    return {named[n]: s.div_(count) for n, s in sums.items()}
+    return count
 
 
 def _accumulate_vmap(model, loss_fn, named, inputs, targets, sums) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from . import checkpoint, options, param_groups, settings, storage
+from . import checkpoint, options, param_groups, perturbation, settings, storage
 from . import reference as ref
 from .backends.base import Backend, tensors_nbytes
 from .fsdp import ShardedParams
@@ -194,6 +194,9 @@ class FSAM(TwoStepOptimizer):
     def _has_any_grad(self) -> bool:
         return any(g is not None for g in self._grads(self._current_layout()))
 
+    def _gradient_is_zero(self) -> bool:
+        return self.grad_norm().item() == 0
+
     @outside_inference_mode
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
@@ -299,7 +302,8 @@ class FSAM(TwoStepOptimizer):
         if self._shards is not None:
             norm = self._shards.global_norm(norm)
         settings.check_perturb_eps(self.perturb_eps, norm.dtype)  # before anything changes
-        if not math.isfinite(norm.item()):  # one sync; torch.isfinite would add 4 kernel launches
+        value = norm.item()  # one sync; torch.isfinite would add 4 kernel launches
+        if not math.isfinite(value):
             if scaler is None:
                 warnings.warn(f"FSAM.first_step: non-finite gradient norm ({float(norm)}); weights left unchanged "
                               "and the mask not updated", RuntimeWarning, stacklevel=2)
@@ -307,13 +311,27 @@ class FSAM(TwoStepOptimizer):
             if zero_grad:
                 self.zero_grad()
             return norm
+        if value == 0:
+            warnings.warn("FSAM.first_step: the gradient is zero everywhere (zero_grad(set_to_none=False) after the "
+                          "last backward?); the perturbation is zero, and a mask built now scores every weight 0",
+                          RuntimeWarning, stacklevel=2)
+        perturbation.check_unclaimed(self, layout.params, lambda i: param_groups.perturbed_label(self.param_groups, i))
         if layout.masked_index and self.mask_update_due:
             self._mask.refresh(layout, grads, self.sparsity, self.fisher, mask_scores, scheduled=True)
-        self._pending = Perturbation.apply(backend, self._perturbation_plan(layout, backend), grads, norm, self.perturb_eps,
-                                           self._layout_key[3])  # the storage signature of layout.params
+        pending = Perturbation.prepare(backend, self._perturbation_plan(layout, backend), grads, norm,
+                                       self.perturb_eps, self._layout_key[3])  # the storage signature of layout.params
+        # Recorded before any weight moves: whatever stops the write (an interrupt, an allocation, a hook)
+        # leaves a pending step that restore() undoes bit for bit; this method undoes it before raising.
         self._phase = Phase.PERTURBED
+        self._pending = pending
+        perturbation.register(self)
+        try:
+            pending.write()
+            self._after_perturbation()
+        except BaseException:
+            self.restore()
+            raise
         self._step_count += 1
-        self._after_perturbation()
         if zero_grad:
             self.zero_grad()
         return norm
@@ -323,11 +341,13 @@ class FSAM(TwoStepOptimizer):
     def restore(self) -> None:
         """Undo a pending perturbation, bit for bit. Idempotent; a no-op when nothing is perturbed."""
         error = None
-        if self._phase is Phase.PERTURBED:
-            tensors = self._pending.layout.params if self._shards is None else self._shards.local_tensors(
+        pending = self._pending  # set only after first_step's phase: PERTURBED with none pending is possible
+        if pending is not None:
+            tensors = pending.layout.params if self._shards is None else self._shards.local_tensors(
                 param_groups.perturbed_params(self.param_groups))
-            error = self._pending.undo(tensors, self.param_groups)
+            error = pending.undo(tensors, self.param_groups)
         self._pending, self._phase = None, Phase.IDLE
+        perturbation.unregister(self)
         self._after_restore()
         if error is not None:
             raise error

@@ -1,8 +1,26 @@
-"""A pending perturbation: the weights moved to ``w + e`` by ``first_step``, and what undoes it bit for bit."""
+"""A pending perturbation: the weights moved to ``w + e`` by ``first_step``, and what undoes it bit for bit.
+
+All or nothing: :meth:`Perturbation.prepare` checks and allocates everything (the backend's
+``prepare_perturb``) without writing a weight; the optimizer records it as pending, and only then
+:meth:`Perturbation.write` moves the weights. Whatever stops the write (an interrupt, an allocation, a
+kernel launch) leaves a pending perturbation whose undo puts back exactly what was written over. A
+SIGINT (Ctrl-C) that arrives during the write is handled once it is done (:func:`interrupts_held`): a
+backend's one kernel call writes the weights and the saved originals together, and it must be known
+afterwards whether it ran.
+
+A parameter's memory is perturbed by one optimizer at a time: the live optimizers with a pending
+perturbation are registered here (weakly), and :func:`check_unclaimed` refuses memory another one has
+perturbed and not restored (its restore would write back the weights with both perturbations).
+"""
 from __future__ import annotations
 
+import bisect
+import contextlib
+import signal
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -21,11 +39,25 @@ class Perturbation:
     signature: tuple  # storage.signature of the perturbed tensors at first_step
 
     @classmethod
+    def prepare(cls, backend: Backend, plan: tuple, grads: Sequence[Optional[torch.Tensor]], norm: torch.Tensor,
+                eps: float, signature: tuple) -> "Perturbation":
+        """The perturbation of the weights along ``grads`` with ``plan`` = (layout, packed mask, aux),
+        allocated and not yet written (:meth:`write`); :meth:`undo` applies at any point."""
+        layout, bits, aux = plan
+        return cls(layout, bits, aux, backend, backend.prepare_perturb(layout, grads, bits, aux, norm, eps), signature)
+
+    @classmethod
     def apply(cls, backend: Backend, plan: tuple, grads: Sequence[Optional[torch.Tensor]], norm: torch.Tensor,
               eps: float, signature: tuple) -> "Perturbation":
         """Perturb the weights along ``grads`` with ``plan`` = (layout, packed mask, aux)."""
-        layout, bits, aux = plan
-        return cls(layout, bits, aux, backend, backend.perturb(layout, grads, bits, aux, norm, eps), signature)
+        perturbation = cls.prepare(backend, plan, grads, norm, eps, signature)
+        perturbation.write()
+        return perturbation
+
+    def write(self) -> None:
+        """Move the weights to ``w + e`` (once)."""
+        with interrupts_held():
+            self.backend.write_perturb(self.saved)
 
     def nbytes(self) -> int:
         return self.backend.saved_nbytes(self.saved)
@@ -50,3 +82,78 @@ class Perturbation:
         return ValueError(
             f"restore: parameters changed shape between first_step and restore ({changes}); their perturbed "
             "values could not be undone and they still hold w + e (every other parameter was restored)")
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Run the block with SIGINT's Python handler held back: a Ctrl-C that arrives in it is handed to
+    that handler (``KeyboardInterrupt`` by default) when the block ends. Only the main thread runs
+    Python signal handlers; elsewhere, and when SIGINT has no Python handler, the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    received: list = []
+    try:
+        held = callable(handler)  # not SIG_IGN, SIG_DFL, or a handler installed outside Python
+        if held:
+            signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    except ValueError:  # not the main interpreter
+        held = False
+    if not held:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if received:
+            handler(signal.SIGINT, received[0])
+
+
+# The live optimizers with a pending perturbation (added by first_step, removed by restore).
+_perturbing: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _spans(tensors: Sequence[torch.Tensor]) -> list[tuple]:
+    out = []
+    for i, t in enumerate(tensors):
+        span = storage._memory_span(t)
+        if span is not None:
+            out.append((str(span[0]), span[1], span[2], i))
+    return sorted(out)
+
+
+def check_unclaimed(owner: Any, tensors: Sequence[torch.Tensor], label: Callable[[int], str]) -> None:
+    """Raise ``RuntimeError`` when one of ``tensors`` (``owner``'s perturbed tensors, ``label(i)`` naming
+    the i-th) shares memory with a tensor another live optimizer has perturbed and not restored."""
+    others = [o for o in list(_perturbing) if o is not owner and getattr(o, "_pending", None) is not None]
+    if not others:
+        return
+    mine = _spans(tensors)
+    for other in others:
+        theirs = _spans(other._pending.layout.params)  # disjoint (one optimizer's parameters never overlap)
+        starts = [b[:2] for b in theirs]
+        for a in mine:
+            k = bisect.bisect_left(starts, (a[0], a[2])) - 1  # the last of theirs starting before a ends
+            if k >= 0:
+                b = theirs[k]
+                if b[0] == a[0] and b[2] > a[1]:
+                    raise RuntimeError(
+                        f"first_step: {label(a[3])} (shape {tuple(tensors[a[3]].shape)}) of {_name(owner)} shares "
+                        f"memory with {param_groups.perturbed_label(other.param_groups, b[3])} of {_name(other)}, "
+                        "which that optimizer has perturbed and not restored: its restore would write back the "
+                        "weights with both perturbations. Call second_step() or restore() on it first (or drop "
+                        "it: one optimizer per parameter); nothing was changed")
+
+
+def _name(opt: Any) -> str:
+    return f"{type(opt).__name__} at {id(opt):#x}"
+
+
+def register(owner: Any) -> None:
+    _perturbing.add(owner)
+
+
+def unregister(owner: Any) -> None:
+    _perturbing.discard(owner)

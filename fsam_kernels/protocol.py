@@ -9,8 +9,8 @@ step and the scale backs off. :meth:`TwoStepOptimizer.undo_on_error` undoes a st
 integrations that run their own passes use it too.
 
 A subclass provides ``first_step(zero_grad, *, scaler=None)``, ``restore()``, ``check_options()``,
-``_has_any_grad()`` and the step snapshot (``_snapshot``, ``_rewind``, ``_release``), and changes a step
-only through the hooks ``_after_perturbation``, ``_before_base_step`` and ``_after_restore``.
+``_has_any_grad()``, ``_gradient_is_zero()`` and the step snapshot (``_snapshot``, ``_rewind``,
+``_release``), and changes a step only through the hooks ``_after_perturbation``, ``_before_base_step`` and ``_after_restore``.
 """
 from __future__ import annotations
 
@@ -152,6 +152,10 @@ class TwoStepOptimizer(torch.optim.Optimizer):
     def _has_any_grad(self) -> bool:
         raise NotImplementedError
 
+    def _gradient_is_zero(self) -> bool:
+        """Whether the gradients now in ``.grad`` are zero everywhere (so no first pass)."""
+        raise NotImplementedError
+
     def _snapshot(self) -> Any:
         """What a step may change besides the weights, to undo it (see :meth:`undo_on_error`)."""
         raise NotImplementedError
@@ -224,7 +228,9 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         zeroes the gradients itself), when no perturbed parameter has a gradient at the first such
         call (``zero_grad()`` sets them to ``None``): the closure runs first for the gradient at ``w``
         too, and that first loss is returned; once taken, this way sticks for later steps, whose
-        leftover gradients (from ``w + e``) are then not mistaken for a first pass. A first closure that
+        leftover gradients (from ``w + e``) are then not mistaken for a first pass. Gradients that are zero
+        everywhere (``zero_grad(set_to_none=False)``, torch.optim's closure loop) are never taken for a
+        first pass either: decided at each call, the closure then runs first. A first closure that
         computes no gradient (e.g. a skipped batch) skips the step and returns ``None``.
 
         When the first gradient's norm is not finite the step is skipped (weights, base optimizer and
@@ -243,8 +249,11 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         self.check_options()  # before the closure runs
         if not self._closure_first and not self._has_any_grad():
             self._closure_first = True  # sticky, see above
+        # Gradients zeroed in place (zero_grad(set_to_none=False), torch.optim's closure loop) are no first
+        # pass either: decided at each call, since a davda54-style caller's gradient may be zero once.
+        closure_first = self._closure_first or self._gradient_is_zero()
         first_loss = None
-        if self._closure_first:
+        if closure_first:
             try:
                 with torch.enable_grad():
                     first_loss = closure()
@@ -263,7 +272,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         perturbed, loss = self._two_passes(second_pass, scaler)
         if not perturbed:
             return None
-        return first_loss if self._closure_first else loss
+        return first_loss if closure_first else loss
 
     def _two_passes(self, second_pass: Callable[[], Any], scaler: Optional[torch.amp.GradScaler] = None) -> tuple[bool, Any]:
         """What every ``step(closure)`` does after the first backward: :meth:`first_step`,

@@ -331,10 +331,38 @@ def perturb_reference(
     ``norm`` is a 0-dim tensor in the norm dtype (what :func:`grad_norm_reference` returns); the scale
     is computed in its dtype. Returns ``None`` (weights untouched) when ``norm`` is not finite, else one
     compact 1-D tensor of saved originals per parameter (``None`` where the parameter had no gradient).
+    Every original is saved before any weight is written (:func:`originals_reference`, then
+    :func:`write_perturbation_reference`), so a failure while writing leaves what undoes it.
     """
     if not bool(torch.isfinite(norm)):
         return None
+    saved = originals_reference(layout, grads, bits)
+    write_perturbation_reference(layout, grads, bits, norm, eps)
+    return saved
+
+
+def originals_reference(
+    layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]], bits: Optional[torch.Tensor]
+) -> list[Optional[torch.Tensor]]:
+    """The values :func:`write_perturbation_reference` overwrites, in :func:`perturb_reference`'s format."""
     saved: list[Optional[torch.Tensor]] = [None] * len(layout.params)
+    masked_pos = {i: j for j, i in enumerate(layout.masked_index)}
+    for i, (p, g) in enumerate(zip(layout.params, grads)):
+        if g is None:
+            continue
+        flat = p.detach().view(-1)
+        saved[i] = flat[mask_of(layout, bits, masked_pos[i])].clone() if i in masked_pos else flat.clone()
+    return saved
+
+
+def write_perturbation_reference(
+    layout: ParamLayout,
+    grads: Sequence[Optional[torch.Tensor]],
+    bits: Optional[torch.Tensor],
+    norm: torch.Tensor,
+    eps: float,
+) -> None:
+    """The writes of :func:`perturb_reference` (``norm`` finite)."""
     masked_pos = {i: j for j, i in enumerate(layout.masked_index)}
     norm = norm.reshape(())
     # A zero norm (an all-zero gradient) perturbs by exactly 0, whatever rho and eps (0 * inf is NaN).
@@ -353,12 +381,9 @@ def perturb_reference(
             e = gc * scale
         if i in masked_pos:
             m = mask_of(layout, bits, masked_pos[i])
-            saved[i] = flat[m].clone()
             flat[m] = (flat[m].to(c) + e[m]).to(p.dtype)
         else:
-            saved[i] = flat.clone()
             flat.copy_((flat.to(c) + e).to(p.dtype))
-    return saved
 
 
 def restore_reference(

@@ -97,7 +97,29 @@ class Backend:
         eps: float,
     ) -> Any:
         """Perturb in place and return the saved originals; leave weights untouched if ``norm`` is
-        not finite (decided on the device)."""
+        not finite (decided on the device). :meth:`prepare_perturb`, then :meth:`write_perturb`."""
+        saved = self.prepare_perturb(layout, grads, bits, aux, norm, eps)
+        self.write_perturb(saved)
+        return saved
+
+    def prepare_perturb(
+        self,
+        layout: ParamLayout,
+        grads: Sequence[Optional[torch.Tensor]],
+        bits: Optional[torch.Tensor],
+        aux: Any,
+        norm: torch.Tensor,
+        eps: float,
+    ) -> Any:
+        """Check the arguments and allocate everything the perturbation needs, writing no weight; returns
+        the ``saved`` object that :meth:`write_perturb` then fills. :meth:`restore` and
+        :meth:`saved_originals` accept it at any point: before :meth:`write_perturb`, after it, or after
+        it failed part way (an allocation, a kernel launch); restore then puts back exactly what was
+        written over. A step is all or nothing because of this (see docs/guarantees.md)."""
+        raise NotImplementedError
+
+    def write_perturb(self, saved: Any) -> None:
+        """Move the weights to ``w + e`` as prepared by :meth:`prepare_perturb` (once)."""
         raise NotImplementedError
 
     def restore(self, layout: ParamLayout, bits: Optional[torch.Tensor], aux: Any, saved: Any) -> None:

@@ -127,6 +127,8 @@ class NativeSaved:
     norm: torch.Tensor  # restore is a no-op when it is not finite
     plan: _LayoutPlan
     reference: Optional[list] = None  # float64 CUDA tensors: the reference's saved list
+    write: Optional[tuple] = None  # (function, arguments) of the pending write (write_perturb)
+    written: bool = False  # the op ran: ``buffers`` hold the originals
 
 
 def _load_ops():
@@ -293,17 +295,29 @@ class NativeBackend(Backend):
             return ref.grad_norm_reference(layout, grads)
         return self._op.grad_norm(layout.params, list(grads), layout.adaptive)
 
-    def perturb(self, layout, grads, bits, aux, norm, eps) -> NativeSaved:
+    def prepare_perturb(self, layout, grads, bits, aux, norm, eps) -> NativeSaved:
         plan = self._plan(layout)
         bits, aux = self._mask_and_aux(layout, plan, bits, aux)
         norm = norm.detach()  # in the norm dtype: the scale is computed in it (see fsam_kernels.reference)
         if layout.device.type == "cuda" and (plan.fp64_cuda or _needs_reference(grads)):
-            return NativeSaved([], None, bits, aux, norm, plan, ref.perturb_reference(layout, grads, bits, norm, eps))
+            finite = bool(torch.isfinite(norm))
+            originals = ref.originals_reference(layout, grads, bits) if finite else None
+            write = (ref.write_perturbation_reference, (layout, list(grads), bits, norm, eps)) if finite else None
+            return NativeSaved([], None, bits, aux, norm, plan, originals, write)
         ranges = plan.ranges(layout, aux, grads)
         buffers = [torch.empty(n, dtype=d, device=layout.device) for n, d in zip(ranges.sizes, plan.dtypes)]
-        self._op.masked_perturb(layout.params, list(grads), buffers, ranges.slots, ranges.offsets, ranges.counts, bits,
-                                aux.block_prefix, plan.bit_offsets, layout.rho, layout.adaptive, norm, float(eps))
-        return NativeSaved(buffers, ranges, bits, aux, norm, plan)
+        write = (self._op.masked_perturb, (layout.params, list(grads), buffers, ranges.slots, ranges.offsets,
+                                           ranges.counts, bits, aux.block_prefix, plan.bit_offsets, layout.rho,
+                                           layout.adaptive, norm, float(eps)))
+        return NativeSaved(buffers, ranges, bits, aux, norm, plan, write=write)
+
+    def write_perturb(self, saved: NativeSaved) -> None:
+        # One op call saves the originals and writes the weights; ``written`` tells restore whether it
+        # ran (the optimizer holds interrupts until it is set, see fsam_kernels.perturbation).
+        if saved.write is not None:
+            (fn, args), saved.write = saved.write, None
+            fn(*args)
+            saved.written = True
 
     @staticmethod
     def _saved(saved: Any, what: str) -> NativeSaved:
@@ -319,6 +333,8 @@ class NativeBackend(Backend):
             if saved.reference is not None:
                 ref.restore_reference(layout, saved.bits, saved.reference)
             return
+        if not saved.written:  # nothing was written (the buffers hold no originals)
+            return
         r = saved.ranges
         self._op.masked_restore(layout.params, saved.buffers, r.slots, r.offsets, r.counts, saved.bits,
                                 saved.aux.block_prefix, saved.plan.bit_offsets, saved.norm)
@@ -329,7 +345,7 @@ class NativeBackend(Backend):
         saved = self._saved(saved, "saved_originals")
         if saved.ranges is None:
             return saved.reference
-        if not torch.isfinite(saved.norm).item():  # the kernels moved nothing
+        if not saved.written or not torch.isfinite(saved.norm).item():  # the kernels moved nothing
             return None
         r = saved.ranges
         return [None if slot == -1 else saved.buffers[slot][offset : offset + count]

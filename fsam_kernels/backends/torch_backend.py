@@ -25,8 +25,19 @@ class TorchBackend(Backend):
     def grad_norm(self, layout: ParamLayout, grads) -> torch.Tensor:
         return ref.grad_norm_reference(layout, grads)
 
-    def perturb(self, layout, grads, bits, aux, norm, eps) -> Any:
-        return ref.perturb_reference(layout, grads, bits, norm, eps)
+    def prepare_perturb(self, layout, grads, bits, aux, norm, eps) -> Any:
+        # Every original is copied before any weight is written: a failure while writing (an
+        # allocation, an interrupt) leaves what restore needs.
+        if not bool(torch.isfinite(norm)):
+            return None
+        saved = _Originals(ref.originals_reference(layout, grads, bits))
+        saved.write = (layout, list(grads), bits, norm, eps)
+        return saved
+
+    def write_perturb(self, saved) -> None:
+        if saved is not None and saved.write is not None:
+            args, saved.write = saved.write, None
+            ref.write_perturbation_reference(*args)
 
     def restore(self, layout, bits, aux, saved) -> None:
         ref.restore_reference(layout, bits, saved)
@@ -36,3 +47,9 @@ class TorchBackend(Backend):
 
     def saved_nbytes(self, saved: Any) -> int:
         return tensors_nbytes(saved)
+
+
+class _Originals(list):
+    """The reference's saved list (what ``restore_reference`` takes), with the pending write's arguments."""
+
+    write: Any = None

@@ -108,6 +108,8 @@ class _Saved:
     dense_total: tuple[int, ...]
     fallback: Optional[list]  # reference ``saved`` list of the tensors done by the reference
     plan: _LayoutPlan  # where each tensor's originals are in ``buffers``
+    write: Optional[tuple] = None  # what write_perturb launches: (kernel launches, the reference's write)
+    launched: int = 0  # groups whose perturb kernel was launched (restore undoes those)
 
 
 class TritonBackend(Backend):
@@ -414,7 +416,7 @@ class TritonBackend(Backend):
         with _device_guard(layout.device):
             return _kernels().norm.grad_norm(groups, layout.device, extra, ref.norm_dtype(layout, grads))
 
-    def perturb(self, layout, grads, bits, aux, norm, eps) -> Any:
+    def prepare_perturb(self, layout, grads, bits, aux, norm, eps) -> Any:
         grads = self._check_grads(layout, grads, "perturb")
         if not isinstance(norm, torch.Tensor) or norm.numel() != 1 or norm.device != layout.device:
             raise ValueError(f"perturb: expected norm to be a one-element tensor on {layout.device}")
@@ -423,8 +425,8 @@ class TritonBackend(Backend):
             # an fp64 norm (a model with fp64 tensors): its scale is computed in fp64 and the fp64 tensors
             # go through the reference anyway, so the reference perturbs every tensor
             applied = torch.ones(1, dtype=torch.int32, device=layout.device)
-            return _Saved([], {}, applied, bits, None, plan.dense_total,
-                          ref.perturb_reference(layout, grads, bits, norm, eps), plan)
+            return self._with_reference_write(_Saved([], {}, applied, bits, None, plan.dense_total, None, plan),
+                                              layout, grads, bits, norm, eps)
         groups, fallback = self._groups_for(layout, plan, grads)
         needs_mask = any(grads[i] is not None for i in layout.masked_index)
         dummy_mask, dummy_prefix, _ = self._device_constants(layout.device)
@@ -443,28 +445,49 @@ class TritonBackend(Backend):
             norm32 = norm32.contiguous()
         applied = torch.empty(1, dtype=torch.int32, device=layout.device)
         buffers: dict[int, torch.Tensor] = {}
-        for g in groups:
+        launches = []
+        for g in groups:  # every buffer is allocated before any kernel writes
             g = self._bind_rhos(layout, plan, g)
             code = DTYPE_CODES[g.w_dtype]
             if code not in buffers:
                 size = plan.dense_total[code] + totals[code]
                 buffers[code] = torch.empty(max(size, 1), dtype=g.w_dtype, device=layout.device)
             if g.n_chunks:
-                with _device_guard(layout.device):
-                    _kernels().perturb.perturb(g, bits, prefix, plan.dense_total[code], buffers[code], norm32, applied,
-                                               eps)
-        fallback_saved = None
+                launches.append((g, plan.dense_total[code], buffers[code]))
+        saved = _Saved(groups, buffers, applied, bits, prefix, plan.dense_total, None, plan)
+        saved.write = ([(g, bits, prefix, dense, buffer, norm32, applied, eps) for g, dense, buffer in launches],
+                       None)
         if fallback:
-            fallback_saved = ref.perturb_reference(
-                layout, [g if i in fallback else None for i, g in enumerate(grads)], bits, norm, eps)
-        return _Saved(groups, buffers, applied, bits, prefix, plan.dense_total, fallback_saved, plan)
+            self._with_reference_write(saved, layout, [g if i in fallback else None for i, g in enumerate(grads)],
+                                       bits, norm, eps)
+        return saved
+
+    @staticmethod
+    def _with_reference_write(saved: _Saved, layout, grads, bits, norm, eps) -> _Saved:
+        """The tensors the reference perturbs: their originals saved now, written by write_perturb."""
+        if bool(torch.isfinite(norm)):
+            saved.fallback = ref.originals_reference(layout, grads, bits)
+            launches = saved.write[0] if saved.write else []
+            saved.write = (launches, (layout, grads, bits, norm, eps))
+        return saved
+
+    def write_perturb(self, saved: Any) -> None:
+        if saved is None or saved.write is None:
+            return
+        (launches, reference_args), saved.write = saved.write, None
+        for args in launches:
+            with _device_guard(saved.applied.device):
+                _kernels().perturb.perturb(*args)
+            saved.launched += 1
+        if reference_args is not None:
+            ref.write_perturbation_reference(*reference_args)
 
     def restore(self, layout: ParamLayout, bits: Optional[torch.Tensor], aux: Any, saved: Any) -> None:
         if saved is None:
             return
         if not isinstance(saved, _Saved):
             raise TypeError(f"restore: expected what TritonBackend.perturb returned, got {type(saved).__name__}")
-        for g in saved.groups:
+        for g in [g for g in saved.groups if g.n_chunks][:saved.launched]:  # the kernels that ran
             code = DTYPE_CODES[g.w_dtype]
             if g.n_chunks:
                 with _device_guard(layout.device):
@@ -477,10 +500,10 @@ class TritonBackend(Backend):
         if saved is None:
             return None
         originals: list[Optional[torch.Tensor]] = list(saved.fallback or [None] * len(layout.params))
-        if not any(g.n_chunks for g in saved.groups) or not saved.applied.item():  # no kernel moved anything
+        if not saved.launched or not saved.applied.item():  # no kernel moved anything
             return None if saved.fallback is None else originals
         plan = saved.plan
-        for g in saved.groups:
+        for g in [g for g in saved.groups if g.n_chunks][:saved.launched]:
             code = DTYPE_CODES[g.w_dtype]
             buffer = saved.buffers[code]
             for i in g.params:
