@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import CHUNK, interpret_env
+from .memory import _on16
 from .reductions import _sum
 from .tables import triton_dtype
 
@@ -29,27 +30,27 @@ INTERPRETED = interpret_env()  # how this module's kernels were built (see the p
 
 @triton.jit
 def _sumsq_kernel(w_ptrs, g_ptrs, numels, adaptive, chunk_slot, chunk_start, partials,
-                  W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     slot = tl.load(chunk_slot + c)
-    start = tl.load(chunk_start + c)
+    start = tl.multiple_of(tl.load(chunk_start + c), BLOCK)
     n = tl.load(numels + slot)
-    gp = tl.load(g_ptrs + slot).to(tl.pointer_type(G_DTYPE))
-    wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
-    if ALIGNED:  # every tensor starts on 16 bytes (checked on the host), every chunk on BLOCK elements
-        gp = tl.multiple_of(gp, 16)
-        wp = tl.multiple_of(wp, 16)
-        start = tl.multiple_of(start, BLOCK)
+    g_address = tl.load(g_ptrs + slot)
+    w_address = tl.load(w_ptrs + slot)
+    gp = g_address.to(tl.pointer_type(G_DTYPE))
+    wp = w_address.to(tl.pointer_type(W_DTYPE))
+    is_adaptive = tl.load(adaptive + slot) != 0
     offs = start + tl.arange(0, BLOCK)
     w = tl.full([BLOCK], 1.0, tl.float32)
-    if ALIGNED and start + BLOCK <= n:  # a full block: no bounds mask, so 128-bit loads
-        g = tl.load(gp + offs)
-        if tl.load(adaptive + slot) != 0:
-            w = tl.load(wp + offs).to(tl.float32)
+    if _on16(g_address | tl.where(is_adaptive, w_address, 0)) & (start + BLOCK <= n):
+        # a full block of tensors on 16 bytes: no bounds mask, so 128-bit loads
+        g = tl.load(tl.multiple_of(gp, 16) + offs)
+        if is_adaptive:
+            w = tl.load(tl.multiple_of(wp, 16) + offs).to(tl.float32)
     else:  # the same values (zeros past the end), so the same sums
         inside = offs < n
         g = tl.load(gp + offs, mask=inside, other=0.0)
-        if tl.load(adaptive + slot) != 0:
+        if is_adaptive:
             w = tl.load(wp + offs, mask=inside, other=0.0).to(tl.float32)
     # the reference's fp32 product |w| * g, rounded once; its square is exact in fp64, and squares of
     # fp32 values cannot overflow there: the fp64 sum, whatever its order, rounds to the same fp32 norm
@@ -83,7 +84,7 @@ def grad_norm(groups, device: torch.device, extra_sumsq: torch.Tensor, dtype: to
         if g.n_chunks:
             _sumsq_kernel[(g.n_chunks,)](
                 g.w_ptrs, g.g_ptrs, g.numels, g.adaptive, g.chunk_slot, g.chunk_start, partials[base:],
-                W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype), BLOCK=CHUNK, ALIGNED=g.aligned,
+                W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype), BLOCK=CHUNK,
                 num_warps=8, enable_fp_fusion=False,
             )
         base += g.n_chunks
