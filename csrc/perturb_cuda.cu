@@ -12,6 +12,7 @@
 // (checked on the host, like the CPU path); the kernel's slot bound only keeps counts that disagree
 // with the mask inside that range.
 #include <cub/block/block_reduce.cuh>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -109,9 +110,9 @@ at::Tensor grad_norm_cuda(at::TensorList params, const OptionalTensors& grads_in
                      adaptive.get(t), aligned16(w) && aligned16(g)});
     units += (n + kNormUnit - 1) / kNormUnit;
   }
-  at::Tensor out = at::zeros({}, opts.dtype(at::kFloat));
-  if (infos.empty()) return out;
-  const at::Tensor table = upload_table(infos, device);
+  if (infos.empty()) return at::zeros({}, opts.dtype(at::kFloat));
+  at::Tensor out = at::empty({}, opts.dtype(at::kFloat));  // written by the final kernel: no fill kernel
+  const at::Tensor table = cached_table(infos, device);
   const int grid = grid_for(units);
   at::Tensor partial = at::empty({grid}, opts.dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -140,7 +141,9 @@ struct PerturbInfo {
   int32_t grad_dtype;
   int32_t adaptive;
   int32_t vectorized;  // param and grad 16-byte aligned (perturb only)
+  int32_t unused = 0;  // explicit padding: every byte of a table is defined (cached_table compares them)
 };
+static_assert(sizeof(PerturbInfo) == 80, "PerturbInfo has no implicit padding");
 
 // The perturbation reads a full mask block of aligned tensors as 16 consecutive elements a lane with
 // 128-bit loads (perturb_block_wide), the selected ones or not; else each selected element on its own,
@@ -299,7 +302,7 @@ void launch_perturb_restore(bool restore, at::TensorList params, const std::vect
     units += (n + kBlock - 1) / kBlock;
   }
   if (infos.empty()) return;
-  const at::Tensor table = upload_table(infos, device);
+  const at::Tensor table = cached_table(infos, device);
   const int grid = grid_for((units + kWarps - 1) / kWarps);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto launch = restore ? perturb_restore_kernel<true> : perturb_restore_kernel<false>;
