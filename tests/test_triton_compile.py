@@ -71,10 +71,15 @@ def test_every_kernel_compiles_for_sm90():
             assert wide_stores >= sum(item[dtype[s]] * per_thread // 16 for s in stores), line
             seen.add(dtype[loads[0]])
         assert seen == {"fp32", "fp16", "bf16"}, (kernel, seen)
+    # The N:M kernel streams: at least 2 blocks per SM and nothing spilled, for every M recorded.
+    nm = [line for line in lines if line.startswith("_nm_mask_kernel ")]
+    assert nm
+    for line in nm:
+        assert " 0 B spilled" in line and int(re.search(r"-> (\d+) blocks/SM", line).group(1)) >= 2, line
     # The kernels that read the packed mask read it in 32-bit words, one per 32 elements, expanded with
     # shifts: no 8-bit load (a byte per element before, each byte loaded by 8 threads).
     for kernel in ("_perturb_kernel", "_restore_kernel", "_popcount_kernel"):
         found = [line for line in lines if line.startswith(kernel + " ")]
         assert found, kernel
         for line in found:
-            assert int(re.search(r"8-bit: (\d+) loads", line).group(1)) == 0, line
+            assert int(re.search(r"; 8-bit: (\d+) loads", line).group(1)) == 0, line
