@@ -21,6 +21,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <list>
+#include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -62,6 +65,34 @@ at::Tensor upload_table(const std::vector<Info>& infos, const at::Device& device
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), infos.data(), bytes);
   return host.to(device, /*non_blocking=*/true);
+}
+
+// upload_table, once per content: a step's ops (norm, perturb, restore, Fisher) build the same tables
+// step after step (the tensors' addresses, sizes and dtypes), so each is uploaded once and found here
+// afterwards, without a pinned allocation nor a copy per call. Keyed by the table's bytes (so a table
+// that changed is never reused) and the device; least recently used out. The kernels only read tables.
+template <typename Info>
+at::Tensor cached_table(const std::vector<Info>& infos, const at::Device& device) {
+  static_assert(std::is_trivially_copyable<Info>::value, "tables are compared bytewise");
+  struct Entry {
+    std::string key;
+    at::Tensor table;
+  };
+  constexpr size_t kEntries = 16;
+  static std::mutex lock;
+  static auto* entries = new std::list<Entry>();  // never destroyed: no CUDA frees at process exit
+  std::string key(reinterpret_cast<const char*>(infos.data()), infos.size() * sizeof(Info));
+  key.append(reinterpret_cast<const char*>(&device), sizeof(device));
+  const std::lock_guard<std::mutex> guard(lock);
+  for (auto it = entries->begin(); it != entries->end(); ++it) {
+    if (it->key == key) {
+      entries->splice(entries->begin(), *entries, it);
+      return it->table;
+    }
+  }
+  entries->push_front({std::move(key), upload_table(infos, device)});
+  if (entries->size() > kEntries) entries->pop_back();
+  return entries->front().table;
 }
 
 template <typename Info>

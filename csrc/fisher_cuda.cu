@@ -67,7 +67,7 @@ void fisher_accumulate_cuda(at::TensorList accum, at::TensorList grads) {
     units += (n + kUnit - 1) / kUnit;
   }
   if (infos.empty()) return;
-  const at::Tensor table = upload_table(infos, accum[0].device());
+  const at::Tensor table = cached_table(infos, accum[0].device());
   fisher_accumulate_kernel<<<grid_for(units), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       table_ptr<FisherInfo>(table), static_cast<int>(infos.size()), units);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -35,15 +35,21 @@ __device__ __forceinline__ uint32_t nm_key(const T* s, const W* w, int64_t i) {
 }
 
 // One mask byte (elements 8b .. 8b+7) of a tensor: each element ranks itself inside its group of m.
+// One 64-bit division per byte (the first element's group); the next elements step through the group
+// with 32-bit arithmetic.
 template <bool kSquare, typename T, typename W>
 __device__ __forceinline__ uint8_t nm_byte(const T* s, const W* w, int64_t b, int64_t numel, int n, int m) {
   uint8_t byte = 0;
-  for (int bit = 0; bit < 8; ++bit) {
-    const int64_t e = b * 8 + bit;
+  int64_t g = b * 8 / m * m;  // first element of the group of element 8b
+  int pos = static_cast<int>(b * 8 - g);
+  for (int bit = 0; bit < 8; ++bit, ++pos) {
+    if (pos == m) {  // the next group
+      g += m;
+      pos = 0;
+    }
+    const int64_t e = g + pos;
     if (e >= numel) break;
     if (is_zero(w, e)) continue;
-    const int64_t g = e / m * m;
-    const int pos = static_cast<int>(e - g);
     const uint32_t own = nm_key<kSquare>(s, w, e);
     int beaten = 0;
     for (int q = 0; q < m; ++q) {

@@ -21,10 +21,11 @@ namespace fsam {
 namespace cpu {
 namespace {
 
-// Sum of squares of g (or of |w| * g for ASAM) over [begin, end), without overflow for finite inputs
-// (the reference's skip rule). fp32/bf16/fp16: 16 independent fp32 accumulators (so the compiler can
-// vectorise without reassociating), folded into fp64 every 1024 elements; a block whose fp32 sum
-// overflowed (|g| > 1.8e19, say) is summed again with every square in fp64. fp64 inputs: all in fp64.
+// Sum of squares of g (or of |w| * g for ASAM) over [begin, end): the norm rule of every backend
+// (docs/backends.md). The product v = fl32(|w| * g) is the reference's (fl64 when an input is fp64);
+// its square is exact in fp64 and cannot overflow there (the reference's skip rule), and the squares
+// are summed in fp64: the fp64 rounding stays far below fp32's, so the fp32 norm is the same, bit for
+// bit, whatever the summation order (the Triton and CUDA kernels sum in other orders).
 template <bool kAsam, typename G, typename W>
 double sum_squares_fp64(const G* g, const W* w, int64_t begin, int64_t end) {
   double total = 0.0;
@@ -71,35 +72,33 @@ inline Lanes4 load_lanes4(const T* p) {
   return v;
 }
 
+typedef double Doubles4 __attribute__((vector_size(32)));
+
 template <bool kAsam, typename G, typename W>
 double sum_squares(const G* g, const W* w, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<G, double> || std::is_same_v<W, double>) {
     return sum_squares_fp64<kAsam>(g, w, begin, end);
   } else {
-    constexpr int kLanes = 16;  // lane j sums the elements j, j + 16, j + 32, ... of a block
-    double total = 0.0;
-    for (int64_t block = begin; block < end; block += 1024) {
-      const int64_t stop = std::min(end, block + 1024);
-      Lanes4 acc[kLanes / 4] = {};
-      int64_t i = block;
-      for (; i + kLanes <= stop; i += kLanes) {
-        for (int k = 0; k < kLanes / 4; ++k) {
-          Lanes4 v = load_lanes4<false>(g + i + 4 * k);
-          if (kAsam) v = load_lanes4<true>(w + i + 4 * k) * v;
-          acc[k] += v * v;
-        }
+    constexpr int kLanes = 16;  // lane j sums the squares of elements j, j + 16, j + 32, ...
+    Doubles4 acc[kLanes / 4] = {};
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int k = 0; k < kLanes / 4; ++k) {
+        Lanes4 v = load_lanes4<false>(g + i + 4 * k);
+        if (kAsam) v = load_lanes4<true>(w + i + 4 * k) * v;
+        const Doubles4 d = __builtin_convertvector(v, Doubles4);
+        acc[k] += d * d;
       }
-      float lanes[kLanes];
-      std::memcpy(lanes, acc, sizeof(lanes));
-      for (; i < stop; ++i) {
-        float v = static_cast<float>(g[i]);
-        if (kAsam) v = std::fabs(static_cast<float>(w[i])) * v;
-        lanes[0] += v * v;
-      }
-      double sum = 0.0;
-      for (float a : lanes) sum += a;
-      total += std::isfinite(sum) ? sum : sum_squares_fp64<kAsam>(g, w, block, stop);
     }
+    double lanes[kLanes];
+    std::memcpy(lanes, acc, sizeof(lanes));
+    for (; i < end; ++i) {
+      float v = static_cast<float>(g[i]);
+      if (kAsam) v = std::fabs(static_cast<float>(w[i])) * v;
+      lanes[0] += static_cast<double>(v) * static_cast<double>(v);
+    }
+    double total = 0.0;
+    for (double a : lanes) total += a;
     return total;
   }
 }

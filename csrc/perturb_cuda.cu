@@ -1,8 +1,8 @@
 // Gradient norm, masked perturbation and exact restore on CUDA, each over the whole tensor list.
 //
 // grad_norm: per-block partial sums of squares, then one block adds them in fp64 and takes the root:
-// deterministic and without host synchronisation. Squares of finite inputs never overflow (the
-// reference's skip rule): an overflowed fp32 sum of 8 squares is taken again in fp64.
+// deterministic and without host synchronisation. Each square of the fp32 product is exact in fp64
+// and summed there, so the fp32 norm is the CPU kernels' and Triton's bit for bit.
 // perturb / restore: one warp per 512-element mask block. The block's first compact saved position is
 // read from the per-block prefix counts; inside the block, the rank of an element among the set bits
 // is a popcount of the mask word below its lane. Both read the norm on the device and do nothing when
@@ -12,6 +12,7 @@
 // (checked on the host, like the CPU path); the kernel's slot bound only keeps counts that disagree
 // with the mask inside that range.
 #include <cub/block/block_reduce.cuh>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -51,8 +52,6 @@ __device__ __forceinline__ void load8_any(const T* p, int64_t i, int64_t numel, 
 
 __global__ void __launch_bounds__(kThreads) grad_norm_partial_kernel(const NormInfo* infos, int n_tensors,
                                                                       int64_t n_units, double* partial) {
-  // fp32 sums of 8 squares, accumulated in fp64: a thread may cover thousands of elements of a
-  // billion-parameter model, and fp32 running sums that long lose digits the reference keeps.
   using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
   double acc = 0.0;
@@ -72,24 +71,12 @@ __global__ void __launch_bounds__(kThreads) grad_norm_partial_kernel(const NormI
         load8_any(static_cast<const W*>(info.param), i, info.numel, info.vectorized, w);
       });
     }
-    float sum8 = 0.f;
+    // The norm rule (docs/backends.md): v = fl32(|w| * g), its square exact in fp64 (no overflow for
+    // finite inputs: the reference's skip rule), summed in fp64.
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const float v = __fmul_rn(fabsf(w[j]), g[j]);
-      sum8 = __fmaf_rn(v, v, sum8);  // order is free here; fma is more accurate
-    }
-    if (!isfinite(sum8)) {
-      // The reference's skip rule: squares of finite inputs must not overflow, so an overflowed fp32
-      // sum is taken again in fp64 (rare: |g| beyond ~1.8e19); it stays non-finite only for inf/NaN.
-      double sum8_fp64 = 0.0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const double v = fabs(static_cast<double>(w[j])) * static_cast<double>(g[j]);
-        sum8_fp64 = fma(v, v, sum8_fp64);
-      }
-      acc += sum8_fp64;
-    } else {
-      acc += static_cast<double>(sum8);
+      const double v = static_cast<double>(__fmul_rn(fabsf(w[j]), g[j]));
+      acc = __dadd_rn(acc, __dmul_rn(v, v));
     }
   }
   const double total = Reduce(storage).Sum(acc);
@@ -123,9 +110,9 @@ at::Tensor grad_norm_cuda(at::TensorList params, const OptionalTensors& grads_in
                      adaptive.get(t), aligned16(w) && aligned16(g)});
     units += (n + kNormUnit - 1) / kNormUnit;
   }
-  at::Tensor out = at::zeros({}, opts.dtype(at::kFloat));
-  if (infos.empty()) return out;
-  const at::Tensor table = upload_table(infos, device);
+  if (infos.empty()) return at::zeros({}, opts.dtype(at::kFloat));
+  at::Tensor out = at::empty({}, opts.dtype(at::kFloat));  // written by the final kernel: no fill kernel
+  const at::Tensor table = cached_table(infos, device);
   const int grid = grid_for(units);
   at::Tensor partial = at::empty({grid}, opts.dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -154,7 +141,9 @@ struct PerturbInfo {
   int32_t grad_dtype;
   int32_t adaptive;
   int32_t vectorized;  // param and grad 16-byte aligned (perturb only)
+  int32_t unused = 0;  // explicit padding: every byte of a table is defined (cached_table compares them)
 };
+static_assert(sizeof(PerturbInfo) == 80, "PerturbInfo has no implicit padding");
 
 // The perturbation reads a full mask block of aligned tensors as 16 consecutive elements a lane with
 // 128-bit loads (perturb_block_wide), the selected ones or not; else each selected element on its own,
@@ -314,7 +303,7 @@ void launch_perturb_restore(bool restore, at::TensorList params, const std::vect
     units += (n + kBlock - 1) / kBlock;
   }
   if (infos.empty()) return;
-  const at::Tensor table = upload_table(infos, device);
+  const at::Tensor table = cached_table(infos, device);
   const int grid = grid_for((units + kWarps - 1) / kWarps);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto launch = restore ? perturb_restore_kernel<true> : perturb_restore_kernel<false>;

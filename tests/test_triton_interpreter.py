@@ -119,7 +119,7 @@ def _copies_in_one_buffer(tensors, offset):
 def test_grad_norm_on_views_of_a_flat_buffer(backend, dtype):
     # The sum-of-squares kernel's full-block path (aligned views) must sum exactly what its masked path
     # (views at an odd offset) sums, ASAM and plain, also when a square overflows fp32 in a full chunk
-    # (the fp64 redo); both within rounding of the reference.
+    # (squares are summed in fp64); both within rounding of the reference.
     from fsam_kernels.triton_kernels.tables import aligned16
 
     sizes = [4096 * 2 + 8, 4096, 3]
@@ -138,6 +138,38 @@ def test_grad_norm_on_views_of_a_flat_buffer(backend, dtype):
         assert torch.isfinite(want)
         assert torch.equal(norms[0], norms[1]), (overflow, norms)
         torch.testing.assert_close(norms[0], want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mixed_alignment_in_one_launch_and_a_mask_at_an_odd_offset(backend, dtype):
+    # One launch over a tensor on 16 bytes (the vector path, per tensor) and views at an odd offset (the
+    # masked path), and a mask handed in as a view at an odd byte offset (the kernels read it in 32-bit
+    # words): norm, mask counts, perturbation and restore as the reference's.
+    from fsam_kernels.triton_kernels.tables import aligned16
+
+    sizes = [4096 * 2 + 8, 4096, 3]
+    params = [torch.randn(4097, generator=torch.Generator().manual_seed(5)).to(dtype)]
+    params += views_into_one_buffer(sizes, dtype, 1, seed=7)
+    grads = [torch.randn(4097, generator=torch.Generator().manual_seed(6)).to(dtype)]
+    grads += views_into_one_buffer(sizes, dtype, 1, seed=8)
+    assert aligned16(params[:1] + grads[:1]) and not any(aligned16([t]) for t in params[1:] + grads[1:])
+    layout = ParamLayout(params, [True] * 4, [0.05] * 4, [True, False, True, False])
+    want_bits = ref.select_mask_reference(layout, grads, 5000, True)
+    bits = torch.zeros(want_bits.numel() + 1, dtype=torch.uint8)[1:]
+    bits.copy_(want_bits)
+    assert bits.data_ptr() % 4 != 0
+    norm = backend.grad_norm(layout, grads)
+    torch.testing.assert_close(norm, ref.grad_norm_reference(layout, grads), rtol=2e-6, atol=0)
+    originals = [p.clone() for p in params]
+    expected = [p.clone() for p in params]
+    ref.perturb_reference(ParamLayout(expected, [True] * 4, [0.05] * 4, [True, False, True, False]), grads,
+                          want_bits, norm, 1e-12)
+    saved = backend.perturb(layout, grads, bits, backend.mask_aux(layout, bits), norm, 1e-12)
+    for i, (p, e) in enumerate(zip(params, expected)):
+        assert torch.equal(p, e), f"params[{i}] perturbed: {first_mismatch(p, e)}"
+    backend.restore(layout, bits, None, saved)
+    for i, (p, o) in enumerate(zip(params, originals)):
+        assert torch.equal(p, o), f"params[{i}] restored: {first_mismatch(p, o)}"
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])

@@ -31,7 +31,7 @@ import torch
 
 from .. import reference as ref
 from ..layout import MASK_ALIGN_BITS, ParamLayout
-from ..triton_kernels.tables import TableCache
+from .tables import TableCache
 from .base import Backend, tensors_nbytes
 
 _ops = None
@@ -92,6 +92,12 @@ class _LayoutPlan:
             self.slot_of.append(self.dtypes.index(p.dtype))
         self.fp64_cuda = _needs_reference(layout.params)
         device = layout.device
+        # mask blocks [first, last) of each masked tensor, on the device once per layout (mask_aux)
+        bounds = []
+        for j, i in enumerate(layout.masked_index):
+            first = layout.bit_offset[j] // MASK_ALIGN_BITS
+            bounds += [first, first + (layout.numel[i] + MASK_ALIGN_BITS - 1) // MASK_ALIGN_BITS]
+        self.block_bounds = torch.tensor(bounds, dtype=torch.long).to(device) if bounds else None
         # a layout without masked tensors: an empty mask and its one prefix count
         self.no_mask = (torch.zeros(0, dtype=torch.uint8, device=device),
                         NativeMaskAux(torch.zeros(1, dtype=torch.long, device=device), [], layout.tensors_key))
@@ -266,11 +272,8 @@ class NativeBackend(Backend):
     def mask_aux(self, layout: ParamLayout, bits: torch.Tensor) -> NativeMaskAux:
         prefix = self._op.mask_block_prefix(bits)
         # Blocks [first, last) of each masked tensor; one small device-to-host read per mask update.
-        bounds = []
-        for j, i in enumerate(layout.masked_index):
-            first = layout.bit_offset[j] // MASK_ALIGN_BITS
-            bounds += [first, first + (layout.numel[i] + MASK_ALIGN_BITS - 1) // MASK_ALIGN_BITS]
-        ends = prefix[torch.tensor(bounds, dtype=torch.long, device=prefix.device)].tolist() if bounds else []
+        bounds = self._plan(layout).block_bounds
+        ends = prefix[bounds].tolist() if bounds is not None else []
         counts = [ends[2 * j + 1] - ends[2 * j] for j in range(len(layout.masked_index))]
         return NativeMaskAux(prefix, counts, layout.tensors_key)
 

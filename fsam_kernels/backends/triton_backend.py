@@ -35,8 +35,9 @@ import torch
 from .. import reference as ref
 from ..layout import ParamLayout
 from ..triton_kernels import N_GROUPS, interpret_env, interpreted, mode_conflict
-from ..triton_kernels.tables import DTYPE_CODES, TableCache, aligned16, chunk_table, pointer_table, upload
+from ..triton_kernels.tables import DTYPE_CODES, chunk_table, pointer_table, upload
 from .base import Backend, tensors_nbytes
+from .tables import TableCache
 
 
 def _device_guard(device: torch.device):
@@ -75,7 +76,6 @@ class _Group:
     chunk_start: torch.Tensor
     chunk_ref: torch.Tensor  # masked: index among all masked chunks; dense: offset in the saved buffer
     n_chunks: int
-    aligned: bool  # weights (and, once bound, gradients) all start on 16 bytes: 128-bit loads on full blocks
 
 
 class _LayoutPlan:
@@ -211,7 +211,7 @@ class TritonBackend(Backend):
                 (shape_key, gi, tuple(g.data_ptr() for g in members)),
                 lambda: pointer_table(members, layout.device),
             )
-            bound.append(dataclasses.replace(group, g_ptrs=ptrs, aligned=group.aligned and aligned16(members)))
+            bound.append(dataclasses.replace(group, g_ptrs=ptrs))
         return bound, fallback
 
     @staticmethod
@@ -261,7 +261,6 @@ class TritonBackend(Backend):
                 chunk_start=upload(start, device),
                 chunk_ref=upload(chunk_ref, device),
                 n_chunks=slot.numel(),
-                aligned=aligned16([layout.params[i] for i in idx]),
             ))
         return groups, fallback
 
@@ -294,6 +293,12 @@ class TritonBackend(Backend):
                              f"{' of ' + str(bits.numel()) + ' bytes' if isinstance(bits, torch.Tensor) else ''}")
         if bits.device != layout.device:
             raise ValueError(f"{op}: expected the mask on {layout.device}, got {bits.device}")
+
+    @staticmethod
+    def _word_aligned(bits: torch.Tensor) -> torch.Tensor:
+        """The mask, on 4 bytes (the kernels read it in 32-bit words): a view at an odd offset, e.g. of
+        a checkpoint's buffer, is copied."""
+        return bits if bits.data_ptr() % 4 == 0 else bits.clone()
 
     # ------------------------------------------------------------------ Fisher
     def fisher_accumulate(self, accum: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
@@ -398,7 +403,7 @@ class TritonBackend(Backend):
             return last[3]
         with _device_guard(layout.device):
             prefix, totals = _kernels().select.mask_prefix_counts(
-                plan.masked, bits, self.scan_block, plan.masked.n_total >= self.parallel_select_min)
+                plan.masked, self._word_aligned(bits), self.scan_block, plan.masked.n_total >= self.parallel_select_min)
         aux = {"prefix": prefix, "totals": totals}
         self._last_mask = (weakref.ref(bits), bits._version, layout.tensors_key, aux)
         return aux
@@ -434,6 +439,7 @@ class TritonBackend(Backend):
             if bits is None:
                 raise ValueError("perturb: expected a packed mask for the masked parameters, got None")
             self._check_bits(layout, bits, "perturb")
+            bits = self._word_aligned(bits)
             if not (isinstance(aux, dict) and aux.get("prefix") is not None
                     and aux["prefix"].numel() == plan.masked.n_chunks):
                 aux = self.mask_aux(layout, bits)

@@ -8,12 +8,13 @@
 2. compiles each recorded configuration with Triton's whole compiler (down to PTX and the cubin),
    plus, per recorded launch, the variants with every integer argument generic (not divisible by 16,
    its recorded width) and with every integer argument equal to 1 (which the JIT turns into a
-   constant), since other inputs give those;
+   constant; not the ``do_not_specialize`` ones, which it never does), since other inputs give those;
 3. checks that launches with fp fusion off (the kernels whose results must match the reference bit
    for bit) contain no fused multiply-add;
 4. prints, per configuration, registers per thread, spilled bytes, shared memory and the resident
    blocks per SM those allow (from ``ptxas -v`` on the PTX, the numbers a GPU would report), and the
-   number of 128-bit global loads and stores (the streaming kernels' full-block paths).
+   number of 128-bit global loads and stores (the streaming kernels' full-block paths, taken per
+   tensor on 16 bytes) and of 8-bit global loads (the mask is read in words: none where it is read).
 
 Must run without ``TRITON_INTERPRET=1``. Exit status 1 if a compile or check fails.
 """
@@ -48,6 +49,7 @@ class Compiled:
     seconds: float
     wide_loads: int  # 128-bit global loads / stores in the PTX (ld.global.v4.b32, st.global.v4.b32)
     wide_stores: int
+    byte_loads: int  # 8-bit global loads (the packed mask is read in 32-bit words: none in the streaming kernels)
 
     @property
     def blocks_per_sm(self) -> int:
@@ -61,7 +63,7 @@ class Compiled:
     def line(self) -> str:
         return (f"{self.name}: {self.regs} registers, {self.spill_bytes} B spilled, {self.shared} B shared, "
                 f"{self.num_warps} warps -> {self.blocks_per_sm} blocks/SM; 128-bit: {self.wide_loads} loads, "
-                f"{self.wide_stores} stores ({self.seconds:.1f}s)")
+                f"{self.wide_stores} stores; 8-bit: {self.byte_loads} loads ({self.seconds:.1f}s)")
 
 
 def recorded_launches() -> list[dict]:
@@ -89,9 +91,13 @@ def variants(records: list[dict]) -> list[dict]:
         ints = {n: kind for n, (kind, _) in rec["runtime"].items() if kind == "constexpr" or kind in ("i32", "i64")}
         if not ints:
             continue
-        # generic: no divisibility, the recorded width (a recorded 1 is an i32); ones: every integer 1
+        # generic: no divisibility, the recorded width (a recorded 1 is an i32); ones: every integer 1,
+        # except do_not_specialize arguments, which the JIT never turns into constants
         add(dict(rec, runtime={**rec["runtime"], **{n: ["i32" if k == "constexpr" else k, ""] for n, k in ints.items()}}))
-        add(dict(rec, runtime={**rec["runtime"], **{n: ["constexpr", 1] for n in ints}}))
+        fixed = set(rec.get("unspecialized", ()))
+        ones = {n: ["constexpr", 1] for n in ints if n not in fixed}
+        if ones:
+            add(dict(rec, runtime={**rec["runtime"], **ones}))
     return out
 
 
@@ -155,7 +161,8 @@ def compile_one(rec: dict, arch: int) -> Compiled:
     regs, spills = _ptxas_usage(ptx, arch)
     return Compiled(name, regs, spills, int(kernel.metadata.shared), options.get("num_warps", 4), seconds,
                     len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.b32\b", ptx)),
-                    len(re.findall(r"\bst\.global(?:\.\w+)*\.v4\.b32\b", ptx)))
+                    len(re.findall(r"\bst\.global(?:\.\w+)*\.v4\.b32\b", ptx)),
+                    len(re.findall(r"\bld\.global(?:\.\w+)*\.[bsu]8\b", ptx)))
 
 
 def unrecorded_kernels(records: list[dict]) -> list[str]:
@@ -194,6 +201,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="compile in this many processes (on a GPU machine, before the GPU tests: the JIT then "
                          "finds every kernel in Triton's cache)")
+    ap.add_argument("--kernels", default="",
+                    help="comma-separated kernel names: compile only their launches (a quicker look at a few)")
     args = ap.parse_args(argv[1:])
     if interpreted():
         print("compile_check: unset TRITON_INTERPRET to compile the kernels", file=sys.stderr)
@@ -205,6 +214,9 @@ def main(argv: list[str]) -> int:
         failed += 1
         print(f"FAILED {name}: no recorded launch (add a scenario to {__package__}.launches)")
     records = variants(recorded)
+    if args.kernels:
+        wanted = set(args.kernels.split(","))
+        records = [rec for rec in records if rec["kernel"] in wanted]
     print(f"compile_check: {len(records)} launch configurations for sm_{arch}")
     jobs = [(rec, arch) for rec in records]
     if args.jobs > 1:

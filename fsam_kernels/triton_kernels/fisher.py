@@ -8,29 +8,28 @@ import triton
 import triton.language as tl
 
 from . import CHUNK, interpret_env
-from .tables import DTYPE_CODES, TableCache, aligned16, chunk_table, pointer_table, triton_dtype, upload
+from .memory import _on16
+from .tables import DTYPE_CODES, TableCache, chunk_table, pointer_table, triton_dtype, upload
 
 INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
 
 @triton.jit
-def _fisher_accumulate_kernel(
-    acc_ptrs, grad_ptrs, numels, chunk_slot, chunk_start, GRAD_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
+def _fisher_accumulate_kernel(acc_ptrs, grad_ptrs, numels, chunk_slot, chunk_start, GRAD_DTYPE: tl.constexpr,
+                              BLOCK: tl.constexpr):
     c = tl.program_id(0)
     slot = tl.load(chunk_slot + c)
-    start = tl.load(chunk_start + c)
+    start = tl.multiple_of(tl.load(chunk_start + c), BLOCK)
     n = tl.load(numels + slot)
-    acc = tl.load(acc_ptrs + slot).to(tl.pointer_type(tl.float32))
-    grad = tl.load(grad_ptrs + slot).to(tl.pointer_type(GRAD_DTYPE))
-    if ALIGNED:  # every tensor starts on 16 bytes (checked on the host), every chunk on BLOCK elements
-        acc = tl.multiple_of(acc, 16)
-        grad = tl.multiple_of(grad, 16)
-        start = tl.multiple_of(start, BLOCK)
+    acc_address = tl.load(acc_ptrs + slot)
+    grad_address = tl.load(grad_ptrs + slot)
+    acc = acc_address.to(tl.pointer_type(tl.float32))
+    grad = grad_address.to(tl.pointer_type(GRAD_DTYPE))
     offs = start + tl.arange(0, BLOCK)
-    if ALIGNED and start + BLOCK <= n:  # a full block: no bounds mask, so 128-bit loads and stores
-        g = tl.load(grad + offs).to(tl.float32)
+    if _on16(acc_address | grad_address) & (start + BLOCK <= n):
+        # a full block of a pair on 16 bytes: no bounds mask, so 128-bit loads and stores
+        acc = tl.multiple_of(acc, 16)
+        g = tl.load(tl.multiple_of(grad, 16) + offs).to(tl.float32)
         tl.store(acc + offs, tl.load(acc + offs) + g * g)  # g * g rounds on its own: no FMA contraction
     else:
         inside = offs < n
@@ -71,7 +70,7 @@ def fisher_accumulate(accum: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         if n_chunks:
             _fisher_accumulate_kernel[(n_chunks,)](
                 _pointers(acc), _pointers(grd), numels, slot, start,
-                GRAD_DTYPE=triton_dtype(dtype), BLOCK=CHUNK, ALIGNED=aligned16(acc + grd), num_warps=8,
+                GRAD_DTYPE=triton_dtype(dtype), BLOCK=CHUNK, num_warps=8,
                 enable_fp_fusion=False,
             )
     return rest

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import CHUNK, interpret_env
 from .select import MaskedPlan, _fixup_kernel, _load_keys, _write_kernel
-from .tables import aligned16, pointer_table, triton_dtype, upload
+from .tables import pointer_table, triton_dtype, upload
 
 INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
@@ -32,10 +32,9 @@ MAX_RADIX_BITS = 8  # wider histograms cost far more than a streaming read in Tr
 @triton.jit(do_not_specialize=["prefix", "shift", "high_shift"])  # new values every pass: no recompiles
 def _histogram_kernel(score_ptrs, numels, chunk_slot, chunk_start, out, prefix, shift, high_shift,
                       DTYPE: tl.constexpr, SQUARE: tl.constexpr, TOP: tl.constexpr, BINS: tl.constexpr,
-                      BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                      BLOCK: tl.constexpr):
     c = tl.program_id(0)
-    slot, start, n, inside, key = _load_keys(score_ptrs, numels, chunk_slot, chunk_start, c, DTYPE, SQUARE, BLOCK,
-                                             ALIGNED)
+    slot, start, n, inside, key = _load_keys(score_ptrs, numels, chunk_slot, chunk_start, c, DTYPE, SQUARE, BLOCK)
     match = inside & (key >= 0)  # negative keys (sign bit set) lie under no prefix, as in the reference
     if not TOP:  # TOP: the first pass, whose prefix is empty (a shift by 32 is undefined)
         match = match & ((key >> high_shift) == prefix)
@@ -58,7 +57,7 @@ def key_histogram(plan: MaskedPlan, scores: Sequence[torch.Tensor], square: bool
         _histogram_kernel[(plan.n_chunks,)](
             pointer_table(scores, plan.device), plan.numels, plan.chunk_slot, plan.chunk_start, out,
             prefix, shift, min(high_shift, 31), DTYPE=triton_dtype(scores[0].dtype), SQUARE=bool(square),
-            TOP=high_shift >= 32, BINS=bins, BLOCK=CHUNK, ALIGNED=aligned16(scores), num_warps=8,
+            TOP=high_shift >= 32, BINS=bins, BLOCK=CHUNK, num_warps=8,
         )
     return out
 
@@ -75,8 +74,7 @@ def mask_from_threshold(plan: MaskedPlan, scores: Sequence[torch.Tensor], square
     score_ptrs = pointer_table(scores, device)
     params = upload(torch.tensor([0, 0, threshold, 0], dtype=torch.int32), device)
     counts = torch.empty(3 * n_chunks, dtype=torch.int32, device=device)
-    common = dict(DTYPE=triton_dtype(scores[0].dtype), SQUARE=bool(square), BLOCK=CHUNK, ALIGNED=aligned16(scores),
-                  num_warps=8)
+    common = dict(DTYPE=triton_dtype(scores[0].dtype), SQUARE=bool(square), BLOCK=CHUNK, num_warps=8)
     _write_kernel[(n_chunks,)](score_ptrs, plan.numels, plan.bit_offsets, plan.chunk_slot, plan.chunk_start, params,
                                counts, n_chunks, bits, **common)
     # Ties before a chunk within its tensor, then what is left of the tensor's quota for the chunk.

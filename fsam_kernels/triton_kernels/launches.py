@@ -45,6 +45,9 @@ def record(fn, args: tuple, kwargs: dict) -> dict:
     bound = dict(zip([p.name for p in params], args))
     bound.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
     constexprs, runtime = {}, {}
+    # do_not_specialize arguments: never a constant nor "divisible by 16" (the JIT's keys for them)
+    dns = getattr(fn, "do_not_specialize", None) or getattr(fn, "kwargs", {}).get("do_not_specialize") or ()
+    fixed = [params[a].name if isinstance(a, int) else a for a in dns]
     for p in params:
         if p.name not in bound:  # a default value
             if p.default is inspect.Parameter.empty:
@@ -55,11 +58,14 @@ def record(fn, args: tuple, kwargs: dict) -> dict:
             constexprs[p.name] = _constexpr_value(value)
         else:
             # The JIT's own specialisation: (type, "D" when divisible by 16) or ("constexpr", 1).
-            kind, key = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+            kind, key = native_specialize_impl(BaseBackend, value, False, p.name not in fixed, p.name not in fixed)[:2]
             runtime[p.name] = [kind, key if isinstance(key, (str, int)) else None]
     options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
-    return {"module": fn.fn.__module__, "kernel": fn.fn.__name__, "constexprs": constexprs,
-            "runtime": runtime, "options": options}
+    rec = {"module": fn.fn.__module__, "kernel": fn.fn.__name__, "constexprs": constexprs,
+           "runtime": runtime, "options": options}
+    if fixed:
+        rec["unspecialized"] = sorted(fixed)
+    return rec
 
 
 def recording(sink: list) -> Callable[[], None]:
@@ -148,6 +154,12 @@ def _scenarios(backend) -> None:
         full_step(lay, grads, 900, True)
         backend.key_histogram(lay, grads, True, 0, ds.PASS_SHIFTS[0], ds.RADIX_BITS)
         backend.mask_from_threshold(lay, grads, True, 0x3E000000, [3, 0])
+    # mixed alignment in one launch: a tensor on 16 bytes (vector path) beside views at odd offsets
+    for dt in (torch.float32, torch.bfloat16):
+        lay = ParamLayout([torch.randn(4097, generator=gen).to(dt)] + views([4097, 123], dt), [True] * 3, [0.05] * 3,
+                          [True, False, True])
+        grads = [torch.randn(4097, generator=gen).to(dt)] + views([4097, 123], dt)
+        full_step(lay, grads, 900, True)
     # mixed dtypes in one layout; one tensor of one chunk (integer arguments equal to 1)
     lay = layout([300, 5000, 77], [torch.float32, torch.bfloat16, torch.float16])
     full_step(lay, grads_of(lay), 1000, True)

@@ -3,8 +3,8 @@
 Reference: :func:`fsam_kernels.reference.select_nm_mask_reference`. One launch for all eligible
 tensors (per pair of score and support dtypes): each program finds its tensor in a table of program
 starts and writes ``BLOCK_BYTES`` whole mask bytes (8 elements each); every element computes its own
-rank inside its group by comparing its key with the group's M keys, so groups may straddle programs
-and bytes without any communication.
+rank inside its group by comparing its key with the group's M keys (a loop over the M, read from the
+cache), so groups may straddle programs and bytes without any communication.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ..layout import ParamLayout
 from ..reference import nm_eligible
+from .reductions import _sum
 from .tables import pointer_table, upload
 
 BLOCK_BYTES = 64  # 512 elements per program: one mask alignment block
@@ -73,28 +74,27 @@ def _nm_mask_kernel(
     score_ptr = tl.load(score_ptrs + lo).to(tl.pointer_type(S_DTYPE))
     support_ptr = tl.load(support_ptrs + lo).to(tl.pointer_type(W_DTYPE))
     byte = (pid - tl.load(prog_start + lo)) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    # Plain element-wise ops only (no tl.zeros / tl.sum): the kernel then also runs in the interpreter
-    # when Triton itself was imported before TRITON_INTERPRET=1 was set.
-    packed = (byte * 0).to(tl.int32)
-    for bit in tl.static_range(8):
-        elem = byte * 8 + bit
-        inside = elem < numel
-        group = (elem // M) * M
-        pos = elem - group
-        own = _key(score_ptr, support_ptr, elem, inside, SQUARE, HAS_SUPPORT)
-        beaten = (pos * 0).to(tl.int32)
-        for q in tl.static_range(M):
-            other = _key(score_ptr, support_ptr, group + q, inside, SQUARE, HAS_SUPPORT)
-            # The lower index wins a tie.
-            beats = (other > own) | ((other == own) & (pos > q))
-            beaten += beats.to(tl.int32)
-        chosen = inside & (beaten < n)
-        if HAS_SUPPORT:
-            w = tl.load(support_ptr + elem, mask=inside, other=0.0)
-            chosen = chosen & (w != 0)
-        packed = packed | (chosen.to(tl.int32) << bit)
+    # The program's elements as a [bytes, 8] tile (bit b of byte j: element 8 j + b): each loads its own
+    # key once, then the group's M keys one at a time in a loop that is not unrolled (a few registers
+    # per element however large M: no spill), and the chosen bits are packed with shifts and a sum.
+    bit = tl.arange(0, 8)
+    elem = byte[:, None] * 8 + bit[None, :]
+    inside = elem < numel
+    group = (elem // M) * M
+    pos = elem - group
+    own = _key(score_ptr, support_ptr, elem, inside, SQUARE, HAS_SUPPORT)
+    beaten = (pos * 0).to(tl.int32)
+    for q in range(M):
+        other = _key(score_ptr, support_ptr, group + q, inside, SQUARE, HAS_SUPPORT)
+        # The lower index wins a tie.
+        beats = (other > own) | ((other == own) & (pos > q))
+        beaten += beats.to(tl.int32)
+    chosen = inside & (beaten < n)
+    if HAS_SUPPORT:
+        w = tl.load(support_ptr + elem, mask=inside, other=0.0)
+        chosen = chosen & (w != 0)
+    packed = _sum(chosen.to(tl.int32) << bit[None, :], 1)
     tl.store(bits_ptr + tl.load(byte_offsets + lo) + byte, packed.to(tl.uint8), mask=byte * 8 < numel)
-
 
 def select_nm_mask(
     layout: ParamLayout,

@@ -3,11 +3,14 @@
 One launch per (weight dtype, gradient dtype) group writes one partial sum per chunk; one
 single-program launch adds the partials in fp64 in a fixed order, so the norm is deterministic.
 
-Squares of finite inputs must not overflow (the skip rule of :mod:`fsam_kernels.reference`): a chunk
-sums its squares in fp32 and, only when that sum overflowed (an element beyond ~1.8e19, or an inf/NaN),
-sums them again with each square in fp64, where finite inputs cannot overflow. The common case stays a
-streaming fp32 kernel; squaring every element in fp64 would also be exact, but costs on GPUs with a
-low fp64 rate (1/64 of fp32 on consumer parts).
+The norm rule the kernels follow (docs/backends.md, "The gradient norm"): the product ``v = fl32(|w| * g)`` (the
+reference's), each square ``v * v`` in fp64 (exact: 48 significant bits; no overflow for finite inputs,
+the reference's skip rule), summed in fp64 and its root rounded once to the norm dtype. The fp64 sum's
+rounding error (about 1e-16 relative) stays far below fp32's, so the native and Triton kernels return
+the same fp32 norm bit for bit, whatever their summation order. The reference's own value (davda54/sam's
+per-tensor fp32 norms) differs from it by its fp32 rounding, at most a few ulps (tested at 2e-6
+relative). One fp64 multiply-add per element costs nothing on a memory-bound stream on data-centre
+GPUs (fp64 at 1/2 of fp32); a consumer GPU (1/64) is still near its bandwidth for fp32 inputs.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import CHUNK, interpret_env
+from .memory import _on16
 from .reductions import _sum
 from .tables import triton_dtype
 
@@ -26,33 +30,32 @@ INTERPRETED = interpret_env()  # how this module's kernels were built (see the p
 
 @triton.jit
 def _sumsq_kernel(w_ptrs, g_ptrs, numels, adaptive, chunk_slot, chunk_start, partials,
-                  W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     slot = tl.load(chunk_slot + c)
-    start = tl.load(chunk_start + c)
+    start = tl.multiple_of(tl.load(chunk_start + c), BLOCK)
     n = tl.load(numels + slot)
-    gp = tl.load(g_ptrs + slot).to(tl.pointer_type(G_DTYPE))
-    wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
-    if ALIGNED:  # every tensor starts on 16 bytes (checked on the host), every chunk on BLOCK elements
-        gp = tl.multiple_of(gp, 16)
-        wp = tl.multiple_of(wp, 16)
-        start = tl.multiple_of(start, BLOCK)
+    g_address = tl.load(g_ptrs + slot)
+    w_address = tl.load(w_ptrs + slot)
+    gp = g_address.to(tl.pointer_type(G_DTYPE))
+    wp = w_address.to(tl.pointer_type(W_DTYPE))
+    is_adaptive = tl.load(adaptive + slot) != 0
     offs = start + tl.arange(0, BLOCK)
     w = tl.full([BLOCK], 1.0, tl.float32)
-    if ALIGNED and start + BLOCK <= n:  # a full block: no bounds mask, so 128-bit loads
-        g = tl.load(gp + offs)
-        if tl.load(adaptive + slot) != 0:
-            w = tl.load(wp + offs).to(tl.float32)
+    if _on16(g_address | tl.where(is_adaptive, w_address, 0)) & (start + BLOCK <= n):
+        # a full block of tensors on 16 bytes: no bounds mask, so 128-bit loads
+        g = tl.load(tl.multiple_of(gp, 16) + offs)
+        if is_adaptive:
+            w = tl.load(tl.multiple_of(wp, 16) + offs).to(tl.float32)
     else:  # the same values (zeros past the end), so the same sums
         inside = offs < n
         g = tl.load(gp + offs, mask=inside, other=0.0)
-        if tl.load(adaptive + slot) != 0:
+        if is_adaptive:
             w = tl.load(wp + offs, mask=inside, other=0.0).to(tl.float32)
-    v = tl.abs(w) * g.to(tl.float32)
-    total = _sum(v * v, 0).to(tl.float64)
-    if (total - total) != 0:  # overflowed (or an inf/NaN input): every square again, in fp64
-        v64 = tl.abs(w.to(tl.float64)) * g.to(tl.float64)
-        total = _sum(v64 * v64, 0)
+    # the reference's fp32 product |w| * g, rounded once; its square is exact in fp64, and squares of
+    # fp32 values cannot overflow there: the fp64 sum, whatever its order, rounds to the same fp32 norm
+    v = (tl.abs(w) * g.to(tl.float32)).to(tl.float64)
+    total = _sum(v * v, 0)
     tl.store(partials + c, total)
 
 
@@ -81,8 +84,8 @@ def grad_norm(groups, device: torch.device, extra_sumsq: torch.Tensor, dtype: to
         if g.n_chunks:
             _sumsq_kernel[(g.n_chunks,)](
                 g.w_ptrs, g.g_ptrs, g.numels, g.adaptive, g.chunk_slot, g.chunk_start, partials[base:],
-                W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype), BLOCK=CHUNK, ALIGNED=g.aligned,
-                num_warps=8,
+                W_DTYPE=triton_dtype(g.w_dtype), G_DTYPE=triton_dtype(g.g_dtype), BLOCK=CHUNK,
+                num_warps=8, enable_fp_fusion=False,
             )
         base += g.n_chunks
     out = torch.empty((), dtype=dtype, device=device)

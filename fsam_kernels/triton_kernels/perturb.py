@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from . import CHUNK, interpret_env
+from .memory import _mask_bits, _on16
 from .reductions import _cumsum, _sum
 from .tables import triton_dtype
 
@@ -22,11 +23,12 @@ INTERPRETED = interpret_env()  # how this module's kernels were built (see the p
 
 # Launch shape of the perturbation and the restore: PERTURB_WARPS warps, each chunk taken as
 # PERTURB_SPLIT sub-blocks of CHUNK / PERTURB_SPLIT elements one after the other (the saved position
-# carried from one to the next). ptxas, sm_90, perturbation: (16 warps, 1 sub-block) 100-104 registers,
-# 1 block per SM; (8, 2) 116-122, 2 blocks of 8 warps; (16, 2) and (8, 4) 64, 2 blocks of 16 / 4 of 8
-# warps, but only 4 elements a thread: 64-bit loads for fp16 / bf16. (8, 2) is the shape with two
-# blocks per SM and 128-bit loads for every dtype; which candidate streams fastest is for a GPU to
-# measure (compile_check reports each of PERTURB_CANDIDATES).
+# carried from one to the next). ptxas 12.8 (Triton 3.6), sm_90, perturbation: (16 warps, 1 sub-block)
+# 102-106 registers, 1 block per SM; (8, 2) 128, 2 blocks of 8 warps; (16, 2) 64-73, 1-2 blocks of 16
+# warps (fp32 spills 4 B); (8, 4) 64, 4 blocks of 8 warps; but (16, 2) and (8, 4) give a thread 4
+# elements: no 128-bit loads for fp16 / bf16. (8, 2) is the shape with two blocks per SM and 128-bit
+# loads for every dtype; which candidate streams fastest is for a GPU to measure (compile_check
+# reports each of PERTURB_CANDIDATES).
 PERTURB_WARPS = 8
 PERTURB_SPLIT = 2
 PERTURB_CANDIDATES = ((16, 1), (8, 2), (16, 2), (8, 4))
@@ -45,14 +47,11 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _chunk(chunk_slot, chunk_start, numels, bit_offsets, chunk_ref, aux_prefix, dense_total, c, BLOCK: tl.constexpr,
-           ALIGNED: tl.constexpr):
-    """Chunk ``c``'s tensor, first element, the tensor's size and mask bit offset (-1: dense), and
-    where the chunk's first saved original goes (``ALIGNED``: chunks start at multiples of ``BLOCK``)."""
+def _chunk(chunk_slot, chunk_start, numels, bit_offsets, chunk_ref, aux_prefix, dense_total, c, BLOCK: tl.constexpr):
+    """Chunk ``c``'s tensor, first element (a multiple of ``BLOCK``), the tensor's size and mask bit
+    offset (-1: dense), and where the chunk's first saved original goes."""
     slot = tl.load(chunk_slot + c)
-    start = tl.load(chunk_start + c)
-    if ALIGNED:
-        start = tl.multiple_of(start, BLOCK)
+    start = tl.multiple_of(tl.load(chunk_start + c), BLOCK)
     bit_base = tl.load(bit_offsets + slot)
     ref = tl.load(chunk_ref + c)
     if bit_base >= 0:  # masked tensor: ref is the chunk's index among all masked chunks
@@ -69,9 +68,7 @@ def _selection(mask, bit_base, sub_start, n, base, SUB: tl.constexpr):
     offs = sub_start + tl.arange(0, SUB)
     inside = offs < n
     if bit_base >= 0:
-        b = bit_base + offs
-        byte = tl.load(mask + (b >> 3), mask=inside, other=0).to(tl.int32)
-        sel = inside & (((byte >> (b & 7).to(tl.int32)) & 1) != 0)
+        sel = _mask_bits(mask, bit_base, sub_start, n, SUB)
     else:
         sel = inside
     sel_i = sel.to(tl.int32)
@@ -81,8 +78,7 @@ def _selection(mask, bit_base, sub_start, n, base, SUB: tl.constexpr):
 @triton.jit
 def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_slot, chunk_start, chunk_ref,
                     mask, aux_prefix, dense_total, saved, norm_ptr, applied, eps,
-                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-                    SPLIT: tl.constexpr):
+                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     c = tl.program_id(0)
     norm = tl.load(norm_ptr)
     finite = (norm - norm) == 0  # false for inf and nan
@@ -90,12 +86,12 @@ def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_s
         tl.store(applied, finite.to(tl.int32))
     if finite:
         slot, start, n, bit_base, base = _chunk(chunk_slot, chunk_start, numels, bit_offsets, chunk_ref, aux_prefix,
-                                                dense_total, c, BLOCK, ALIGNED)
-        wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
-        gp = tl.load(g_ptrs + slot).to(tl.pointer_type(G_DTYPE))
-        if ALIGNED:  # every tensor starts on 16 bytes (checked on the host), every chunk on BLOCK elements
-            wp = tl.multiple_of(wp, 16)
-            gp = tl.multiple_of(gp, 16)
+                                                dense_total, c, BLOCK)
+        w_address = tl.load(w_ptrs + slot)
+        g_address = tl.load(g_ptrs + slot)
+        wp = w_address.to(tl.pointer_type(W_DTYPE))
+        gp = g_address.to(tl.pointer_type(G_DTYPE))
+        vector = _on16(w_address | g_address)  # this tensor's full sub-blocks load in 128-bit accesses
         # davda54/sam's rounding, as the reference: a correctly rounded 1 / (norm + eps), times rho
         # (0 for a zero norm: an all-zero gradient perturbs by exactly 0)
         scale = tl.where(norm == 0, 0.0, tl.div_rn(1.0, norm + eps) * tl.load(rhos + slot))
@@ -103,10 +99,10 @@ def _perturb_kernel(w_ptrs, g_ptrs, numels, bit_offsets, rhos, adaptive, chunk_s
         SUB: tl.constexpr = BLOCK // SPLIT
         for h in tl.static_range(SPLIT):
             offs, sel, pos, count = _selection(mask, bit_base, start + h * SUB, n, base, SUB)
-            if ALIGNED and start + (h + 1) * SUB <= n:
+            if vector & (start + (h + 1) * SUB <= n):
                 # a full sub-block: whole 128-bit loads (a sparse selection touches most sectors anyway)
-                w_raw = tl.load(wp + offs)
-                g = tl.load(gp + offs).to(tl.float32)
+                w_raw = tl.load(tl.multiple_of(wp, 16) + offs)
+                g = tl.load(tl.multiple_of(gp, 16) + offs).to(tl.float32)
             else:
                 w_raw = tl.load(wp + offs, mask=sel, other=0.0)
                 g = tl.load(gp + offs, mask=sel, other=0.0).to(tl.float32)
@@ -127,7 +123,7 @@ def _restore_kernel(w_ptrs, numels, bit_offsets, chunk_slot, chunk_start, chunk_
     c = tl.program_id(0)
     if tl.load(applied) != 0:
         slot, start, n, bit_base, base = _chunk(chunk_slot, chunk_start, numels, bit_offsets, chunk_ref, aux_prefix,
-                                                dense_total, c, BLOCK, False)
+                                                dense_total, c, BLOCK)
         wp = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
         SUB: tl.constexpr = BLOCK // SPLIT
         for h in tl.static_range(SPLIT):
@@ -147,7 +143,7 @@ def perturb(group, mask: torch.Tensor, aux_prefix: torch.Tensor, dense_total: in
     _perturb_kernel[(group.n_chunks,)](
         group.w_ptrs, group.g_ptrs, group.numels, group.bit_offsets, group.rhos, group.adaptive, group.chunk_slot,
         group.chunk_start, group.chunk_ref, mask, aux_prefix, dense_total, saved, norm32, applied, float(eps),
-        W_DTYPE=triton_dtype(group.w_dtype), G_DTYPE=triton_dtype(group.g_dtype), BLOCK=CHUNK, ALIGNED=group.aligned,
+        W_DTYPE=triton_dtype(group.w_dtype), G_DTYPE=triton_dtype(group.g_dtype), BLOCK=CHUNK,
         SPLIT=PERTURB_SPLIT, num_warps=PERTURB_WARPS, enable_fp_fusion=False,
     )
 

@@ -55,7 +55,8 @@ from . import CHUNK, N_GROUPS, interpret_env
 from .radix import PASSES, _replay, _store_selected_kernel, launch_passes, selected_key
 from .reductions import _cumsum, _min, _sum
 from .select_plan import SelectPlan
-from .tables import aligned16, chunk_table, pointer_table, triton_dtype, upload
+from .memory import _mask_bits, _on16
+from .tables import chunk_table, pointer_table, triton_dtype, upload
 
 INTERPRETED = interpret_env()  # how this module's kernels were built (see the package doc)
 
@@ -74,20 +75,18 @@ def _key(x, SQUARE: tl.constexpr):
 
 @triton.jit
 def _load_keys(score_ptrs, numels, chunk_slot, chunk_start, c, DTYPE: tl.constexpr, SQUARE: tl.constexpr,
-               BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """Chunk ``c``'s keys (``ALIGNED``: every score tensor starts on 16 bytes, checked on the host; then
-    a full block loads without a bounds mask, in 128-bit accesses)."""
+               BLOCK: tl.constexpr):
+    """Chunk ``c``'s keys (a full block of a tensor on 16 bytes loads without a bounds mask, in 128-bit
+    accesses)."""
     slot = tl.load(chunk_slot + c)
-    start = tl.load(chunk_start + c)
+    start = tl.multiple_of(tl.load(chunk_start + c), BLOCK)
     n = tl.load(numels + slot)
-    src = tl.load(score_ptrs + slot).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        src = tl.multiple_of(src, 16)
-        start = tl.multiple_of(start, BLOCK)
+    address = tl.load(score_ptrs + slot)
+    src = address.to(tl.pointer_type(DTYPE))
     offs = start + tl.arange(0, BLOCK)
     inside = offs < n
-    if ALIGNED and start + BLOCK <= n:
-        key = _key(tl.load(src + offs), SQUARE)
+    if _on16(address) & (start + BLOCK <= n):
+        key = _key(tl.load(tl.multiple_of(src, 16) + offs), SQUARE)
     else:
         key = _key(tl.load(src + offs, mask=inside, other=0.0), SQUARE)
     return slot, start, n, inside, key
@@ -176,10 +175,9 @@ def _bracket_kernel(sample, n_samples, rank_hi, rank_lo, params, info, BLOCK: tl
 
 @triton.jit
 def _count_kernel(score_ptrs, numels, chunk_slot, chunk_start, params, counts, n_chunks, cand, info, capacity,
-                  DTYPE: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  DTYPE: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
-    slot, start, n, inside, key = _load_keys(score_ptrs, numels, chunk_slot, chunk_start, c, DTYPE, SQUARE, BLOCK,
-                                             ALIGNED)
+    slot, start, n, inside, key = _load_keys(score_ptrs, numels, chunk_slot, chunk_start, c, DTYPE, SQUARE, BLOCK)
     lo = tl.load(params + 0)
     hi = tl.load(params + 1)
     gt = inside & (key > hi)
@@ -307,10 +305,9 @@ def _candidate_finish_kernel(sel, hist, params):
 
 @triton.jit
 def _write_kernel(score_ptrs, numels, bit_offsets, chunk_slot, chunk_start, params, counts, n_chunks, mask,
-                  DTYPE: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  DTYPE: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
-    slot, start, n, inside, key = _load_keys(score_ptrs, numels, chunk_slot, chunk_start, c, DTYPE, SQUARE, BLOCK,
-                                             ALIGNED)
+    slot, start, n, inside, key = _load_keys(score_ptrs, numels, chunk_slot, chunk_start, c, DTYPE, SQUARE, BLOCK)
     t = tl.load(params + 2)
     gt = inside & (key > t)
     eq = inside & (key == t)
@@ -359,12 +356,12 @@ def _scan_kernel(counts, n_chunks, chunk_group, k, quota, prefix, info, BLOCK: t
 
 @triton.jit
 def _fixup_kernel(score_ptrs, numels, bit_offsets, chunk_slot, chunk_start, params, quota, mask,
-                  DTYPE: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  DTYPE: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     q = tl.load(quota + c)
     if q > 0:
         slot, start, n, inside, key = _load_keys(score_ptrs, numels, chunk_slot, chunk_start, c, DTYPE, SQUARE,
-                                                 BLOCK, ALIGNED)
+                                                 BLOCK)
         t = tl.load(params + 2)
         eq = inside & (key == t)
         sel = (inside & (key > t)) | (eq & (_cumsum(eq.to(tl.int32), 0) <= q))
@@ -377,19 +374,15 @@ def _popcount_kernel(mask, numels, bit_offsets, chunk_slot, chunk_start, counts,
     slot = tl.load(chunk_slot + c)
     start = tl.load(chunk_start + c)
     n = tl.load(numels + slot)
-    offs = start + tl.arange(0, BLOCK)
-    inside = offs < n
-    b = tl.load(bit_offsets + slot) + offs
-    byte = tl.load(mask + (b >> 3), mask=inside, other=0).to(tl.int32)
-    bit = (byte >> (b & 7).to(tl.int32)) & 1
-    tl.store(counts + c, _sum(bit, 0))
+    sel = _mask_bits(mask, tl.load(bit_offsets + slot), start, n, BLOCK)
+    tl.store(counts + c, _sum(sel.to(tl.int32), 0))
     tl.store(counts + n_chunks + c, 0)
 
 
 # ----------------------------------------------------------------------------- the repair
 @triton.jit
 def _repair_pass_kernel(score_ptrs, numels, chunk_slot, chunk_start, n_chunks, sel, hist, PASS: tl.constexpr,
-                        DTYPE: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                        DTYPE: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr):
     """Pass ``PASS`` of the radix select of the row ``sel`` (active, rank, lo, hi) over the scores
     themselves: the keys in ``[lo, hi]`` under the prefix so far, histogrammed by a persistent grid
     (one int64 flush per program), as :mod:`.radix` does over a buffer. No memory beyond ``hist``."""
@@ -401,7 +394,7 @@ def _repair_pass_kernel(score_ptrs, numels, chunk_slot, chunk_start, n_chunks, s
             c = tl.program_id(0)
             while c < n_chunks:
                 slot, start, n, inside, key = _load_keys(score_ptrs, numels, chunk_slot, chunk_start, c, DTYPE,
-                                                         SQUARE, BLOCK, ALIGNED)
+                                                         SQUARE, BLOCK)
                 u = key.to(tl.int64) + 2147483648
                 match = inside & (u >= lo_u) & (u <= hi_u) & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
                 local += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match).to(tl.int64)
@@ -588,7 +581,6 @@ def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square
     sel = torch.empty(9, dtype=torch.int64, device=device)  # written by the resolve kernel
     cand_sel, repair_sel = sel[:5], sel[5:]
     common = dict(DTYPE=triton_dtype(scores[0].dtype), SQUARE=bool(square), BLOCK=CHUNK)
-    streaming = dict(common, ALIGNED=aligned16(scores))  # the kernels that read every score chunk by chunk
     if parallel:
         hist = torch.zeros(3 * PASSES * 256, dtype=torch.int32, device=device)  # bracket: 2 x 4 passes; candidates: 4
         bracket_hist, cand_hist = hist[: 2 * PASSES * 256], hist[2 * PASSES * 256 :]
@@ -607,7 +599,7 @@ def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square
         _bracket_kernel[(1,)](sample, n_samples, sp.rank_hi, sp.rank_lo, params, info, BLOCK=CHUNK, num_warps=16)
     grid = (n_chunks,)
     _count_kernel[grid](score_ptrs, plan.numels, plan.chunk_slot, plan.chunk_start, params, counts, n_chunks,
-                        cand, info, cap, **streaming, num_warps=8)
+                        cand, info, cap, **common, num_warps=8)
     if parallel:
         totals = counts.view(3, n_chunks).sum(1, dtype=torch.int64)
         _resolve_pre_kernel[(1,)](totals, info, cap, params, k, sel, num_warps=4)
@@ -618,10 +610,10 @@ def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square
 
     def write() -> list[int]:
         _write_kernel[grid](score_ptrs, plan.numels, plan.bit_offsets, plan.chunk_slot, plan.chunk_start, params,
-                            counts, n_chunks, bits, **streaming, num_warps=8)
+                            counts, n_chunks, bits, **common, num_warps=8)
         _launch_scan(plan, counts, k, quota, prefix, info, sp.scan_block, parallel)
         _fixup_kernel[grid](score_ptrs, plan.numels, plan.bit_offsets, plan.chunk_slot, plan.chunk_start, params,
-                            quota, bits, **streaming, num_warps=8)
+                            quota, bits, **common, num_warps=8)
         return info.tolist()  # the synchronisation: repair flag and the saved-buffer sizes
 
     host = write()
@@ -634,7 +626,7 @@ def select_mask(plan: MaskedPlan, scores: Sequence[torch.Tensor], k: int, square
         for p in range(PASSES):
             _repair_pass_kernel[(plan.radix_grid(n_total),)](
                 score_ptrs, plan.numels, plan.chunk_slot, plan.chunk_start, n_chunks, repair_sel, repair_hist,
-                PASS=p, **streaming, num_warps=8)
+                PASS=p, **common, num_warps=8)
         _store_selected_kernel[(1,)](repair_sel, repair_hist, params[2:], R=1)
         host = write()
     return bits, prefix, tuple(host[2:]), repaired

@@ -1,11 +1,11 @@
 """Device tables describing many tensors at once, cached by the tensors' addresses and sizes."""
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Callable, Hashable, Sequence
+from typing import Sequence
 
 import torch
 
+from ..backends.tables import TableCache  # noqa: F401  (the backends' cache, re-exported)
 from . import CHUNK
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -48,24 +48,3 @@ def chunk_table(numels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torc
     first = torch.cumsum(counts, 0) - counts
     local = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
     return slot.to(torch.int32), local * CHUNK, local
-
-
-class TableCache:
-    """A small LRU cache: tables are rebuilt only when the tensors' addresses or sizes change."""
-
-    def __init__(self, size: int = 8) -> None:
-        self.size = size
-        self._entries: "OrderedDict[Hashable, Any]" = OrderedDict()
-
-    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        value = build()
-        self._entries[key] = value
-        if len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._entries.clear()
