@@ -102,3 +102,15 @@ def test_too_old_triton_is_unavailable_with_the_reason(monkeypatch):
     assert "triton" not in available_backends("cpu")
     with pytest.raises(BackendUnavailable, match="too old"):
         get_backend("triton", "cpu")
+
+
+# ------------------------------------------------------------------ opcheck's floor
+def test_opcheck_drops_aot_dispatch_only_for_list_mutating_ops_below_torch_25():
+    pytest.importorskip("fsam_kernels._C")
+    from torch.library import _OPCHECK_DEFAULT_UTILS as default
+
+    from native_op_cases import OPS, opcheck_utils
+
+    old_torch = tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5)
+    reduced = {op for op in OPS if opcheck_utils(getattr(torch.ops.fsam_kernels, op).default) != default}
+    assert reduced == ({"fisher_accumulate", "masked_perturb", "masked_restore"} if old_torch else set())
