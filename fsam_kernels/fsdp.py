@@ -21,6 +21,7 @@ Checkpoints with ``torch.distributed.checkpoint``: ``get_optimizer_state_dict`` 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -31,6 +32,10 @@ from .layout import ParamLayout
 
 __all__ = ["ShardedParams", "fsam_state_dict", "load_fsam_state_dict"]
 
+
+# The oldest torch FSAM under FSDP2 is verified on: `fully_shard` is public from 2.6, and on torch 2.7.1
+# the sharded trajectory test diverged from the unsharded run (docs/install.md).
+FSDP2_FLOOR = (2, 9)
 
 # Where DTensor and its placements live: torch.distributed.tensor from torch 2.5; before, the private
 # torch.distributed._tensor (torch 2.4 has a torch.distributed.tensor package too, without DTensor).
@@ -91,6 +96,14 @@ class ShardedParams:
                 mesh = p.device_mesh
             elif p.device_mesh != mesh:
                 raise ValueError(f"FSAM: parameter {i} lives on another device mesh than parameter 0")
+        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < FSDP2_FLOOR:
+            warnings.warn(
+                f"FSAM under FSDP2 is verified from torch {'.'.join(map(str, FSDP2_FLOOR))}; torch "
+                f"{torch.__version__} is older (on torch 2.7.1 a sharded run diverged from the unsharded one): "
+                "upgrade torch, or check your results against an unsharded run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return cls(mesh)
 
     # ------------------------------------------------------------------ local views

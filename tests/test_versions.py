@@ -114,3 +114,38 @@ def test_opcheck_drops_aot_dispatch_only_for_list_mutating_ops_below_torch_25():
     old_torch = tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5)
     reduced = {op for op in OPS if opcheck_utils(getattr(torch.ops.fsam_kernels, op).default) != default}
     assert reduced == ({"fisher_accumulate", "masked_perturb", "masked_restore"} if old_torch else set())
+
+
+# ------------------------------------------------------------------ FSDP2's floor
+@pytest.mark.parametrize("version, warns", [("2.7.1", True), ("2.9.1", False), ("2.13.0", False)])
+def test_fsdp2_below_its_floor_warns(monkeypatch, version, warns):
+    import warnings
+
+    from fsam_kernels import fsdp
+
+    class Shard:  # stand-ins for DTensor's placement, mesh and class: detect() reads only these
+        def __init__(self, dim):
+            self.dim = dim
+
+        def __eq__(self, other):
+            return isinstance(other, Shard) and other.dim == self.dim
+
+    class Mesh:
+        ndim = 1
+
+        def get_group(self):
+            raise LookupError("no process group in this test")
+
+    class DTensor:
+        device_mesh = Mesh()
+        placements = (Shard(0),)
+
+    monkeypatch.setattr(fsdp, "_dtensor_module", lambda: types.SimpleNamespace(DTensor=DTensor, Shard=Shard))
+    monkeypatch.setattr(torch, "__version__", version)
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(LookupError):
+        warnings.simplefilter("always")
+        fsdp.ShardedParams.detect([DTensor(), DTensor()])
+    messages = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert bool(messages) == warns, messages
+    if warns:
+        assert f"verified from torch 2.9; torch {version} is older" in messages[0]
