@@ -21,6 +21,7 @@ Checkpoints with ``torch.distributed.checkpoint``: ``get_optimizer_state_dict`` 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -32,9 +33,26 @@ from .layout import ParamLayout
 __all__ = ["ShardedParams", "fsam_state_dict", "load_fsam_state_dict"]
 
 
-def _dtensor_type() -> Optional[type]:
+# The oldest torch FSAM under FSDP2 is verified on: `fully_shard` is public from 2.6, and on torch 2.7.1
+# the sharded trajectory test diverged from the unsharded run (docs/install.md).
+FSDP2_FLOOR = (2, 9)
+
+# Where DTensor and its placements live: torch.distributed.tensor from torch 2.5; before, the private
+# torch.distributed._tensor (torch 2.4 has a torch.distributed.tensor package too, without DTensor).
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+
+
+def _dtensor_module() -> Any:
     # No DTensor can exist before its module is imported, and importing it costs seconds: look, don't load.
-    module = sys.modules.get("torch.distributed.tensor")
+    for name in _DTENSOR_MODULES:
+        module = sys.modules.get(name)
+        if isinstance(getattr(module, "DTensor", None), type):
+            return module
+    return None
+
+
+def _dtensor_type() -> Optional[type]:
+    module = _dtensor_module()
     return None if module is None else module.DTensor
 
 
@@ -60,7 +78,7 @@ class ShardedParams:
         params = list(params)
         if dtensor is None or not any(isinstance(p, dtensor) for p in params):
             return None
-        from torch.distributed.tensor import Shard
+        Shard = _dtensor_module().Shard
 
         mesh = None
         for i, p in enumerate(params):
@@ -78,6 +96,14 @@ class ShardedParams:
                 mesh = p.device_mesh
             elif p.device_mesh != mesh:
                 raise ValueError(f"FSAM: parameter {i} lives on another device mesh than parameter 0")
+        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < FSDP2_FLOOR:
+            warnings.warn(
+                f"FSAM under FSDP2 is verified from torch {'.'.join(map(str, FSDP2_FLOOR))}; torch "
+                f"{torch.__version__} is older (on torch 2.7.1 a sharded run diverged from the unsharded one): "
+                "upgrade torch, or check your results against an unsharded run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return cls(mesh)
 
     # ------------------------------------------------------------------ local views
@@ -249,9 +275,7 @@ def load_fsam_state_dict(optimizer: Any, state: Mapping[str, torch.Tensor]) -> N
 def _like_param(shards: Optional[ShardedParams], local: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     if shards is None:
         return value
-    from torch.distributed.tensor import DTensor
-
     p = shards.param_of(local)
-    return DTensor.from_local(
+    return _dtensor_type().from_local(
         value, device_mesh=p.device_mesh, placements=p.placements, run_check=False, shape=p.shape, stride=p.stride()
     )

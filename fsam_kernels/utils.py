@@ -12,10 +12,13 @@ any training-mode forward.
     opt.second_step(zero_grad=True)
 
 Toggling a module attribute makes a ``torch.compile``-d model compile one more graph for the second
-pass (once); after that both graphs are reused.
+pass (once); after that both graphs are reused. Where TorchDynamo does not guard that attribute (it
+does not inline built-in modules: the default before torch 2.5) the compiled graph keeps updating the
+statistics, so :func:`frozen_running_stats` then also puts the running buffers back on exit.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -60,6 +63,8 @@ def frozen_running_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Context manager form: running statistics are frozen inside, restored on exit (even on error)."""
     layers = list(_norm_layers(model))
     saved = [m.track_running_stats for m in layers]
+    buffers = _running_buffers(layers) if _compiled_graphs_may_ignore_the_flag() else []
+    originals = [b.clone() for b in buffers]
     for m in layers:
         m.track_running_stats = False
     try:
@@ -67,3 +72,18 @@ def frozen_running_stats(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, value in zip(layers, saved):
             m.track_running_stats = value
+        with torch.no_grad():
+            for b, original in zip(buffers, originals):
+                b.copy_(original)
+
+
+def _compiled_graphs_may_ignore_the_flag() -> bool:
+    """Whether a graph compiled by TorchDynamo may not recompile when ``track_running_stats`` changes:
+    built-in modules not inlined (torch < 2.5 by default) are guarded by identity, not by attribute."""
+    dynamo = sys.modules.get("torch._dynamo")  # not imported: nothing was compiled
+    return dynamo is not None and not getattr(dynamo.config, "inline_inbuilt_nn_modules", False)
+
+
+def _running_buffers(layers: list[_NormBase]) -> list[torch.Tensor]:
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    return [b for m in layers for b in (getattr(m, n, None) for n in names) if isinstance(b, torch.Tensor)]

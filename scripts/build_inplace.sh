@@ -24,8 +24,10 @@ cp "$ROOT/setup.py" "$DIR/setup.py"
 ln -sfn "$ROOT/csrc" "$DIR/csrc"
 rm -rf "$DIR/fsam_kernels"  # the last build's output, already moved
 mkdir "$DIR/fsam_kernels"   # where build_ext --inplace puts it
+cp "$ROOT/fsam_kernels/build_info.py" "$DIR/fsam_kernels/"  # setup.py records the build's outcome with it
 "$PY" -c 'import setuptools, sys; print(f"build_inplace: setuptools {setuptools.__version__}, python {sys.version.split()[0]}")'
 (cd "$DIR" && "$PY" setup.py build_ext --inplace "$@")
+rm -rf "$DIR/fsam_kernels/build_info.py" "$DIR/fsam_kernels/__pycache__"  # sources, not build output
 shopt -s nullglob
 built=("$DIR"/fsam_kernels/*)
 if [ ${#built[@]} -eq 0 ]; then

@@ -204,3 +204,21 @@ def leave_spawned_rank() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# ------------------------------------------------------------------------------------ child processes
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def child_env(drop=(), **extra):
+    """The environment of a child Python process that imports what this one imported: the directory
+    fsam_kernels came from (the source tree, or site-packages after a non-editable install) and
+    tests/ first on PYTHONPATH. Start the child in TESTS_DIR, not the source tree's root, whose
+    fsam_kernels (no compiled extension after ``pip install .``) would come first on sys.path."""
+    import fsam_kernels
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(fsam_kernels.__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, TESTS_DIR, env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env

@@ -3,17 +3,19 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import TESTS_DIR, child_env
 
 
-def _run(code_or_module, pure_python=False):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FSAM_BACKEND")}
-    if pure_python:  # as if the extension had not been built: importing it fails
+def _run(code_or_module, pure_python=False, code=None):
+    env = child_env(drop=("TRITON_INTERPRET", "FSAM_BACKEND"))
+    if code is not None:
+        args = [sys.executable, "-c", code]
+    elif pure_python:  # as if the extension had not been built: importing it fails
         args = [sys.executable, "-c", "import sys; sys.modules['fsam_kernels._C'] = None; "
                 "from fsam_kernels.__main__ import main; sys.exit(main())"]
     else:
         args = [sys.executable, "-m", code_or_module]
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(args, cwd=TESTS_DIR, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -38,3 +40,12 @@ def test_report_on_a_pure_python_install():
     assert "native extension: not built" in out
     assert "  native  not loaded: " in out or "  native  unavailable: " in out
     assert "auto -> torch" in out
+
+
+def test_children_import_the_package_the_parent_imported():
+    # After a non-editable `pip install .` the source tree's fsam_kernels has no compiled extension:
+    # a child that imported it instead of the installed one would test something else.
+    import fsam_kernels
+
+    out = _run(None, code="import fsam_kernels; print(fsam_kernels.__file__)")
+    assert os.path.samefile(out.strip(), fsam_kernels.__file__)

@@ -10,7 +10,7 @@ from fsam_kernels.layout import ParamLayout
 
 from backend_targets import Target
 from helpers import first_mismatch, layout_of
-from native_op_cases import OPS, opcheck_cases
+from native_op_cases import OPS, opcheck_cases, opcheck_utils
 
 pytestmark = [pytest.mark.gpu, pytest.mark.native]
 
@@ -91,7 +91,8 @@ def test_float64_goes_through_the_reference(native):
 
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_cuda(native, op):
-    torch.library.opcheck(getattr(torch.ops.fsam_kernels, op), opcheck_cases("cuda")[op])
+    torch.library.opcheck(getattr(torch.ops.fsam_kernels, op), opcheck_cases("cuda")[op],
+                          test_utils=opcheck_utils(getattr(torch.ops.fsam_kernels, op).default))
 
 
 def test_a_plain_step_uploads_no_table(native):

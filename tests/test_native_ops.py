@@ -10,7 +10,7 @@ import torch
 
 from fsam_kernels import reference as ref
 from helpers import assert_same_mask, first_mismatch, layout_of, random_tensors
-from native_op_cases import OPS, opcheck_cases
+from native_op_cases import OPS, opcheck_cases, opcheck_utils
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +333,8 @@ def test_counts_that_disagree_with_the_mask_stay_inside_saved(native):
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(native, op):
     args = opcheck_cases("cpu")[op]
-    torch.library.opcheck(getattr(torch.ops.fsam_kernels, op), args)
+    fn = getattr(torch.ops.fsam_kernels, op)
+    torch.library.opcheck(fn, args, test_utils=opcheck_utils(fn.default))
 
 
 def test_float64_on_the_cpu_matches_reference(native):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from fsam_kernels import available_backends
 
+from helpers import TESTS_DIR, child_env
 from robustness_cases import CASES, STORAGE_SWAP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +28,10 @@ IN_PROCESS = [name for name in CASES if name not in STORAGE_SWAP]
 
 @functools.lru_cache(maxsize=None)
 def _child_results(backend: str, names: tuple[str, ...]) -> tuple[dict, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     if backend == "triton":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "robustness_cases.py"), backend, *names], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "robustness_cases.py"), backend, *names], cwd=TESTS_DIR,
                           env=env, capture_output=True, text=True, timeout=600)
     results = {}
     for line in proc.stdout.splitlines():
@@ -47,6 +47,15 @@ def _run_in_child(backend: str, names: list[str], name: str) -> None:
         pytest.fail(f"{name} on {backend}: the child process died before reporting it ({how})")
     if not results[name]["ok"]:
         pytest.fail(f"{name} on {backend}:\n{results[name]['error']}")
+
+
+def _require_triton() -> None:
+    pytest.importorskip("triton")
+    from fsam_kernels.backends.triton_backend import triton_problem
+
+    problem = triton_problem()
+    if problem is not None:
+        pytest.skip(problem)
 
 
 def _require(backend: str) -> None:
@@ -65,7 +74,7 @@ def test_case(name, backend):
 @pytest.mark.parametrize("name", STORAGE_SWAP)
 def test_storage_swap_in_child(name, backend):
     if backend == "triton":
-        pytest.importorskip("triton")
+        _require_triton()
     else:
         _require(backend)
     _run_in_child(backend, STORAGE_SWAP, name)
@@ -73,5 +82,5 @@ def test_storage_swap_in_child(name, backend):
 
 @pytest.mark.parametrize("name", IN_PROCESS)
 def test_case_triton_interpreted_in_child(name):
-    pytest.importorskip("triton")
+    _require_triton()
     _run_in_child("triton", IN_PROCESS, name)

@@ -56,6 +56,40 @@ def _kernels() -> SimpleNamespace:
                            select=select)
 
 
+# The oldest Triton the kernels run on: tl.histogram(..., mask=) came in 3.4 (3.0 also rejects the
+# block sizes nested jit functions get as arguments of tl.arange). pip installs the Triton that torch
+# pins: torch 2.8 brings 3.4, older torch an older Triton.
+TRITON_FLOOR = (3, 4)
+
+
+def triton_problem(triton: Any = None) -> Optional[str]:
+    """Why the installed Triton (or the module ``triton``) cannot run these kernels, with the fix;
+    ``None`` if it can. Probes the features the kernels use as well as the version number.
+    Imports Triton: call it where the kernels would run next."""
+    if triton is None:
+        import triton
+    import inspect
+    import re
+
+    version = str(getattr(triton, "__version__", "0"))
+    missing = []
+    nums = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if nums < TRITON_FLOOR:
+        missing.append(f"version >= {'.'.join(map(str, TRITON_FLOOR))}")
+    try:
+        histogram_args = inspect.signature(triton.language.histogram).parameters
+    except (AttributeError, TypeError, ValueError):
+        histogram_args = {}
+    if "mask" not in histogram_args:
+        missing.append("tl.histogram(..., mask=)")
+    if not missing:
+        return None
+    floor = ".".join(map(str, TRITON_FLOOR))
+    return (f"Triton {version} is too old for fsam_kernels' kernels (they need {' and '.join(missing)}); "
+            f"install torch >= 2.8, whose wheels bring Triton >= {floor}, or pip install 'triton>={floor}' "
+            f"(pip then warns that it differs from the Triton your torch pins); backend='native' needs no Triton")
+
+
 _OTHER_GROUP = 3  # saved-buffer group of weights the kernels do not handle (reference path)
 
 
@@ -136,6 +170,7 @@ class TritonBackend(Backend):
         # radix passes over the scores (exact, a few more streaming reads)
         self.select_fallbacks = 0
         self._triton_installed: Optional[bool] = None  # looked up once, without importing Triton
+        self._triton_problem: Optional[tuple[Optional[str]]] = None  # triton_problem(), once it is asked
 
     def select_plan(self, n_total: int, n_chunks: int, k: int):
         """Sizes of the mask update of ``k`` of ``n_total`` values in ``n_chunks`` chunks (host
@@ -164,7 +199,7 @@ class TritonBackend(Backend):
                         "unset it to run them on CUDA")
             if not torch.cuda.is_available():
                 return "no CUDA device is available"
-            return mode_conflict()
+            return mode_conflict() or self._version_problem()
         if dev.type == "cpu":
             if not mode:
                 if interpret_env():
@@ -174,8 +209,14 @@ class TritonBackend(Backend):
                         "(slow, for tests; Triton's interpreter needs numpy: pip install numpy)")
             if importlib.util.find_spec("numpy") is None:
                 return "Triton's interpreter (TRITON_INTERPRET=1) needs numpy: pip install numpy"
-            return mode_conflict()
+            return mode_conflict() or self._version_problem()
         return f"Triton kernels run on CUDA tensors, not on {dev.type}"
+
+    def _version_problem(self) -> Optional[str]:
+        # Asked last, where the kernels would run next: importing Triton here fixes no mode they would not get.
+        if self._triton_problem is None:
+            self._triton_problem = (triton_problem(),)
+        return self._triton_problem[0]
 
     # ------------------------------------------------------------------ caches
     def _plan(self, layout: ParamLayout) -> _LayoutPlan:
