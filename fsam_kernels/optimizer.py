@@ -233,9 +233,10 @@ class FSAM(TwoStepOptimizer):
 
     def masks(self) -> list[torch.Tensor]:
         """Current masks as bool tensors shaped like the masked parameters (param_group order)."""
+        layout = self._current_layout()  # first: a changed masked set drops the mask
         if self._mask.bits is None:
             return []
-        return ref.unpack_mask(self._current_layout(), self._mask.bits)
+        return ref.unpack_mask(layout, self._mask.bits)
 
     def memory_stats(self) -> dict[str, int]:
         """Bytes FSAM itself holds (the base optimizer's state is not counted)."""
