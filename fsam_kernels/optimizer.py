@@ -1,7 +1,6 @@
 """FSAM: sharpness-aware minimization with a Fisher mask, wrapping any torch optimizer."""
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -13,6 +12,7 @@ from .backends.base import Backend, tensors_nbytes
 from .fsdp import ShardedParams
 from .layout import ParamLayout
 from .mask_policy import MaskPolicy, Scores
+from .norm_check import NormCheck
 from .perturbation import Perturbation
 from .protocol import Phase, TwoStepOptimizer, _check_scaler
 from .settings import FISHER_MODES
@@ -105,6 +105,7 @@ class FSAM(TwoStepOptimizer):
         self._pending: Optional[Perturbation] = None
         self._phase = Phase.IDLE
         self._closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
+        self._norm_check = NormCheck()  # the norm's finiteness, read when the step needs the decision
         # FSDP2 (DTensor) parameters: the layout holds their local shards; norm and mask are global.
         self._shards = ShardedParams.detect(p for g in self.param_groups for p in g["params"])
         self._mask = MaskPolicy(backend, self._shards, args["structure"], args["preserve_zeros"],
@@ -132,6 +133,7 @@ class FSAM(TwoStepOptimizer):
 
     @property
     def step_count(self) -> int:
+        self._settle()
         return self._step_count
 
     # ------------------------------------------------------------------ options and layout
@@ -258,11 +260,13 @@ class FSAM(TwoStepOptimizer):
         warning).
 
         If that norm is not finite nothing changes (no mask update, no perturbation; phase
-        ``SKIPPED``), a warning is issued, and the caller may skip the step or call
+        ``SKIPPED``), a warning is issued (on a step without a mask update, when the step reads the
+        decision: at :meth:`second_step` or :meth:`restore`, so that no step waits for the device; see
+        docs/backends.md), and the caller may skip the step or call
         :meth:`second_step`, which then steps the base optimizer from the unperturbed weights (with a
         scaler it lets the scaler back off instead).
         """
-        if self._phase is Phase.PERTURBED:
+        if self.phase is Phase.PERTURBED:
             raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
         _check_scaler(scaler)
         layout = self.check_options()
@@ -282,15 +286,15 @@ class FSAM(TwoStepOptimizer):
         norm = backend.grad_norm(layout, grads)
         if self._shards is not None:
             norm = self._shards.global_norm(norm)
-        if not math.isfinite(norm.item()):  # one sync; torch.isfinite would add 4 kernel launches
-            if scaler is None:
-                warnings.warn(f"FSAM.first_step: non-finite gradient norm ({float(norm)}); weights left unchanged "
-                              "and the mask not updated", RuntimeWarning, stacklevel=2)
-            self._phase = Phase.SKIPPED
+        # The skip decision (see fsam_kernels.norm_check): a mask update takes it now; a plain step leaves
+        # it to its end, the kernels moving nothing on a non-finite norm meanwhile.
+        self._norm_check.record(norm, quiet=scaler is not None)
+        refresh = bool(layout.masked_index) and self.mask_update_due
+        if refresh and self._settle():
             if zero_grad:
                 self.zero_grad()
             return norm
-        if layout.masked_index and self.mask_update_due:
+        if refresh:
             self._mask.refresh(layout, grads, self.sparsity, self.fisher, mask_scores, scheduled=True)
         self._pending = Perturbation.apply(backend, self._perturbation_plan(layout, backend), grads, norm, self.eps,
                                            self._layout_key[3])  # the storage signature of layout.params
@@ -304,6 +308,7 @@ class FSAM(TwoStepOptimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Undo a pending perturbation, bit for bit. Idempotent; a no-op when nothing is perturbed."""
+        self._settle()
         error = None
         if self._phase is Phase.PERTURBED:
             tensors = self._pending.layout.params if self._shards is None else self._shards.local_tensors(
@@ -313,6 +318,22 @@ class FSAM(TwoStepOptimizer):
         self._after_restore()
         if error is not None:
             raise error
+
+    def _settle(self) -> bool:
+        """Take the skip decision first_step recorded, if not taken yet. A non-finite norm skips the step:
+        the kernels moved nothing, so its pending perturbation is dropped. Returns whether this call skipped."""
+        check = self._norm_check
+        if not check.unread or check.finite():
+            return False
+        if not check.quiet:
+            warnings.warn(f"FSAM.first_step: non-finite gradient norm ({check.last}); weights left unchanged "
+                          "and the mask not updated", RuntimeWarning, stacklevel=4)
+        if self._phase is Phase.PERTURBED:  # a plain step: it moved nothing
+            self._pending = None
+            self._step_count -= 1
+            self._after_restore()
+        self._phase = Phase.SKIPPED
+        return True
 
     def _snapshot(self) -> tuple:
         return self._step_count, self._mask.snapshot()

@@ -301,6 +301,16 @@ def grad_norm_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Tens
     """Global L2 norm of the (ASAM-weighted) gradient of every perturbed parameter; 0-dim, in the norm
     dtype. davda54/sam's value where it is finite, else ``fl(sqrt(S))`` (the skip rule). ``S`` costs a
     pass in fp64, so it is computed only then: one host read (the optimizer reads the norm anyway)."""
+    davda = davda_norm(layout, grads)
+    if davda is None:
+        return torch.zeros((), dtype=norm_dtype(layout, grads), device=layout.device)
+    if bool(davda_norm_fits(davda)):
+        return davda
+    return grad_sumsq_reference(layout, grads).sqrt().to(davda.dtype)
+
+
+def davda_norm(layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """davda54/sam's norm in the norm dtype (``None`` when no tensor has a gradient)."""
     dtype = norm_dtype(layout, grads)
     norms = []
     for p, g, adaptive in zip(layout.params, grads, layout.adaptive):
@@ -310,13 +320,13 @@ def grad_norm_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Tens
         if adaptive:
             v = p.detach().to(v.dtype).abs() * v
         norms.append(torch.linalg.vector_norm(v).to(dtype))
-    if not norms:
-        return torch.zeros((), dtype=dtype, device=layout.device)
-    davda = torch.linalg.vector_norm(torch.stack(norms))
-    # In fp64, davda54's value can be finite where S is not: vector_norm returns |x| for one element.
-    if bool(torch.isfinite(davda * davda if dtype == torch.float64 else davda)):
-        return davda
-    return grad_sumsq_reference(layout, grads).sqrt().to(dtype)
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
+def davda_norm_fits(davda: torch.Tensor) -> torch.Tensor:
+    """Whether :func:`davda_norm`'s value is the norm (a bool tensor): else ``fl(sqrt(S))`` is. In fp64,
+    davda54's value can be finite where S is not: vector_norm returns |x| for one element."""
+    return torch.isfinite(davda * davda if davda.dtype == torch.float64 else davda)
 
 
 def perturb_reference(
