@@ -10,12 +10,20 @@ from . import checkpoint, options, param_groups, settings, storage
 from . import reference as ref
 from .backends.base import Backend, tensors_nbytes
 from .fsdp import ShardedParams
-from .layout import ParamLayout
+from .layout import CheckedGrads, ParamLayout, grad_signature, storage_signature
 from .mask_policy import MaskPolicy, Scores
 from .norm_check import NormCheck
 from .perturbation import Perturbation
 from .protocol import Phase, TwoStepOptimizer, _check_scaler
 from .settings import FISHER_MODES
+
+
+def _per_param(per_group: list[tuple[int, Any]], values: Optional[list] = None) -> list:
+    """Expand per-group ``(count, value)`` pairs (or ``values``, one per group) to one entry per parameter."""
+    out: list = []
+    for (n, flag), value in zip(per_group, per_group if values is None else values):
+        out += [flag if values is None else value] * n
+    return out
 
 
 class FSAM(TwoStepOptimizer):
@@ -102,6 +110,8 @@ class FSAM(TwoStepOptimizer):
         self._step_count = 0  # completed (perturbed) first steps
         self._layout: Optional[ParamLayout] = None
         self._layout_key: Optional[tuple] = None
+        self._checked_grads: Optional[tuple] = None  # (tensors_key, grad_signature) of the last checked gradients
+        self._layout_rho: Optional[list[float]] = None  # each perturbed group's rho in self._layout
         self._pending: Optional[Perturbation] = None
         self._phase = Phase.IDLE
         self._closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
@@ -146,33 +156,34 @@ class FSAM(TwoStepOptimizer):
 
     def _current_layout(self) -> ParamLayout:
         param_groups.adopt_added_groups(self)
-        params, masked, rho, adaptive = [], [], [], []
+        params, masked, rho, adaptive = [], [], [], []  # per group here (a step reads every option once)
         for gi, group in enumerate(self.param_groups):
             param_groups.check_options(group, gi)
             if not group.get("perturb", True):
                 continue
             group_params = group["params"]
-            n = len(group_params)
             params += group_params
-            masked += [group.get("fisher_mask", True)] * n
-            rho += [group["rho"]] * n
-            adaptive += [group["adaptive"]] * n
+            masked.append((len(group_params), group.get("fisher_mask", True)))
+            adaptive.append((len(group_params), group["adaptive"]))
+            rho.append(group["rho"])
         if self._shards is not None:
             params = self._shards.local_tensors(params)
-        # Addresses, dtypes, shapes and strides are part of the key: model.to(...) and p.data = ... keep the
+        # Addresses, dtypes, sizes and contiguity are part of the key: model.to(...) and p.data = ... keep the
         # Parameter objects. (A move to another device changes the addresses.)
-        key = (tuple(map(id, params)), tuple(masked), tuple(adaptive), storage.signature(params),
-               tuple([p.stride() for p in params]))
+        key = (tuple(map(id, params)), tuple(masked), tuple(adaptive), storage_signature(params),
+               tuple(map(torch.Tensor.is_contiguous, params)))
         if self._layout is not None and key == self._layout_key:
-            if rho != self._layout.rho:  # a rho schedule: same tensors, so the mask and its aux still apply
-                self._layout = self._layout.with_rho(rho)
+            if rho != self._layout_rho:  # a rho schedule: same tensors, so the mask and its aux still apply
+                self._layout = self._layout.with_rho(_per_param(masked, rho))
+                self._layout_rho = rho
             return self._layout
+        masked, adaptive, rho_per_group, rho = _per_param(masked), _per_param(adaptive), rho, _per_param(masked, rho)
         if not params:
             raise ValueError("FSAM: no parameter to perturb (every param group has perturb=False)")
         storage.check_disjoint(self.param_groups, param_groups.local_tensor)  # p.data = q.data may have made them share
         param_groups.check_perturbed(params)
         new_layout = ParamLayout(params, masked, rho, adaptive)
-        old, self._layout, self._layout_key = self._layout, new_layout, key
+        old, self._layout, self._layout_key, self._layout_rho = self._layout, new_layout, key, rho_per_group
         self._mask.follow_layout(old, new_layout)
         return new_layout
 
@@ -188,7 +199,18 @@ class FSAM(TwoStepOptimizer):
             super().add_param_group(param_group)
 
     def _grads(self, layout: ParamLayout) -> list[Optional[torch.Tensor]]:
-        return param_groups.checked_grads(layout.params, self._shards)
+        """The gradients, checked once per :func:`~fsam_kernels.layout.grad_signature`: a step whose
+        gradients have the last step's addresses, dtypes and sizes skips the checks."""
+        if self._shards is not None:
+            return param_groups.checked_grads(layout.params, self._shards)
+        with torch._C.DisableTorchFunctionSubclass():  # Parameter.grad without the subclass dispatch
+            grads = CheckedGrads([p.grad for p in layout.params])
+        grads.signature = grad_signature(grads)
+        key = (layout.tensors_key, grads.signature)
+        if grads.signature is None or key != self._checked_grads:
+            param_groups.checked_grads(layout.params, None)
+            self._checked_grads = key
+        return grads
 
     def _has_any_grad(self) -> bool:
         return any(g is not None for g in self._grads(self._current_layout()))
@@ -360,7 +382,7 @@ class FSAM(TwoStepOptimizer):
         self._step_count, self._pending, self._phase = step_count, None, Phase.IDLE
 
     # Derived from the rest and rebuilt on first use (see checkpoint.copy_state).
-    _REBUILT_ON_USE: tuple[str, ...] = ("_layout", "_layout_key")
+    _REBUILT_ON_USE: tuple[str, ...] = ("_layout", "_layout_key", "_layout_rho", "_checked_grads")
 
     def __getstate__(self) -> dict[str, Any]:
         """For ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)``: everything a copy needs to continue
