@@ -47,7 +47,8 @@ def grad_signature(grads: Sequence[Optional[torch.Tensor]]) -> Optional[tuple]:
     except RuntimeError:  # sparse
         return None
     try:
-        return tuple(None if g is None else (g.data_ptr(), g.dtype, g.numel(), g.is_contiguous()) for g in grads)
+        return ("missing", tuple(None if g is None else (g.data_ptr(), g.dtype, g.numel(), g.is_contiguous())
+                                 for g in grads))
     except RuntimeError:
         return None
 
@@ -58,6 +59,7 @@ class CheckedGrads(list):
     ``(layout.tensors_key, signature)``; a plain list has no signature and is checked as usual."""
 
     signature: Optional[tuple] = None
+    complete = False  # True: every parameter has a gradient
 
 
 def align_up(n: int, a: int) -> int:

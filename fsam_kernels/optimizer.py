@@ -206,6 +206,7 @@ class FSAM(TwoStepOptimizer):
         with torch._C.DisableTorchFunctionSubclass():  # Parameter.grad without the subclass dispatch
             grads = CheckedGrads([p.grad for p in layout.params])
         grads.signature = grad_signature(grads)
+        grads.complete = grads.signature is not None and grads.signature[0] != "missing" and bool(grads)
         key = (layout.tensors_key, grads.signature)
         if grads.signature is None or key != self._checked_grads:
             param_groups.checked_grads(layout.params, None)
@@ -295,7 +296,7 @@ class FSAM(TwoStepOptimizer):
         if scaler is not None:
             scaler.unscale_(self)  # a no-op when the scaler is disabled
         grads = self._grads(layout)
-        if all(g is None for g in grads):
+        if not getattr(grads, "complete", False) and all(g is None for g in grads):
             raise RuntimeError(
                 "first_step: no perturbed parameter has a gradient; call loss.backward() before first_step()"
             )

@@ -453,7 +453,8 @@ class TritonBackend(Backend):
             return _Saved([], {}, applied, bits, None, plan.dense_total,
                           ref.perturb_reference(layout, grads, bits, norm, eps), plan)
         groups, fallback = self._groups_for(layout, plan, grads)
-        needs_mask = any(grads[i] is not None for i in layout.masked_index)
+        needs_mask = bool(layout.masked_index) and (getattr(grads, "complete", False)
+                                                    or any(grads[i] is not None for i in layout.masked_index))
         dummy_mask, dummy_prefix, _ = self._device_constants(layout.device)
         if needs_mask:
             if bits is None:
