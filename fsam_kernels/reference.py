@@ -44,12 +44,20 @@ import torch
 from .layout import ParamLayout
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_bit_weights_on: dict = {}  # per device: a copy to a GPU made at every call would wait for the device
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    w = _bit_weights_on.get(device)
+    if w is None:
+        w = _bit_weights_on[device] = _BIT_WEIGHTS.to(device)
+    return w
 
 
 # --------------------------------------------------------------------------- mask packing
 def pack_bits(flat_bools: torch.Tensor) -> torch.Tensor:
     """Pack a 1-D bool tensor (length a multiple of 8) into uint8, least significant bit first."""
-    w = _BIT_WEIGHTS.to(flat_bools.device)
+    w = _bit_weights(flat_bools.device)
     return (flat_bools.view(-1, 8).to(torch.uint8) * w).sum(dim=1, dtype=torch.uint8)
 
 
@@ -57,7 +65,7 @@ def unpack_bits(bits: torch.Tensor, start_bit: int, count: int) -> torch.Tensor:
     """Bits ``[start_bit, start_bit + count)`` of a packed buffer as a 1-D bool tensor."""
     first, last = start_bit // 8, (start_bit + count + 7) // 8
     chunk = bits[first:last]
-    w = _BIT_WEIGHTS.to(bits.device)
+    w = _bit_weights(bits.device)
     flat = (chunk.unsqueeze(1) & w).ne(0).reshape(-1)
     s = start_bit - first * 8
     return flat[s : s + count]
@@ -87,7 +95,7 @@ def pack_mask(layout: ParamLayout, masks: Sequence[torch.Tensor]) -> torch.Tenso
 
 
 def mask_popcount(bits: torch.Tensor) -> int:
-    w = _BIT_WEIGHTS.to(bits.device)
+    w = _bit_weights(bits.device)
     return int((bits.unsqueeze(1) & w).ne(0).sum())
 
 
