@@ -76,7 +76,9 @@ def first_step(optimizer: FSAM, zero_grad: bool = False, process_group: Optional
         # alone on a non-finite norm). The poisoned first-pass gradient is discarded anyway.
         if bool(local_finite):
             grads[0].view(-1)[0] = float("nan")
-        return optimizer.first_step(zero_grad=zero_grad)
+        norm = optimizer.first_step(zero_grad=zero_grad)
+        optimizer._settle()  # the decision was read here already: SKIPPED (and the warning) now, not at second_step
+        return norm
 
     if optimizer.fisher != "batch" or not optimizer.mask_update_due or optimizer.sparsity in (0.0, 1.0):
         # No mask refresh from gradients this step (or the mask is all/none: identical anyway).

@@ -17,12 +17,49 @@ Packed mask format (the one thing backends must agree on bit for bit):
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 MASK_ALIGN_BITS = 512
+
+_T = torch.Tensor
+_dtype = operator.attrgetter("dtype")
+
+
+def storage_signature(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What a kernel writing into ``tensors`` relies on: their addresses, dtypes and sizes (a view of
+    another shape over the same memory writes the same bytes). C-level maps: a step takes it at
+    every tensor, twice (see docs/backends.md, host time)."""
+    return tuple(map(_T.data_ptr, tensors)), tuple(map(_dtype, tensors)), tuple(map(_T.numel, tensors))
+
+
+def grad_signature(grads: Sequence[Optional[torch.Tensor]]) -> Optional[tuple]:
+    """Addresses, dtypes, sizes and contiguity of a step's gradients (``None`` entries kept): when it
+    equals the last step's, so does everything checked or derived from them. ``None`` when a
+    gradient has no address (sparse): nothing is cached then."""
+    try:
+        return storage_signature(grads) + (tuple(map(_T.is_contiguous, grads)),)
+    except TypeError:  # a parameter without a gradient
+        pass
+    except RuntimeError:  # sparse
+        return None
+    try:
+        return ("missing", tuple(None if g is None else (g.data_ptr(), g.dtype, g.numel(), g.is_contiguous())
+                                 for g in grads))
+    except RuntimeError:
+        return None
+
+
+class CheckedGrads(list):
+    """A step's gradients, checked by the optimizer, with their :func:`grad_signature` (``signature``;
+    ``None``: not to be cached). Backends key what they derive from the gradients by
+    ``(layout.tensors_key, signature)``; a plain list has no signature and is checked as usual."""
+
+    signature: Optional[tuple] = None
+    complete = False  # True: every parameter has a gradient
 
 
 def align_up(n: int, a: int) -> int:
@@ -58,6 +95,7 @@ class ParamLayout:
     adaptive: list[bool]
     # derived
     numel: list[int] = field(init=False)
+    shapes: list[torch.Size] = field(init=False, repr=False)  # recorded, not live: p.data = ... may change them
     masked_index: list[int] = field(init=False)  # positions (in params) of the masked tensors
     dense_index: list[int] = field(init=False)  # positions (in params) of the dense tensors
     bit_offset: list[int] = field(init=False)  # per masked tensor, in masked order
@@ -72,6 +110,7 @@ class ParamLayout:
         if not (len(self.masked) == len(self.rho) == len(self.adaptive) == n):
             raise ValueError("ParamLayout: params, masked, rho and adaptive must have the same length")
         self.numel = [p.numel() for p in self.params]
+        self.shapes = [p.shape for p in self.params]
         self.masked_index = [i for i in range(n) if self.masked[i]]
         self.dense_index = [i for i in range(n) if not self.masked[i]]
         offsets, bit = [], 0

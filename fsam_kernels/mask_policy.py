@@ -62,6 +62,7 @@ class MaskPolicy:
             self.route = "top-k or all" if full_at_zero_sparsity else "top-k"
         self.backend: Optional[Backend] = None
         self._backend_serves: object = None  # the tensors_key of the layout ``backend`` was checked for
+        self._masked_set: Optional[list[tuple[int, int]]] = None  # of the layout followed (see follow_layout)
         self.bits: Optional[torch.Tensor] = None
         self.aux: Any = None
         self.fisher: Optional[list[torch.Tensor]] = None
@@ -87,8 +88,10 @@ class MaskPolicy:
 
     def follow_layout(self, old: Optional[ParamLayout], new: ParamLayout) -> None:
         """The parameters' layout changed: the mask follows it, or is dropped when the masked set changed."""
-        if old is not None and [p.numel() for p in old.masked_params] != [p.numel() for p in new.masked_params]:
-            # The masked set changed (e.g. add_param_group): the old mask no longer applies.
+        masked_set, self._masked_set = self._masked_set, self._masked_tensors(new)
+        if old is not None and masked_set != self._masked_set:
+            # The masked set changed (add_param_group, fisher_mask moved to other parameters, p.data = ... of
+            # another size): the old mask no longer applies.
             self.bits, self.aux, self.fisher, self.fisher_count = None, None, None, 0
         elif old is not None and old.device != new.device:
             # The model moved (model.to(device)): the mask and the accumulator follow it.
@@ -101,6 +104,12 @@ class MaskPolicy:
         if self.bits is not None and self.backend is not None:
             # Backend data derived from the mask depends on the layout (dtypes, offsets).
             self.aux = self.backend_for(new).mask_aux(new, self.bits)
+
+    def _masked_tensors(self, layout: ParamLayout) -> list[tuple[int, int]]:
+        """Which parameters are masked, and the sizes the layout recorded for them (not the live tensors':
+        the old layout holds the same Parameter objects, resized by ``p.data = ...``)."""
+        owner = (lambda t: t) if self.shards is None else self.shards.param_of  # FSDP2: the DTensor, not its view
+        return [(id(owner(layout.params[i])), layout.numel[i]) for i in layout.masked_index]
 
     def load(self, layout: ParamLayout, bits: Optional[torch.Tensor], fisher: Optional[list[torch.Tensor]],
              fisher_count: int) -> None:

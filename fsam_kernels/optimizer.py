@@ -1,7 +1,6 @@
 """FSAM: sharpness-aware minimization with a Fisher mask, wrapping any torch optimizer."""
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -11,11 +10,20 @@ from . import checkpoint, options, param_groups, perturbation, settings, storage
 from . import reference as ref
 from .backends.base import Backend, tensors_nbytes
 from .fsdp import ShardedParams
-from .layout import ParamLayout
+from .layout import CheckedGrads, ParamLayout, grad_signature, storage_signature
 from .mask_policy import MaskPolicy, Scores
+from .norm_check import NormCheck
 from .perturbation import Perturbation
 from .protocol import Phase, TwoStepOptimizer, _check_scaler, _hooked_step, outside_inference_mode
 from .settings import FISHER_MODES
+
+
+def _per_param(per_group: list[tuple[int, Any]], values: Optional[list] = None) -> list:
+    """Expand per-group ``(count, value)`` pairs (or ``values``, one per group) to one entry per parameter."""
+    out: list = []
+    for (n, flag), value in zip(per_group, per_group if values is None else values):
+        out += [flag if values is None else value] * n
+    return out
 
 
 class FSAM(TwoStepOptimizer):
@@ -105,9 +113,12 @@ class FSAM(TwoStepOptimizer):
         self._step_count = 0  # completed (perturbed) first steps
         self._layout: Optional[ParamLayout] = None
         self._layout_key: Optional[tuple] = None
+        self._checked_grads: Optional[tuple] = None  # (tensors_key, grad_signature) of the last checked gradients
+        self._layout_rho: Optional[list[float]] = None  # each perturbed group's rho in self._layout
         self._pending: Optional[Perturbation] = None
         self._phase = Phase.IDLE
         self._closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
+        self._norm_check = NormCheck()  # the norm's finiteness, read when the step needs the decision
         # FSDP2 (DTensor) parameters: the layout holds their local shards; norm and mask are global.
         self._shards = ShardedParams.detect(p for g in self.param_groups for p in g["params"])
         self._mask = MaskPolicy(backend, self._shards, args["structure"], args["preserve_zeros"],
@@ -135,6 +146,7 @@ class FSAM(TwoStepOptimizer):
 
     @property
     def step_count(self) -> int:
+        self._settle()
         return self._step_count
 
     # ------------------------------------------------------------------ options and layout
@@ -147,33 +159,34 @@ class FSAM(TwoStepOptimizer):
 
     def _current_layout(self) -> ParamLayout:
         param_groups.adopt_added_groups(self)
-        params, masked, rho, adaptive = [], [], [], []
+        params, masked, rho, adaptive = [], [], [], []  # per group here (a step reads every option once)
         for gi, group in enumerate(self.param_groups):
             param_groups.check_options(group, gi)
             if not group.get("perturb", True):
                 continue
             group_params = group["params"]
-            n = len(group_params)
             params += group_params
-            masked += [group.get("fisher_mask", True)] * n
-            rho += [group["rho"]] * n
-            adaptive += [group["adaptive"]] * n
+            masked.append((len(group_params), group.get("fisher_mask", True)))
+            adaptive.append((len(group_params), group["adaptive"]))
+            rho.append(group["rho"])
         if self._shards is not None:
             params = self._shards.local_tensors(params)
-        # Addresses, dtypes, shapes and strides are part of the key: model.to(...) and p.data = ... keep the
+        # Addresses, dtypes, sizes and contiguity are part of the key: model.to(...) and p.data = ... keep the
         # Parameter objects. (A move to another device changes the addresses.)
-        key = (tuple(map(id, params)), tuple(masked), tuple(adaptive), storage.signature(params),
-               tuple([p.stride() for p in params]))
+        key = (tuple(map(id, params)), tuple(masked), tuple(adaptive), storage_signature(params),
+               tuple(map(torch.Tensor.is_contiguous, params)))
         if self._layout is not None and key == self._layout_key:
-            if rho != self._layout.rho:  # a rho schedule: same tensors, so the mask and its aux still apply
-                self._layout = self._layout.with_rho(rho)
+            if rho != self._layout_rho:  # a rho schedule: same tensors, so the mask and its aux still apply
+                self._layout = self._layout.with_rho(_per_param(masked, rho))
+                self._layout_rho = rho
             return self._layout
+        masked, adaptive, rho_per_group, rho = _per_param(masked), _per_param(adaptive), rho, _per_param(masked, rho)
         if not params:
             raise ValueError("FSAM: no parameter to perturb (every param group has perturb=False)")
         storage.check_disjoint(self.param_groups, param_groups.local_tensor)  # p.data = q.data may have made them share
         param_groups.check_perturbed(params)
         new_layout = ParamLayout(params, masked, rho, adaptive)
-        old, self._layout, self._layout_key = self._layout, new_layout, key
+        old, self._layout, self._layout_key, self._layout_rho = self._layout, new_layout, key, rho_per_group
         self._mask.follow_layout(old, new_layout)
         return new_layout
 
@@ -189,7 +202,19 @@ class FSAM(TwoStepOptimizer):
             super().add_param_group(param_group)
 
     def _grads(self, layout: ParamLayout) -> list[Optional[torch.Tensor]]:
-        return param_groups.checked_grads(layout.params, self._shards)
+        """The gradients, checked once per :func:`~fsam_kernels.layout.grad_signature`: a step whose
+        gradients have the last step's addresses, dtypes and sizes skips the checks."""
+        if self._shards is not None:
+            return param_groups.checked_grads(layout.params, self._shards)
+        with torch._C.DisableTorchFunctionSubclass():  # Parameter.grad without the subclass dispatch
+            grads = CheckedGrads([p.grad for p in layout.params])
+        grads.signature = grad_signature(grads)
+        grads.complete = grads.signature is not None and grads.signature[0] != "missing" and bool(grads)
+        key = (layout.tensors_key, grads.signature)
+        if grads.signature is None or key != self._checked_grads:
+            param_groups.checked_grads(layout.params, None)
+            self._checked_grads = key
+        return grads
 
     def _has_any_grad(self) -> bool:
         return any(g is not None for g in self._grads(self._current_layout()))
@@ -243,9 +268,10 @@ class FSAM(TwoStepOptimizer):
     @outside_inference_mode
     def masks(self) -> list[torch.Tensor]:
         """Current masks as bool tensors shaped like the masked parameters (param_group order)."""
+        layout = self._current_layout()  # first: a changed masked set drops the mask
         if self._mask.bits is None:
             return []
-        return ref.unpack_mask(self._current_layout(), self._mask.bits)
+        return ref.unpack_mask(layout, self._mask.bits)
 
     def memory_stats(self) -> dict[str, int]:
         """Bytes of every tensor FSAM itself holds (the base optimizer's state is not counted): ``mask``
@@ -277,18 +303,20 @@ class FSAM(TwoStepOptimizer):
         warning).
 
         If that norm is not finite nothing changes (no mask update, no perturbation; phase
-        ``SKIPPED``), a warning is issued, and the caller may skip the step or call
+        ``SKIPPED``), a warning is issued (on a step without a mask update, when the step reads the
+        decision: at :meth:`second_step` or :meth:`restore`, so that no step waits for the device; see
+        docs/backends.md), and the caller may skip the step or call
         :meth:`second_step`, which then steps the base optimizer from the unperturbed weights (with a
         scaler it lets the scaler back off instead).
         """
-        if self._phase is Phase.PERTURBED:
+        if self.phase is Phase.PERTURBED:
             raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
         _check_scaler(scaler)
         layout = self.check_options()
         if scaler is not None:
             scaler.unscale_(self)  # a no-op when the scaler is disabled
         grads = self._grads(layout)
-        if all(g is None for g in grads):
+        if not getattr(grads, "complete", False) and all(g is None for g in grads):
             raise RuntimeError(
                 "first_step: no perturbed parameter has a gradient; call loss.backward() before first_step()"
             )
@@ -302,21 +330,16 @@ class FSAM(TwoStepOptimizer):
         if self._shards is not None:
             norm = self._shards.global_norm(norm)
         settings.check_perturb_eps(self.perturb_eps, norm.dtype)  # before anything changes
-        value = norm.item()  # one sync; torch.isfinite would add 4 kernel launches
-        if not math.isfinite(value):
-            if scaler is None:
-                warnings.warn(f"FSAM.first_step: non-finite gradient norm ({float(norm)}); weights left unchanged "
-                              "and the mask not updated", RuntimeWarning, stacklevel=2)
-            self._phase = Phase.SKIPPED
+        perturbation.check_unclaimed(self, layout.params, lambda i: param_groups.perturbed_label(self.param_groups, i))
+        # The skip decision (see fsam_kernels.norm_check): a mask update takes it now; a plain step leaves
+        # it to its end, the kernels moving nothing on a non-finite norm meanwhile.
+        self._norm_check.record(norm, quiet=scaler is not None)
+        refresh = bool(layout.masked_index) and self.mask_update_due
+        if refresh and self._settle():
             if zero_grad:
                 self.zero_grad()
             return norm
-        if value == 0:
-            warnings.warn("FSAM.first_step: the gradient is zero everywhere (zero_grad(set_to_none=False) after the "
-                          "last backward?); the perturbation is zero, and a mask built now scores every weight 0",
-                          RuntimeWarning, stacklevel=2)
-        perturbation.check_unclaimed(self, layout.params, lambda i: param_groups.perturbed_label(self.param_groups, i))
-        if layout.masked_index and self.mask_update_due:
+        if refresh:
             self._mask.refresh(layout, grads, self.sparsity, self.fisher, mask_scores, scheduled=True)
         pending = Perturbation.prepare(backend, self._perturbation_plan(layout, backend), grads, norm,
                                        self.perturb_eps, self._layout_key[3])  # the storage signature of layout.params
@@ -340,6 +363,7 @@ class FSAM(TwoStepOptimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Undo a pending perturbation, bit for bit. Idempotent; a no-op when nothing is perturbed."""
+        self._settle()
         error = None
         pending = self._pending  # set only after first_step's phase: PERTURBED with none pending is possible
         if pending is not None:
@@ -351,6 +375,29 @@ class FSAM(TwoStepOptimizer):
         self._after_restore()
         if error is not None:
             raise error
+
+    def _settle(self) -> bool:
+        """Take the skip decision first_step recorded, if not taken yet. A non-finite norm skips the step:
+        the kernels moved nothing, so its pending perturbation is dropped. Returns whether this call skipped."""
+        check = self._norm_check
+        if not check.unread:
+            return False
+        if check.finite():
+            if check.last == 0:
+                warnings.warn("FSAM.first_step: the gradient is zero everywhere (zero_grad(set_to_none=False) after "
+                              "the last backward?); the perturbation is zero, and a mask built now scores every "
+                              "weight 0", RuntimeWarning, stacklevel=4)
+            return False
+        if not check.quiet:
+            warnings.warn(f"FSAM.first_step: non-finite gradient norm ({check.last}); weights left unchanged "
+                          "and the mask not updated", RuntimeWarning, stacklevel=4)
+        if self._phase is Phase.PERTURBED:  # a plain step: it moved nothing
+            self._pending = None
+            perturbation.unregister(self)
+            self._step_count -= 1
+            self._after_restore()
+        self._phase = Phase.SKIPPED
+        return True
 
     def _snapshot(self) -> tuple:
         return self._step_count, self._mask.snapshot()
@@ -400,7 +447,7 @@ class FSAM(TwoStepOptimizer):
         self._step_count, self._pending, self._phase = step_count, None, Phase.IDLE
 
     # Derived from the rest and rebuilt on first use (see checkpoint.copy_state).
-    _REBUILT_ON_USE: tuple[str, ...] = ("_layout", "_layout_key")
+    _REBUILT_ON_USE: tuple[str, ...] = ("_layout", "_layout_key", "_layout_rho", "_checked_grads")
 
     def __getstate__(self) -> dict[str, Any]:
         """For ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)``: everything a copy needs to continue

@@ -26,7 +26,7 @@ import torch
 
 from . import param_groups, storage
 from .backends.base import Backend
-from .layout import ParamLayout
+from .layout import ParamLayout, storage_signature
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Perturbation:
     aux: Any
     backend: Backend  # the backend that perturbed, and saved the originals in its own format
     saved: Any
-    signature: tuple  # storage.signature of the perturbed tensors at first_step
+    signature: tuple  # layout.storage_signature of the perturbed tensors at first_step
 
     @classmethod
     def prepare(cls, backend: Backend, plan: tuple, grads: Sequence[Optional[torch.Tensor]], norm: torch.Tensor,
@@ -65,7 +65,7 @@ class Perturbation:
     def undo(self, tensors: Sequence[torch.Tensor], groups: Sequence[dict]) -> Optional[ValueError]:
         """Put the originals back into ``tensors`` (the perturbed parameters' tensors now). Returns the
         error to raise once the optimizer is idle when some could not be put back."""
-        if storage.signature(tensors) == self.signature:
+        if storage_signature(tensors) == self.signature:
             self.backend.restore(self.layout, self.bits, self.aux, self.saved)
             return None
         # Storage replaced since first_step (model.to(...), p.data = ...): the backend's restore would
@@ -73,7 +73,7 @@ class Perturbation:
         originals = self.backend.saved_originals(self.layout, self.bits, self.aux, self.saved)
         if originals is None:
             return None
-        shapes = [s[2] for s in self.signature]
+        shapes = self.layout.shapes
         moved = storage.restore_into(tensors, self.layout, self.bits, originals, shapes)
         if not moved:
             return None

@@ -133,10 +133,11 @@ class TwoStepOptimizer(torch.optim.Optimizer):
 
     @property
     def phase(self) -> Phase:
+        self._settle()
         return self._phase
 
     def _require_idle(self, what: str) -> None:
-        if self._phase is Phase.PERTURBED:
+        if self.phase is Phase.PERTURBED:
             raise RuntimeError(f"{what}: the weights are perturbed; call second_step() or restore() first")
 
     # ------------------------------------------------------------------ what a subclass provides
@@ -155,6 +156,11 @@ class TwoStepOptimizer(torch.optim.Optimizer):
     def _gradient_is_zero(self) -> bool:
         """Whether the gradients now in ``.grad`` are zero everywhere (so no first pass)."""
         raise NotImplementedError
+
+    def _settle(self) -> bool:
+        """Take a skip decision ``first_step`` left to the end of the step (PERTURBED may become SKIPPED);
+        returns whether this call skipped."""
+        return False
 
     def _snapshot(self) -> Any:
         """What a step may change besides the weights, to undo it (see :meth:`undo_on_error`)."""
@@ -183,6 +189,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         if self._phase is Phase.IDLE:
             raise RuntimeError("second_step called without a first_step")
         _check_scaler(scaler)
+        self._settle()
         perturbed = self._phase is Phase.PERTURBED
         try:
             if perturbed and scaler is not None and _unscale_pending(scaler, self.base_optimizer):
@@ -243,7 +250,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
                 "FSAM.step needs a closure that recomputes the loss and calls backward(); or call "
                 "first_step() and second_step() yourself"
             )
-        if self._phase is Phase.PERTURBED:
+        if self.phase is Phase.PERTURBED:
             raise RuntimeError("first_step called twice: call second_step() or restore() before the next first_step()")
         _check_scaler(scaler)
         self.check_options()  # before the closure runs
@@ -288,6 +295,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
                              scaler: Optional[torch.amp.GradScaler] = None) -> tuple[bool, Any]:
         with self.undo_on_error(scaler):
             self.first_step(zero_grad=True, scaler=scaler)
+            self._settle()  # before the second pass, which a skipped step does not run
             if self._phase is Phase.SKIPPED:
                 if scaler is not None:
                     self.second_step(scaler=scaler)  # lets the scaler back off

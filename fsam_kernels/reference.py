@@ -44,12 +44,20 @@ import torch
 from .layout import ParamLayout
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_bit_weights_on: dict = {}  # per device: a copy to a GPU made at every call would wait for the device
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    w = _bit_weights_on.get(device)
+    if w is None:
+        w = _bit_weights_on[device] = _BIT_WEIGHTS.to(device)
+    return w
 
 
 # --------------------------------------------------------------------------- mask packing
 def pack_bits(flat_bools: torch.Tensor) -> torch.Tensor:
     """Pack a 1-D bool tensor (length a multiple of 8) into uint8, least significant bit first."""
-    w = _BIT_WEIGHTS.to(flat_bools.device)
+    w = _bit_weights(flat_bools.device)
     return (flat_bools.view(-1, 8).to(torch.uint8) * w).sum(dim=1, dtype=torch.uint8)
 
 
@@ -57,7 +65,7 @@ def unpack_bits(bits: torch.Tensor, start_bit: int, count: int) -> torch.Tensor:
     """Bits ``[start_bit, start_bit + count)`` of a packed buffer as a 1-D bool tensor."""
     first, last = start_bit // 8, (start_bit + count + 7) // 8
     chunk = bits[first:last]
-    w = _BIT_WEIGHTS.to(bits.device)
+    w = _bit_weights(bits.device)
     flat = (chunk.unsqueeze(1) & w).ne(0).reshape(-1)
     s = start_bit - first * 8
     return flat[s : s + count]
@@ -87,7 +95,7 @@ def pack_mask(layout: ParamLayout, masks: Sequence[torch.Tensor]) -> torch.Tenso
 
 
 def mask_popcount(bits: torch.Tensor) -> int:
-    w = _BIT_WEIGHTS.to(bits.device)
+    w = _bit_weights(bits.device)
     return int((bits.unsqueeze(1) & w).ne(0).sum())
 
 
@@ -301,6 +309,16 @@ def grad_norm_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Tens
     """Global L2 norm of the (ASAM-weighted) gradient of every perturbed parameter; 0-dim, in the norm
     dtype. davda54/sam's value where it is finite, else ``fl(sqrt(S))`` (the skip rule). ``S`` costs a
     pass in fp64, so it is computed only then: one host read (the optimizer reads the norm anyway)."""
+    davda = davda_norm(layout, grads)
+    if davda is None:
+        return torch.zeros((), dtype=norm_dtype(layout, grads), device=layout.device)
+    if bool(davda_norm_fits(davda)):
+        return davda
+    return grad_sumsq_reference(layout, grads).sqrt().to(davda.dtype)
+
+
+def davda_norm(layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """davda54/sam's norm in the norm dtype (``None`` when no tensor has a gradient)."""
     dtype = norm_dtype(layout, grads)
     norms = []
     for p, g, adaptive in zip(layout.params, grads, layout.adaptive):
@@ -310,13 +328,13 @@ def grad_norm_reference(layout: ParamLayout, grads: Sequence[Optional[torch.Tens
         if adaptive:
             v = p.detach().to(v.dtype).abs() * v
         norms.append(torch.linalg.vector_norm(v).to(dtype))
-    if not norms:
-        return torch.zeros((), dtype=dtype, device=layout.device)
-    davda = torch.linalg.vector_norm(torch.stack(norms))
-    # In fp64, davda54's value can be finite where S is not: vector_norm returns |x| for one element.
-    if bool(torch.isfinite(davda * davda if dtype == torch.float64 else davda)):
-        return davda
-    return grad_sumsq_reference(layout, grads).sqrt().to(dtype)
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
+def davda_norm_fits(davda: torch.Tensor) -> torch.Tensor:
+    """Whether :func:`davda_norm`'s value is the norm (a bool tensor): else ``fl(sqrt(S))`` is. In fp64,
+    davda54's value can be finite where S is not: vector_norm returns |x| for one element."""
+    return torch.isfinite(davda * davda if davda.dtype == torch.float64 else davda)
 
 
 def perturb_reference(

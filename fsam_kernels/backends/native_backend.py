@@ -54,6 +54,19 @@ def _needs_reference(tensors) -> bool:
     return any(t is not None and t.dtype == torch.float64 and t.is_cuda for t in tensors)
 
 
+def _step_memo(plan: "_LayoutPlan", grads, what: str, compute):
+    """``compute()``, taken again only when the gradients' signature (layout.CheckedGrads) is not the last
+    step's: a plain step's gradients usually have the same addresses and dtypes."""
+    sig = getattr(grads, "signature", None)
+    last = plan.last_step.get(what)
+    if sig is not None and last is not None and last[0] == sig:
+        return last[1]
+    value = compute()
+    if sig is not None:
+        plan.last_step[what] = (sig, value)
+    return value
+
+
 @dataclass
 class NativeMaskAux:
     """What the perturbation needs from a packed mask besides its bits, computed once per mask."""
@@ -91,6 +104,7 @@ class _LayoutPlan:
                 self.dtypes.append(p.dtype)
             self.slot_of.append(self.dtypes.index(p.dtype))
         self.fp64_cuda = _needs_reference(layout.params)
+        self.last_step: dict[str, tuple] = {}  # what _step_memo keeps
         device = layout.device
         # mask blocks [first, last) of each masked tensor, on the device once per layout (mask_aux)
         bounds = []
@@ -104,7 +118,7 @@ class _LayoutPlan:
 
     def ranges(self, layout: ParamLayout, aux: NativeMaskAux, grads: Sequence[Optional[torch.Tensor]]) -> _SavedRanges:
         """The saved ranges for this mask and these gradients, built once per set of missing gradients."""
-        missing = tuple(i for i, g in enumerate(grads) if g is None)
+        missing = _step_memo(self, grads, "missing", lambda: tuple(i for i, g in enumerate(grads) if g is None))
         found = aux.ranges.get(missing)
         if found is None:
             skip = set(missing)
@@ -294,7 +308,8 @@ class NativeBackend(Backend):
     # ------------------------------------------------------------------ perturb / restore
     def grad_norm(self, layout: ParamLayout, grads) -> torch.Tensor:
         plan = self._plan(layout)
-        if layout.device.type == "cuda" and (plan.fp64_cuda or _needs_reference(grads)):
+        if layout.device.type == "cuda" and (plan.fp64_cuda or _step_memo(plan, grads, "reference",
+                                                                           lambda: _needs_reference(grads))):
             return ref.grad_norm_reference(layout, grads)
         return self._op.grad_norm(layout.params, list(grads), layout.adaptive)
 
@@ -302,7 +317,8 @@ class NativeBackend(Backend):
         plan = self._plan(layout)
         bits, aux = self._mask_and_aux(layout, plan, bits, aux)
         norm = norm.detach()  # in the norm dtype: the scale is computed in it (see fsam_kernels.reference)
-        if layout.device.type == "cuda" and (plan.fp64_cuda or _needs_reference(grads)):
+        if layout.device.type == "cuda" and (plan.fp64_cuda or _step_memo(plan, grads, "reference",
+                                                                           lambda: _needs_reference(grads))):
             finite = bool(torch.isfinite(norm))
             originals = ref.originals_reference(layout, grads, bits) if finite else None
             write = (ref.write_perturbation_reference, (layout, list(grads), bits, norm, eps)) if finite else None

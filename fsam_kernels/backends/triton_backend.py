@@ -130,6 +130,9 @@ class _LayoutPlan:
         self.groups = TableCache()  # perturbation groups, by the weights' addresses and the grads' dtypes
         self.grad_ptrs = TableCache(16)  # gradient-pointer tables, by the gradients' addresses
         self.rhos = TableCache(16)  # per-group rho tables, by the rho values
+        # What the last step derived from its gradients, by their grad_signature (see layout.CheckedGrads):
+        # the check, the bound groups, the norm dtype; a step whose gradients match it skips them.
+        self.last_step: dict[str, tuple] = {}
 
 
 @dataclass
@@ -240,6 +243,10 @@ class TritonBackend(Backend):
         """The perturbation groups for these gradients, with their gradient-pointer tables. The chunk
         tables depend only on which parameters have a gradient (and its dtype); the gradients' own
         addresses, which may change every backward pass, only select a small pointer table."""
+        sig = getattr(grads, "signature", None)
+        last = plan.last_step.get("groups")
+        if sig is not None and last is not None and last[0] == sig:
+            return last[1]
         shape_key = (
             tuple(p.data_ptr() for p in layout.params),
             tuple(None if g is None else g.dtype for g in grads),
@@ -253,6 +260,8 @@ class TritonBackend(Backend):
                 lambda: pointer_table(members, layout.device),
             )
             bound.append(dataclasses.replace(group, g_ptrs=ptrs))
+        if sig is not None:
+            plan.last_step["groups"] = (sig, (bound, fallback))
         return bound, fallback
 
     @staticmethod
@@ -306,6 +315,26 @@ class TritonBackend(Backend):
         return groups, fallback
 
     # ------------------------------------------------------------------ input checks
+    def _checked_grads(self, layout: ParamLayout, plan: _LayoutPlan, grads, op: str) -> list[Optional[torch.Tensor]]:
+        """:meth:`_check_grads`, once per gradient signature (contiguous gradients: nothing to copy)."""
+        sig = getattr(grads, "signature", None)
+        if sig is not None and plan.last_step.get("checked") == (sig,):
+            return grads
+        out = self._check_grads(layout, grads, op)
+        if sig is not None and all(a is b for a, b in zip(out, grads)):
+            plan.last_step["checked"] = (sig,)
+        return out
+
+    def _norm_dtype(self, layout: ParamLayout, plan: _LayoutPlan, grads) -> torch.dtype:
+        sig = getattr(grads, "signature", None)
+        last = plan.last_step.get("norm_dtype")
+        if sig is not None and last is not None and last[0] == sig:
+            return last[1]
+        dtype = ref.norm_dtype(layout, grads)
+        if sig is not None:
+            plan.last_step["norm_dtype"] = (sig, dtype)
+        return dtype
+
     @staticmethod
     def _check_grads(layout: ParamLayout, grads, op: str) -> list[Optional[torch.Tensor]]:
         if len(grads) != len(layout.params):
@@ -451,8 +480,8 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ perturb / restore
     def grad_norm(self, layout: ParamLayout, grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-        grads = self._check_grads(layout, grads, "grad_norm")
         plan = self._plan(layout)
+        grads = self._checked_grads(layout, plan, grads, "grad_norm")
         groups, fallback = self._groups_for(layout, plan, grads)
         _, _, zero = self._device_constants(layout.device)
         extra = zero
@@ -460,13 +489,13 @@ class TritonBackend(Backend):
             extra = ref.grad_sumsq_reference(layout, [g if i in fallback else None for i, g in enumerate(grads)])
             extra = extra.reshape(1)
         with _device_guard(layout.device):
-            return _kernels().norm.grad_norm(groups, layout.device, extra, ref.norm_dtype(layout, grads))
+            return _kernels().norm.grad_norm(groups, layout.device, extra, self._norm_dtype(layout, plan, grads))
 
     def prepare_perturb(self, layout, grads, bits, aux, norm, eps) -> Any:
-        grads = self._check_grads(layout, grads, "perturb")
+        plan = self._plan(layout)
+        grads = self._checked_grads(layout, plan, grads, "perturb")
         if not isinstance(norm, torch.Tensor) or norm.numel() != 1 or norm.device != layout.device:
             raise ValueError(f"perturb: expected norm to be a one-element tensor on {layout.device}")
-        plan = self._plan(layout)
         if norm.dtype == torch.float64:
             # an fp64 norm (a model with fp64 tensors): its scale is computed in fp64 and the fp64 tensors
             # go through the reference anyway, so the reference perturbs every tensor
@@ -474,7 +503,8 @@ class TritonBackend(Backend):
             return self._with_reference_write(_Saved([], {}, applied, bits, None, plan.dense_total, None, plan),
                                               layout, grads, bits, norm, eps)
         groups, fallback = self._groups_for(layout, plan, grads)
-        needs_mask = any(grads[i] is not None for i in layout.masked_index)
+        needs_mask = bool(layout.masked_index) and (getattr(grads, "complete", False)
+                                                    or any(grads[i] is not None for i in layout.masked_index))
         dummy_mask, dummy_prefix, _ = self._device_constants(layout.device)
         if needs_mask:
             if bits is None:
@@ -493,8 +523,10 @@ class TritonBackend(Backend):
         applied = torch.empty(1, dtype=torch.int32, device=layout.device)
         buffers: dict[int, torch.Tensor] = {}
         launches = []
-        for g in groups:  # every buffer is allocated before any kernel writes
-            g = self._bind_rhos(layout, plan, g)
+        last = plan.last_step.get("rhos")  # the groups with their rho tables, as long as neither changes
+        if last is None or last[0] is not groups or last[1] is not layout.rho:
+            last = plan.last_step["rhos"] = (groups, layout.rho, [self._bind_rhos(layout, plan, g) for g in groups])
+        for g in last[2]:  # every buffer is allocated before any kernel writes
             code = DTYPE_CODES[g.w_dtype]
             if code not in buffers:
                 size = plan.dense_total[code] + totals[code]
