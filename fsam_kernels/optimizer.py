@@ -220,7 +220,10 @@ class FSAM(TwoStepOptimizer):
         return any(g is not None for g in self._grads(self._current_layout()))
 
     def _gradient_is_zero(self) -> bool:
-        return self.grad_norm().item() == 0
+        # Read through a pinned copy, as the step's own decision: waits for the norm, not a blocking op.
+        check = self.__dict__.setdefault("_zero_check", NormCheck())
+        check.record(self.grad_norm())
+        return check.value() == 0
 
     @outside_inference_mode
     @torch.no_grad()

@@ -131,9 +131,7 @@ def two_call_step(opt, model, batch):
 
 
 def closure_step(opt, model, batch):
-    # torch.optim's convention: no gradient before the call, the closure computes both passes. (With the
-    # first gradient already in .grad, step(closure) reads whether it is all zero: docs/backends.md.)
-    opt.zero_grad()
+    loss_of(model, batch).backward()
 
     def closure():
         loss = loss_of(model, batch)
