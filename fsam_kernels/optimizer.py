@@ -44,7 +44,14 @@ class FSAM(TwoStepOptimizer):
             back to the unstructured top-k at ``sparsity`` among themselves (see
             :mod:`fsam_kernels.structured`).
         preserve_zeros: never perturb weights that are exactly zero (mask intersected with the weights'
-            support, read when the mask is built). Default: on with a ``structure``, else off.
+            support, read when the mask is built). Default: on with a ``structure`` or ``keep_pruned``,
+            else off.
+        keep_pruned: keep pruned weights pruned: the masked weights (>= 2 dimensions; not biases and
+            norms) that are zero when the mask is built (and at construction) are set back to exactly
+            zero after every base optimizer step, whatever the base optimizer (weight decay, momentum)
+            and with a GradScaler or accumulated gradients. Needs ``preserve_zeros`` (so they are
+            never perturbed either); the support is 1 bit per element, saved in checkpoints. See
+            :mod:`fsam_kernels.sparsity`.
         adaptive: ASAM's scale-invariant perturbation.
         eps: added to the gradient norm.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
@@ -77,11 +84,13 @@ class FSAM(TwoStepOptimizer):
         fisher: str = "batch",
         structure: Optional[str] = None,
         preserve_zeros: Optional[bool] = None,
+        keep_pruned: bool = False,
         adaptive: bool = False,
         eps: float = 1e-12,
         backend: str = "auto",
         **base_optimizer_kwargs: Any,
     ) -> None:
+        preserve_zeros = settings.check_keep_pruned(keep_pruned, preserve_zeros)
         args = settings.check_constructor(rho, sparsity, mask_update_interval, fisher, structure, preserve_zeros,
                                           eps, backend, base_optimizer)
         rho = args["rho"]
@@ -108,7 +117,12 @@ class FSAM(TwoStepOptimizer):
         # FSDP2 (DTensor) parameters: the layout holds their local shards; norm and mask are global.
         self._shards = ShardedParams.detect(p for g in self.param_groups for p in g["params"])
         self._mask = MaskPolicy(backend, self._shards, args["structure"], args["preserve_zeros"],
-                                self._FULL_MASK_AT_ZERO_SPARSITY)
+                                self._FULL_MASK_AT_ZERO_SPARSITY, keep_pruned=keep_pruned)
+        if keep_pruned:  # the support is read now (and again whenever the mask is built)
+            try:
+                self._current_layout()
+            except ValueError:
+                pass
         if backend != "auto":  # a requested backend that cannot run raises here, not in the middle of training
             try:
                 layout = self._current_layout()
@@ -124,6 +138,10 @@ class FSAM(TwoStepOptimizer):
     @property
     def preserve_zeros(self) -> bool:
         return self._mask.preserve_zeros
+
+    @property
+    def keep_pruned(self) -> bool:
+        return self._mask.keep_pruned
 
     @property
     def backend(self) -> str:
@@ -358,6 +376,10 @@ class FSAM(TwoStepOptimizer):
 
     def _has_fsam_options(self, group: dict) -> bool:
         return group.keys() >= self.defaults.keys()
+
+    def _after_base_step(self) -> None:
+        if self._mask.keep_pruned:
+            self._mask.keep_support(self._current_layout())
 
     def _perturbation_plan(self, layout: ParamLayout, backend: Backend) -> tuple[ParamLayout, Any, Any]:
         """The (layout, packed mask, aux) this step perturbs with: ESAM and GSAM change the mask or the
