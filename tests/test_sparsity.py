@@ -411,3 +411,27 @@ def test_exported_model_matches_the_dense_2_4_model_on_gpu():
         sparse = model(x)
     assert report.converted == ["0.weight", "2.weight"], str(report)
     torch.testing.assert_close(sparse, dense, rtol=2e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------- the fine-tuning example
+def test_finetune_example_prune_options():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "finetune_glue.py")
+    spec = importlib.util.spec_from_file_location("finetune_glue", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = ["--task", "cb", "--data-dir", "x"]
+    args = script.parse_args(base + ["--optimizer", "adam", "fsam-nm", "--prune", " 2 : 4 ", "--prune-scores", "fisher"])
+    assert (args.prune, args.prune_scores) == ("2:4", "fisher")
+    assert script.parse_args(base).prune is None
+    for bad in (["--prune", "4:2"], ["--prune", "2:4", "--optimizer", "sam"], ["--prune-scores", "random"],
+                ["--prune", "2:4", "--prune-fisher-samples", "0"]):
+        with pytest.raises(SystemExit):
+            script.parse_args(base + bad)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
+    assert script.make_optimizer("fsam-nm", model, args).keep_pruned
+    assert not script.make_optimizer("fsam-nm", model, script.parse_args(base + ["--optimizer", "fsam-nm"])).keep_pruned
+    prune_nm(model, "2:4")
+    assert [tuple(z.shape) for _, z in script.pruned_support(model)] == [(4, 8)]
