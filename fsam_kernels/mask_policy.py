@@ -97,8 +97,6 @@ class MaskPolicy:
             # The masked set changed (e.g. add_param_group): the old mask no longer applies.
             self.bits, self.aux, self.fisher, self.fisher_count = None, None, None, 0
             self.support = None
-        if self.keep_pruned and self.support is None:
-            self.read_support(new)  # the first layout's, or the new masked set's
         elif old is not None and old.device != new.device:
             # The model moved (model.to(device)): the mask and the accumulator follow it.
             if self.bits is not None:
@@ -109,6 +107,8 @@ class MaskPolicy:
                 self.support = self.support.to(new.device)
             if self.requested == "auto":
                 self.backend = None
+        if self.keep_pruned and self.support is None:
+            self.read_support(new)  # the first layout's, or the new masked set's
         if self.bits is not None and self.backend is not None:
             # Backend data derived from the mask depends on the layout (dtypes, offsets).
             self.aux = self.backend_for(new).mask_aux(new, self.bits)

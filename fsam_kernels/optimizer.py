@@ -260,6 +260,8 @@ class FSAM(TwoStepOptimizer):
         stats = {"mask": tensors_nbytes(self._mask.bits), "mask_aux": tensors_nbytes(self._mask.aux),
                  "fisher": tensors_nbytes(self._mask.fisher), "saved": self._pending.nbytes() if self._pending else 0}
         stats["persistent"] = stats["mask"] + stats["mask_aux"] + stats["fisher"]
+        stats["support"] = tensors_nbytes(self._mask.support)  # keep_pruned's, 1 bit per masked element
+        stats["persistent"] += stats["support"]
         return stats
 
     # ------------------------------------------------------------------ the step protocol

@@ -298,7 +298,7 @@ def support_bits(layout: ParamLayout) -> tuple[torch.Tensor, tuple[int, ...]]:
     alive = [p.detach().reshape(-1) != 0 if covered(p) else torch.ones(p.numel(), dtype=torch.bool, device=p.device)
              for p in masked]
     bits = ref.pack_mask(layout, alive)
-    counts = [int(a.sum()) for a in alive] if alive else []
+    counts = torch.stack([a.sum() for a in alive]).tolist() if alive else []  # one host sync
     return bits, tuple(j for j, (c, p) in enumerate(zip(counts, masked)) if c < p.numel())
 
 

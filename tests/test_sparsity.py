@@ -132,6 +132,8 @@ def test_keep_pruned_with_sgd_momentum_accumulation_and_the_family(kind):
             opt.zero_grad()
     assert opt.keep_pruned
     assert_still_pruned(model, support)
+    stats = opt.memory_stats()  # the support is the only state keep_pruned adds: 1 bit per masked element
+    assert stats["support"] == stats["mask"] == opt._mask.bits.numel()
 
 
 def test_keep_pruned_arguments_are_checked():
