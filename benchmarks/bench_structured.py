@@ -20,10 +20,11 @@ The 2:4 path end to end (issue 24), run on its own (CUDA only: without a GPU it 
   weight dense and as ``torch.sparse.to_sparse_semi_structured`` (shapes PyTorch refuses give no row).
 * ``train_step`` rows: one FSAM(AdamW, structure="2:4") step (two forward/backward passes, the mask, the
   base step) of a 2:4-pruned stack of RoBERTa-large's encoder Linears (24 layers of q, k, v, o, FFN up and
-  down) in bf16, ``keep_pruned`` off and on; ``keep_pruned_write`` times the masked write alone.
+  down) in bf16, ``keep_pruned`` off and on; ``base_step`` times AdamW's step alone and
+  ``keep_pruned_write`` the masked write alone.
 
-``--device cpu`` runs the ``train_step`` and ``keep_pruned_write`` rows at a sixteenth of the width (the
-CPU measurement of docs/sam-family.md). Rows go to ``OUT/structured.csv`` (the harness's columns).
+``--device cpu`` runs the ``train_step``, ``base_step`` (AdamW's step alone) and ``keep_pruned_write`` rows
+at a sixteenth of the width in fp32 (the CPU measurement of docs/sam-family.md). Rows go to ``OUT/structured.csv`` (the harness's columns).
 """
 from __future__ import annotations
 
@@ -220,6 +221,11 @@ def keep_pruned_rows(device: torch.device, mode: str = "full", dtype: torch.dtyp
         times = run_rounds(step, device, rounds=rounds, warmup=max(warmup, 1))
         rows.append(timed_row(row("train_step", "keep_pruned" if keep else "no keep_pruned"), times, bytes_moved=0))
         if keep:
+            for p in model.parameters():  # the base optimizer's step alone, for scale
+                p.grad = torch.randn_like(p)
+            times = run_rounds(opt.base_optimizer.step, device, rounds=rounds, warmup=max(warmup, 1))
+            rows.append(timed_row(row("base_step", "AdamW"), times, bytes_moved=0))
+            opt.zero_grad()
             layout = opt._current_layout()
             times = run_rounds(lambda: opt._mask.keep_support(layout), device, rounds=rounds, warmup=max(warmup, 1))
             written = sum(layout.params[layout.masked_index[j]].numel() * layout.params[0].element_size()
@@ -242,7 +248,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cuda":
         rows = semi_structured_linear_rows(device, args.mode) + keep_pruned_rows(device, args.mode)
     else:
-        rows = keep_pruned_rows(device, args.mode, width_divisor=16, tokens=256)
+        rows = keep_pruned_rows(device, args.mode, dtype=torch.float32, width_divisor=16, tokens=256)
     append_rows(Path(args.out) / "structured.csv", rows)
     for r in rows:
         print(f"{r.op:18s} {r.method:20s} {r.shapes:48s} p50 {r.p50_ms:9.3f} ms")
