@@ -26,6 +26,15 @@ written only when asked for with ``--out``).
 
     python examples/finetune_glue.py --task cb --optimizer adam sam fsam --seeds 0 1 2
 
+``--prune 2:4`` prunes each fresh model before training (``fsam_kernels.sparsity.prune_nm`` on its Linear
+weights; ``--prune-scores magnitude`` or ``fisher``, the saliency w^2 * F with F the empirical Fisher of
+``--prune-fisher-samples`` training examples) and keeps it pruned: FSAM with ``keep_pruned=True``, AdamW
+with the pruned weights set back to zero after each step (as NVIDIA's ASP does); "fsam-nm" then perturbs
+the 2 survivors of every 4. The CSV records the pruning and the time it took.
+
+    python examples/finetune_glue.py --task cb --data-dir ../shared/data --model bundled --optimizer adam fsam-nm --prune 2:4 \
+        --prune-scores fisher --seeds 0 1 2
+
 A smoke run, offline from a clean checkout (the small CB-format sample shipped in examples/data/sample,
 the packaged model; well under two minutes on a CPU):
 
@@ -165,6 +174,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="finetune_results",
                    help="output folder (examples/results holds the committed runs: write there only on purpose)")
+    p.add_argument("--prune", default=None, metavar="N:M",
+                   help="prune the Linear weights N:M before training and keep them pruned (adam, fsam, fsam-nm)")
+    p.add_argument("--prune-scores", default="magnitude", choices=("magnitude", "fisher"),
+                   help="--prune by |w| or by the Fisher saliency w^2 * F")
+    p.add_argument("--prune-fisher-samples", type=int, default=64,
+                   help="training examples of the empirical Fisher for --prune-scores fisher")
     p.add_argument("--name", default=None,
                    help="output file prefix: <name>_runs.csv, <name>_summary.md, <name>_curves.png (default: the task)")
     p.add_argument("--no-plot", action="store_true", help="skip <name>_curves.png")
@@ -188,6 +203,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         except (TypeError, ValueError) as e:
             p.error(f"--structure: {e}")
         args.structure = f"{n}:{m}"
+    if args.prune is not None:
+        from fsam_kernels.structured import parse_structure
+
+        try:
+            n, m = parse_structure(args.prune)
+        except (TypeError, ValueError) as e:
+            p.error(f"--prune: {e}")
+        args.prune = f"{n}:{m}"
+        if "sam" in args.optimizer:
+            p.error("--prune works with adam, fsam and fsam-nm (SAM has no mask to keep the pruned weights out of)")
+    if args.prune_fisher_samples < 1:
+        p.error("--prune-fisher-samples must be >= 1")
     if args.name is not None and (not args.name or os.sep in args.name or args.name in (".", "..")):
         p.error("--name must be a plain file name prefix")
     return args
@@ -236,7 +263,43 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
     sparsity = args.sparsity
     structure = args.structure if name == "fsam-nm" else None
     return FSAM(groups, torch.optim.AdamW, rho=args.rho, sparsity=sparsity, structure=structure,
-                mask_update_interval=args.mask_update_interval, lr=args.lr)
+                mask_update_interval=args.mask_update_interval, lr=args.lr,
+                keep_pruned=getattr(args, "prune", None) is not None)
+
+
+def prune_model(model: torch.nn.Module, args, train_f, tokenizer, spec, seed: int) -> dict[str, Any]:
+    """--prune: prune the model's Linear weights in place; returns the CSV fields (what, how long)."""
+    from fsam_kernels import empirical_fisher
+    from fsam_kernels.sparsity import prune_nm
+
+    start = time.perf_counter()
+    fisher = None
+    if args.prune_scores == "fisher":
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        chosen = torch.randperm(len(train_f), generator=gen)[: args.prune_fisher_samples].tolist()
+        samples = []
+        for batch in batches([train_f[i] for i in chosen], tokenizer, 16, spec.is_regression):
+            labels = batch.pop("labels").to(args.device)
+            samples.append(({k: v.to(args.device) for k, v in batch.items()}, labels))
+        loss = torch.nn.functional.mse_loss if spec.is_regression else torch.nn.functional.cross_entropy
+        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        fisher = empirical_fisher(model, lambda out, y: loss(out.logits.squeeze(-1) if spec.is_regression else out.logits, y),
+                                  samples, params=weights, method="loop")
+    result = prune_nm(model, args.prune, scores=args.prune_scores, fisher=fisher)
+    kept = sum(result.kept.values()) / max(len(result.kept), 1)
+    return {"prune": args.prune, "prune_scores": args.prune_scores, "pruned_tensors": len(result.kept),
+            "pruned_kept_mean": kept, "prune_s": time.perf_counter() - start}
+
+
+def pruned_support(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, its pruned positions) of each Linear weight holding zeros: what AdamW sets back to zero."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            zero = m.weight.detach() == 0
+            if bool(zero.any()):
+                out.append((m.weight, zero))
+    return out
 
 
 def mask_description(name: str, args: argparse.Namespace) -> tuple[Any, str]:
@@ -270,6 +333,8 @@ def run_one(opt_name: str, seed: int, args, tokenizer, train_f, dev_f, model_dir
     np.random.seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=spec.num_labels).to(args.device)
     model.train()
+    pruning = {} if args.prune is None else prune_model(model, args, train_f, tokenizer, spec, seed)
+    keep_zero = pruned_support(model) if args.prune is not None and opt_name == "adam" else []
     opt = make_optimizer(opt_name, model, args)
     steps_per_epoch = (len(train_f) + args.batch_size - 1) // args.batch_size
     total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
@@ -302,6 +367,9 @@ def run_one(opt_name: str, seed: int, args, tokenizer, train_f, dev_f, model_dir
             else:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for w, zero in keep_zero:  # --prune: AdamW keeps the pruned weights at zero (ASP-style)
+                        w.masked_fill_(zero, 0)
             sched.step()
             step += 1
             running += float(loss.detach())
@@ -316,7 +384,12 @@ def run_one(opt_name: str, seed: int, args, tokenizer, train_f, dev_f, model_dir
                "sparsity": sparsity, "structure": structure,
                "perturb_embeddings": args.perturb_embeddings if two_pass else "",
                "backend": getattr(opt, "backend", "") if two_pass else "",
-               "train_loss": running / max(n + 1, 1), "wall_s": time.perf_counter() - start, **metrics}
+               "train_loss": running / max(n + 1, 1), "wall_s": time.perf_counter() - start, **pruning, **metrics}
+        if args.prune is not None:  # is every pruned weight still N:M (groups with more than N non-zeros)?
+            n_keep, m_group = map(int, args.prune.split(":"))
+            row["groups_over_n"] = sum(int(((w.detach().reshape(-1, m_group) != 0).sum(dim=1) > n_keep).sum())
+                                       for w in [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+                                       if w.shape[-1] % m_group == 0)
         if two_pass:  # bytes FSAM holds (mask, saved originals at their peak, ...), not the AdamW moments
             row.update({f"fsam_{k}_bytes": v for k, v in opt.memory_stats().items()})
             row["fsam_saved_bytes"] = peak_saved

@@ -79,6 +79,8 @@ def state_dict(opt: Any) -> dict[str, Any]:
         "param_shapes": [[list(p.shape) for p in g["params"]] for g in opt.param_groups],
     }
     sd["fsam"].update(mask_options(opt))
+    if mask.keep_pruned:  # keep_pruned: the packed support of the masked weights (1 bit per element)
+        sd["fsam"]["support"] = None if mask.support is None else mask.support.clone()
     return sd
 
 
@@ -93,6 +95,7 @@ def load_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
                          f"expected one of {LOADABLE_VERSIONS}")
     check_loadable(opt, state_dict, fsam)  # before anything changes
     check_mask_options(opt, fsam)
+    check_support(opt, fsam)
     # torch's load_state_dict replaces the state and groups objects, leaving the old ones intact:
     # whatever fails from here on is undone by putting them (and FSAM's attributes) back.
     before = (dict(opt.__dict__), dict(opt._mask.__dict__), opt.base_optimizer.state, opt.base_optimizer.param_groups)
@@ -189,6 +192,8 @@ def _load_checked(opt: Any, state_dict: dict[str, Any], fsam: dict[str, Any]) ->
         a.to(device=p.device, dtype=torch.float32).clone() for a, p in zip(acc, layout.masked_params)
     ]
     opt._mask.load(layout, bits, acc, fsam["fisher_count"])
+    if opt._mask.keep_pruned:
+        opt._mask.load_support(layout, fsam["support"].to(device=layout.device).clone())
     opt._loaded(fsam["step_count"])
 
 
@@ -275,3 +280,40 @@ def check_loadable(opt: Any, state_dict: dict[str, Any], fsam: dict[str, Any]) -
                 got = f"{a.dtype} of shape {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
                 raise ValueError(f"load_state_dict: the checkpoint's Fisher accumulator for {where(*masked_at[j])} "
                                  f"is {got}; expected floating point of shape {tuple(p.shape)}")
+
+
+def check_support(opt: Any, fsam: Mapping[str, Any]) -> None:
+    """``keep_pruned``: the checkpoint and the optimizer must agree on it, and the weights must be zero
+    wherever the checkpoint's support says pruned (load the model's weights first)."""
+    support = fsam.get("support")
+    keep = opt._mask.keep_pruned
+    if keep and support is None:
+        raise ValueError("load_state_dict: the checkpoint holds no support of pruned weights (it was saved without "
+                         "keep_pruned=True, or before any parameter was known); load it into an optimizer with "
+                         "keep_pruned=False, or start this one from the pruned model without it")
+    if not keep and "support" in fsam:
+        raise ValueError("load_state_dict: the checkpoint keeps pruned weights at zero (keep_pruned=True); construct "
+                         "the optimizer with keep_pruned=True to resume it")
+    if not keep:
+        return
+    layout = opt._current_layout()
+    valid = layout.full_mask()
+    if not isinstance(support, torch.Tensor) or support.dtype != torch.uint8 or support.shape != valid.shape:
+        got = f"{support.dtype} of shape {tuple(support.shape)}" if isinstance(support, torch.Tensor) else type(support).__name__
+        raise ValueError(f"load_state_dict: the checkpoint's support is {got}; expected the packed uint8 support of "
+                         f"{valid.numel()} bytes")
+    support = support.to(valid.device)
+    if bool((support & ~valid).any()):
+        raise ValueError("load_state_dict: the checkpoint's support sets padding bits; it is corrupt")
+    from . import reference as ref
+    from .sparsity import covered
+
+    for j, p in enumerate(layout.masked_params):
+        if not covered(p):
+            continue
+        alive = ref.mask_of(layout, support, j).view(p.shape)
+        stray = int(((p.detach() != 0) & ~alive).sum())
+        if stray:
+            raise ValueError(f"load_state_dict: the checkpoint's support prunes {stray} weights of masked parameter {j} "
+                             f"(shape {tuple(p.shape)}) that are non-zero here; load the pruned model's weights "
+                             "before the optimizer's state")

@@ -40,7 +40,7 @@ class SAM(FSAM):
         backend: str = "auto",
         **base_optimizer_kwargs: Any,
     ) -> None:
-        mask_options = sorted(set(base_optimizer_kwargs) & {"sparsity", "structure", "preserve_zeros", "fisher", "mask_update_interval"})
+        mask_options = sorted(set(base_optimizer_kwargs) & {"sparsity", "structure", "preserve_zeros", "fisher", "mask_update_interval", "keep_pruned"})
         if mask_options:
             raise TypeError(f"SAM has no Fisher mask, so it takes no {', '.join(mask_options)}; use FSAM for that")
         super().__init__(

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from . import structured
+from . import sparsity, structured
 from .backends import get_backend
 from .backends.base import Backend
 from .layout import ParamLayout
@@ -47,13 +47,19 @@ class MaskPolicy:
         structure: Optional[tuple[int, int]],
         preserve_zeros: bool,
         full_at_zero_sparsity: bool,
+        keep_pruned: bool = False,
     ) -> None:
         if shards is not None and (structure is not None or preserve_zeros):
-            raise ValueError("FSAM: structure and preserve_zeros are not supported with FSDP2-sharded parameters")
+            raise ValueError("FSAM: structure, preserve_zeros and keep_pruned are not supported with FSDP2-sharded parameters")
         self.requested = requested
         self.shards = shards
         self.structure = structure
         self.preserve_zeros = preserve_zeros
+        # keep_pruned: the weights' packed support, read with the mask (see fsam_kernels.sparsity), and
+        # the positions of the masked weights holding a zero.
+        self.keep_pruned = keep_pruned
+        self.support: Optional[torch.Tensor] = None
+        self.support_positions: tuple[int, ...] = ()
         if shards is not None:
             self.route = "sharded"
         elif structure is not None or preserve_zeros:
@@ -93,14 +99,19 @@ class MaskPolicy:
             # The masked set changed (add_param_group, fisher_mask moved to other parameters, p.data = ... of
             # another size): the old mask no longer applies.
             self.bits, self.aux, self.fisher, self.fisher_count = None, None, None, 0
+            self.support = None
         elif old is not None and old.device != new.device:
             # The model moved (model.to(device)): the mask and the accumulator follow it.
             if self.bits is not None:
                 self.bits = self.bits.to(new.device)
             if self.fisher is not None:
                 self.fisher = [f.to(new.device) for f in self.fisher]
+            if self.support is not None:
+                self.support = self.support.to(new.device)
             if self.requested == "auto":
                 self.backend = None
+        if self.keep_pruned and self.support is None:
+            self.read_support(new)  # the first layout's, or the new masked set's
         if self.bits is not None and self.backend is not None:
             # Backend data derived from the mask depends on the layout (dtypes, offsets).
             self.aux = self.backend_for(new).mask_aux(new, self.bits)
@@ -118,15 +129,29 @@ class MaskPolicy:
         self.bits, self.aux, self.fisher, self.fisher_count = bits, aux, fisher, fisher_count
         self._fisher_shared = False
 
+    # ------------------------------------------------------------------ keep_pruned
+    def read_support(self, layout: ParamLayout) -> None:
+        self.support, self.support_positions = sparsity.support_bits(layout)
+
+    def load_support(self, layout: ParamLayout, support: torch.Tensor) -> None:
+        """Take a checked support (from a checkpoint)."""
+        self.support, self.support_positions = support, sparsity.pruned_positions(layout, support)
+
+    def keep_support(self, layout: ParamLayout) -> None:
+        """Set the masked weights outside the support back to zero (after the base optimizer's step)."""
+        if self.support is not None:
+            sparsity.keep_support_(layout, self.support, self.support_positions)
+
     # ------------------------------------------------------------------ undoing a step
     def snapshot(self) -> tuple:
         """What a step may replace; the accumulator is copied before the next addition to it while a
         snapshot may still be rewound to (see :meth:`release`)."""
         self._fisher_shared = self.fisher is not None
-        return self.bits, self.aux, self.fisher, self.fisher_count
+        return self.bits, self.aux, self.fisher, self.fisher_count, self.support, self.support_positions
 
     def rewind(self, state: tuple) -> None:
-        self.bits, self.aux, self.fisher, self.fisher_count = state
+        self.bits, self.aux, self.fisher, self.fisher_count = state[:4]
+        self.support, self.support_positions = state[4:]
         self._fisher_shared = False
 
     def release(self) -> None:
@@ -233,6 +258,8 @@ class MaskPolicy:
         backend = self.backend_for(layout)
         bits = self._ROUTES[self.route](self, backend, layout, scores, sparsity, square)
         self.bits, self.aux = bits, backend.mask_aux(layout, bits)
+        if self.keep_pruned:
+            self.read_support(layout)  # the weights that are zero when the mask is built stay zero
 
     def _select_top_k(self, backend: Backend, layout: ParamLayout, scores, sparsity: float, square: bool):
         return backend.select_mask(layout, scores, layout.k_for(sparsity), square)

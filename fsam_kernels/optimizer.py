@@ -52,7 +52,14 @@ class FSAM(TwoStepOptimizer):
             back to the unstructured top-k at ``sparsity`` among themselves (see
             :mod:`fsam_kernels.structured`).
         preserve_zeros: never perturb weights that are exactly zero (mask intersected with the weights'
-            support, read when the mask is built). Default: on with a ``structure``, else off.
+            support, read when the mask is built). Default: on with a ``structure`` or ``keep_pruned``,
+            else off.
+        keep_pruned: keep pruned weights pruned: the masked weights (>= 2 dimensions; not biases and
+            norms) that are zero when the mask is built (and at construction) are set back to exactly
+            zero after every base optimizer step, whatever the base optimizer (weight decay, momentum)
+            and with a GradScaler or accumulated gradients. Needs ``preserve_zeros`` (so they are
+            never perturbed either); the support is 1 bit per element, saved in checkpoints. See
+            :mod:`fsam_kernels.sparsity`.
         adaptive: ASAM's scale-invariant perturbation. ``rho`` and ``adaptive`` may be given by position,
             as davda54/sam's ``SAM(params, base_optimizer, rho, adaptive, **kwargs)``.
         perturb_eps: added to the gradient norm (> 0, and at least the smallest normal number of the
@@ -90,10 +97,12 @@ class FSAM(TwoStepOptimizer):
         fisher: str = "batch",
         structure: Optional[str] = None,
         preserve_zeros: Optional[bool] = None,
+        keep_pruned: bool = False,
         perturb_eps: float = 1e-12,
         backend: str = "auto",
         **base_optimizer_kwargs: Any,
     ) -> None:
+        preserve_zeros = settings.check_keep_pruned(keep_pruned, preserve_zeros)
         args = settings.check_constructor(rho, sparsity, mask_update_interval, fisher, structure, preserve_zeros,
                                           perturb_eps, backend, base_optimizer)
         rho = args["rho"]
@@ -122,7 +131,12 @@ class FSAM(TwoStepOptimizer):
         # FSDP2 (DTensor) parameters: the layout holds their local shards; norm and mask are global.
         self._shards = ShardedParams.detect(p for g in self.param_groups for p in g["params"])
         self._mask = MaskPolicy(backend, self._shards, args["structure"], args["preserve_zeros"],
-                                self._FULL_MASK_AT_ZERO_SPARSITY)
+                                self._FULL_MASK_AT_ZERO_SPARSITY, keep_pruned=keep_pruned)
+        if keep_pruned:  # the support is read now (and again whenever the mask is built)
+            try:
+                self._current_layout()
+            except ValueError:
+                pass
         if backend != "auto":  # a requested backend that cannot run raises here, not in the middle of training
             try:
                 layout = self._current_layout()
@@ -138,6 +152,10 @@ class FSAM(TwoStepOptimizer):
     @property
     def preserve_zeros(self) -> bool:
         return self._mask.preserve_zeros
+
+    @property
+    def keep_pruned(self) -> bool:
+        return self._mask.keep_pruned
 
     @property
     def backend(self) -> str:
@@ -288,6 +306,8 @@ class FSAM(TwoStepOptimizer):
         stats = {"mask": tensors_nbytes(self._mask.bits), "mask_aux": tensors_nbytes(self._mask.aux),
                  "fisher": tensors_nbytes(self._mask.fisher), "saved": self._pending.nbytes() if self._pending else 0}
         stats["persistent"] = stats["mask"] + stats["mask_aux"] + stats["fisher"]
+        stats["support"] = tensors_nbytes(self._mask.support)  # keep_pruned's, 1 bit per masked element
+        stats["persistent"] += stats["support"]
         return stats
 
 
@@ -484,6 +504,10 @@ class FSAM(TwoStepOptimizer):
 
     def _has_fsam_options(self, group: dict) -> bool:
         return group.keys() >= self.defaults.keys()
+
+    def _after_base_step(self) -> None:
+        if self._mask.keep_pruned:
+            self._mask.keep_support(self._current_layout())
 
     def _perturbation_plan(self, layout: ParamLayout, backend: Backend) -> tuple[ParamLayout, Any, Any]:
         """The (layout, packed mask, aux) this step perturbs with: ESAM and GSAM change the mask or the

@@ -10,7 +10,8 @@ integrations that run their own passes use it too.
 
 A subclass provides ``first_step(zero_grad, *, scaler=None)``, ``restore()``, ``check_options()``,
 ``_has_any_grad()``, ``_gradient_is_zero()`` and the step snapshot (``_snapshot``, ``_rewind``,
-``_release``), and changes a step only through the hooks ``_after_perturbation``, ``_before_base_step`` and ``_after_restore``.
+``_release``), and changes a step only through the hooks ``_after_perturbation``, ``_before_base_step``,
+``_after_restore`` and ``_after_base_step``.
 """
 from __future__ import annotations
 
@@ -221,6 +222,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         """Step the base optimizer (through ``scaler``); returns what its step returns."""
         out = self.base_optimizer.step() if scaler is None else scaler.step(self.base_optimizer)
         self._opt_called = True  # tells an LR scheduler attached to this optimizer that it stepped
+        self._after_base_step()
         return out
 
     @outside_inference_mode
@@ -353,6 +355,9 @@ class TwoStepOptimizer(torch.optim.Optimizer):
 
     def _after_restore(self) -> None:
         """Called when a pending step ends (restored, stepped or abandoned)."""
+
+    def _after_base_step(self) -> None:
+        """Called right after the base optimizer's step (also one a GradScaler skipped)."""
 
 
 def _unscale_pending(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:

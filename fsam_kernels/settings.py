@@ -67,6 +67,17 @@ def check_base_step(base_optimizer: type) -> None:
         )
 
 
+def check_keep_pruned(keep_pruned: Any, preserve_zeros: Any) -> Any:
+    """``preserve_zeros`` as ``keep_pruned`` needs it: on by default, never off (a pruned weight is
+    never perturbed)."""
+    if not isinstance(keep_pruned, bool):
+        raise TypeError(f"Invalid keep_pruned: {keep_pruned!r}; expected True or False")
+    if keep_pruned and preserve_zeros is False:
+        raise ValueError("Invalid preserve_zeros=False with keep_pruned=True: pruned weights are never perturbed "
+                         "under keep_pruned; leave preserve_zeros at None or True")
+    return True if keep_pruned and preserve_zeros is None else preserve_zeros
+
+
 def check_step_settings(opt: Any) -> None:
     """Check (and store as Python numbers) the optimizer-wide options a step of ``opt`` reads."""
     opt.sparsity = options.fraction(opt.sparsity, "sparsity")

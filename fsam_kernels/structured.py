@@ -18,11 +18,11 @@ The structured part is the op ``select_nm_mask`` of every backend, defined by
 **Already-sparse models** (``preserve_zeros``, on by default with a structure): the mask is intersected
 with the weights' support, so the perturbed weights ``w + e`` stay exactly zero wherever ``w`` is
 zero. Inside a structured group zeros rank below every non-zero weight (their key is -1), so a 2:4
-pruned weight perturbs exactly its two surviving elements; fallback tensors select among scores
-zeroed off the support and drop the zeros afterwards. The support is read when the mask is built
-(every ``mask_update_interval`` steps); call :meth:`FSAM.update_mask` after re-pruning. FSAM only
-perturbs: keeping pruned weights at zero through the *base optimizer's* update is the pruning
-method's job (e.g. masking the gradients).
+pruned weight perturbs exactly its two surviving elements; fallback tensors take the top-k among
+their non-zero weights only (``k = round((1 - sparsity) * their count)``; zeros neither selected nor
+counted). The support is read when the mask is built (every ``mask_update_interval`` steps); call
+:meth:`FSAM.update_mask` after re-pruning. ``keep_pruned=True`` also keeps the zeros zero through the
+*base optimizer's* update (see :mod:`fsam_kernels.sparsity`).
 
 The optimizer saves the originals of N:M-masked weights in the backends' generic compact buffer (the
 packed mask is their index metadata). Also here, as standalone utilities: compact storage of a tensor's
@@ -96,8 +96,22 @@ def _byte_map(layout: ParamLayout, sub: ParamLayout, positions: Sequence[int]) -
     return dst.to(layout.device)
 
 
-def _support_bits(layout: ParamLayout) -> torch.Tensor:
-    return ref.pack_mask(layout, [p.detach().reshape(-1) != 0 for p in layout.masked_params])
+def _select_on_support(backend: "Backend", layout: ParamLayout, scores: Sequence[torch.Tensor], sparsity: float,
+                       scores_are_grads: bool) -> torch.Tensor:
+    """The global top-k among the non-zero weights only: ``k = round((1 - sparsity) * their count)``, a
+    zero weight neither selected nor counted (ties: lowest index, as the order of the non-zero weights
+    is kept). The backend's top-k runs on the scores of the non-zero weights, packed densely."""
+    alive = [p.detach().reshape(-1) != 0 for p in layout.masked_params]
+    counts = [int(a.sum()) for a in alive]
+    live = [j for j, c in enumerate(counts) if c]
+    masks = [torch.zeros_like(a) for a in alive]
+    if live:
+        packed = [scores[j].reshape(-1)[alive[j]] for j in live]
+        dense = ParamLayout(packed, [True] * len(live), [0.0] * len(live), [False] * len(live))
+        bits = backend.select_mask(dense, packed, dense.k_for(sparsity), scores_are_grads)
+        for j, chosen in zip(live, ref.unpack_mask(dense, bits)):
+            masks[j][alive[j]] = chosen
+    return ref.pack_mask(layout, masks)
 
 
 def build_mask(
@@ -127,10 +141,9 @@ def build_mask(
     sub = _sub_layout(layout, fallback)
     sub_scores = [scores[j] for j in fallback]
     if preserve_zeros:
-        sub_scores = [torch.where(masked[j] != 0, s, torch.zeros_like(s)) for j, s in zip(fallback, sub_scores)]
-    sub_bits = backend.select_mask(sub, sub_scores, sub.k_for(sparsity), scores_are_grads)
-    if preserve_zeros:
-        sub_bits = sub_bits & _support_bits(sub)
+        sub_bits = _select_on_support(backend, sub, sub_scores, sparsity, scores_are_grads)
+    else:
+        sub_bits = backend.select_mask(sub, sub_scores, sub.k_for(sparsity), scores_are_grads)
     bits.index_copy_(0, _byte_map(layout, sub, fallback), sub_bits)
     return bits
 
