@@ -17,7 +17,8 @@
 #        backends    20   which backends load on the GPU, and why not: fails unless native and triton do
 #        native     120   pytest -m "gpu and not triton", in what is left of the total
 # bench  env 30, build 150 (incremental: seconds on the machine that ran `test`, whose build/ is kept),
-#        backends 20, bench (benchmarks/run.py --budget: what is left less 25 s), tables 10.
+#        backends 20, structured 40 (benchmarks/bench_structured.py: 2:4 Linears, keep_pruned), bench
+#        (benchmarks/run.py --budget: what is left less 25 s), tables 10.
 #
 # A test stage runs its tests in P pytest processes at once (as many as the free GPU memory holds at
 # 20 GiB each, at most 4: 3 on an H100; FSAM_CHECK_PROCS), each a round-robin share of the node ids, -v
@@ -261,6 +262,11 @@ else
   fi
   stage backends "$(cap "$L_BACKENDS" 60)" "$PY" -m benchmarks.gpu_check backends "$DEVICE" || FAILED=1
   CSV="$OUT/$GPU-$MODE.csv"
+  # 2:4 end to end (semi-structured Linears, keep_pruned's step): rows in $OUT/structured.csv
+  if [ $BUILT = 1 ]; then
+    stage structured "$(cap 40 85)" "$PY" -m benchmarks.bench_structured --out "$OUT" --mode "$MODE"
+    out_of_time_ok $? || FAILED=1
+  fi
   # the benchmark gets what is left, less 25 s for the tables and the kill slack
   LEFT=$(( $(left) - 25 ))
   if [ $BUILT = 0 ]; then
