@@ -23,8 +23,8 @@ Why it is correct:
   exactly one unscale per pass, and ``scaler.update()`` sees the overflow flags of both passes.
 * The weights are restored *before* the scaler decides whether to step, so a skipped step leaves
   them bit for bit as they were.
-* Gradient clipping, torch's recipe: after the second backward, ``scaler.unscale_(opt.base_optimizer)``
-  (the optimizer the scaler steps), clip, then :func:`second_step`, which then does not unscale again
+* Gradient clipping, torch's recipe: after the second backward, ``scaler.unscale_(opt)`` (or
+  ``scaler.unscale_(opt.base_optimizer)``, the optimizer the scaler steps), clip, then :func:`second_step`, which then does not unscale again
   (as ``GradScaler.step`` does). If ``second_step`` fails, the weights are restored before it raises.
 
 These helpers check their arguments and call the optimizer's own ``first_step(scaler=...)``,

@@ -338,6 +338,7 @@ class FSAM(TwoStepOptimizer):
         layout = self.check_options()
         if scaler is not None:
             scaler.unscale_(self)  # a no-op when the scaler is disabled
+            self._set_aside_first_unscale(scaler)  # so that the caller may unscale_(self) the second pass
         grads = self._grads(layout)
         if not getattr(grads, "complete", False) and all(g is None for g in grads):
             raise RuntimeError(

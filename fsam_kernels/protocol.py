@@ -184,14 +184,16 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         skips the step on inf/NaN) after the restore, and the scale updated; after a skipped
         first_step the base optimizer is not stepped. Returns whether the base optimizer stepped.
 
-        torch's clipping recipe works as with ``scaler.step``: ``scaler.unscale_(opt.base_optimizer)``,
-        clip, then this call (the gradients are not unscaled twice). If anything here fails, the
+        torch's clipping recipe works as with ``scaler.step``: ``scaler.unscale_(opt)`` (or
+        ``scaler.unscale_(opt.base_optimizer)``), clip, then this call (the gradients are not unscaled twice). If anything here fails, the
         weights are restored first (the step is abandoned, phase ``IDLE``) and the error raised."""
         if self._phase is Phase.IDLE:
             raise RuntimeError("second_step called without a first_step")
         _check_scaler(scaler)
         self._settle()
         perturbed = self._phase is Phase.PERTURBED
+        if scaler is not None:
+            self._take_callers_unscale(scaler)
         try:
             if perturbed and scaler is not None and _unscale_pending(scaler, self.base_optimizer):
                 scaler.unscale_(self.base_optimizer)  # the hook works on true gradients
@@ -217,6 +219,27 @@ class TwoStepOptimizer(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
         return stepped
+
+    def _set_aside_first_unscale(self, scaler: torch.amp.GradScaler) -> None:
+        """After first_step's ``scaler.unscale_(self)``: its record (the first pass's overflow flags) is
+        set aside, so the caller may ``scaler.unscale_(opt)`` the second gradient, as torch's clipping
+        recipe does; :meth:`_take_callers_unscale` puts it back before ``scaler.update()``."""
+        if scaler.is_enabled():
+            self._first_unscale = scaler._per_optimizer_states.pop(id(self), None)
+
+    def _take_callers_unscale(self, scaler: torch.amp.GradScaler) -> None:
+        """Before the base step: a ``scaler.unscale_(opt)`` of the second gradient is moved to the base
+        optimizer (the one the scaler steps, which then does not unscale again), and the first pass's
+        record comes back under a key of its own, for ``scaler.update()``."""
+        if not scaler.is_enabled():
+            return
+        states = scaler._per_optimizer_states
+        mine = states.get(id(self))
+        if mine is not None and mine["stage"] is torch.amp.grad_scaler.OptState.UNSCALED:
+            states[id(self.base_optimizer)] = states.pop(id(self))
+        first = self.__dict__.pop("_first_unscale", None)
+        if first is not None:
+            states[("first pass", id(self))] = first
 
     def _step_base(self, scaler: Optional[torch.amp.GradScaler] = None) -> Any:
         """Step the base optimizer (through ``scaler``); returns what its step returns."""
@@ -320,6 +343,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
             self.zero_grad()
             self._rewind(state)
             if scaler is not None:
+                self._take_callers_unscale(scaler)  # the first pass's record: update() needs one
                 scaler.update()  # clears the record of this step's unscale_, so the next one can unscale
             raise
         finally:

@@ -219,7 +219,8 @@ def test_load_state_dict_hooks_fire():
 
 
 # ------------------------------------------------------------------ item 10: GradScaler's clipping recipe
-def test_clipping_recipe_with_a_grad_scaler_matches_the_unscaled_step():
+@pytest.mark.parametrize("unscaled", ["fsam", "base"])
+def test_clipping_recipe_with_a_grad_scaler_matches_the_unscaled_step(unscaled):
     x, y = batch()
     plain, scaled = net(), net()
     opt_p = FSAM(plain.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sparsity=0.5, backend="torch")
@@ -235,10 +236,17 @@ def test_clipping_recipe_with_a_grad_scaler_matches_the_unscaled_step():
         scaler.scale(F.cross_entropy(scaled(x), y)).backward()
         assert amp.first_step(opt_s, scaler)
         scaler.scale(F.cross_entropy(scaled(x), y)).backward()
-        scaler.unscale_(opt_s.base_optimizer)  # torch's recipe: unscale, clip, step
+        scaler.unscale_(opt_s if unscaled == "fsam" else opt_s.base_optimizer)  # torch's recipe: unscale, clip, step
         torch.nn.utils.clip_grad_norm_(scaled.parameters(), 0.05)
         assert amp.second_step(opt_s, scaler, zero_grad=True)
     assert_equal_weights(weights(plain), weights(scaled), "scaled step with clipping")
+    # and a skipped first pass (an overflow) after the caller's unscale_ of the second one backs off
+    scaler.scale(F.cross_entropy(scaled(x), y) * float("inf")).backward()
+    assert not amp.first_step(opt_s, scaler)
+    scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+    scaler.unscale_(opt_s if unscaled == "fsam" else opt_s.base_optimizer)
+    assert not amp.second_step(opt_s, scaler, zero_grad=True)
+    assert scaler.get_scale() < 2.0**10 and opt_s.phase.name == "IDLE"
 
 
 @pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "scaler"])
