@@ -238,3 +238,69 @@ def test_per_replica_first_step_with_every_family_member(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(r0["masks"][0], r1["masks"][0])), kind
         assert r0["consistent"] == r1["consistent"] == [True], kind
         assert r0["step_count"] == r1["step_count"] == 2, kind
+
+
+# ---------------------------------------------------------------------------------------------- 2:4
+def _pruned_model():
+    from fsam_kernels.sparsity import prune_nm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
+    prune_nm(model, "2:4", backend="torch")
+    return model
+
+
+def _keep_pruned_opt(params):
+    return FSAM(params, torch.optim.AdamW, rho=0.1, sparsity=0.5, structure="2:4", keep_pruned=True,
+                mask_update_interval=2, lr=0.05, weight_decay=0.1, backend="torch")
+
+
+def _keep_pruned_batch(step, rank=None):
+    g = torch.Generator().manual_seed(200 + step)
+    x, y = torch.randn(GLOBAL_BATCH, 8, generator=g).double(), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
+    return (x, y) if rank is None else (x.chunk(WORLD)[rank], y.chunk(WORLD)[rank])
+
+
+def _keep_pruned_worker(rank, port, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model = DDP(_pruned_model())
+        opt = _keep_pruned_opt(model.parameters())
+        for step in range(STEPS):
+            x, y = _keep_pruned_batch(step, rank)
+            _loss(model, x, y).backward()
+            opt.first_step(zero_grad=True)
+            _loss(model, x, y).backward()
+            opt.second_step(zero_grad=True)
+        torch.save({"params": [p.detach().clone() for p in model.parameters()]}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    leave_spawned_rank()
+
+
+@pytest.mark.timeout(180)
+def test_keep_pruned_under_ddp_stays_2_4_and_equals_single_process(tmp_path):
+    """A 2:4-pruned model trained with keep_pruned under DDP: both replicas hold the same weights, those
+    of one process on the whole batch, and every pruned weight is still exactly +0.0."""
+    mp.spawn(_keep_pruned_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt")["params"] for r in range(WORLD)]
+    model = _pruned_model()
+    pruned = [p.detach() == 0 for p in model.parameters()]
+    opt = _keep_pruned_opt(model.parameters())
+    for step in range(STEPS):
+        x, y = _keep_pruned_batch(step)
+        _loss(model, x, y).backward()
+        opt.first_step(zero_grad=True)
+        _loss(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+    for i, (a, b, single, zero) in enumerate(zip(*ranks, model.parameters(), pruned)):
+        assert torch.equal(a, b), f"parameter {i} differs between ranks"
+        torch.testing.assert_close(a, single.detach(), rtol=1e-12, atol=1e-12, msg=f"parameter {i}")
+        if a.dim() == 2:
+            assert zero.sum() == a.numel() // 2, f"parameter {i} was not pruned 2:4"
+            assert torch.equal(a[zero], torch.zeros_like(a[zero])), f"parameter {i}: a pruned weight moved"
+            assert (a.reshape(-1, 4) != 0).sum(1).max() <= 2, f"parameter {i} is no longer 2:4"
