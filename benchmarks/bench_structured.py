@@ -11,7 +11,7 @@ Called by the harness (``pytest benchmarks``, when the ``ops`` part runs) or dir
     from benchmarks.bench_structured import structured_rows, semi_structured_matmul_rows
     rows = structured_rows(torch.device("cuda"), mode="full")
 
-The 2:4 path end to end (issue 24), run on its own (CUDA only: without a GPU it says so and exits 0)::
+The 2:4 path end to end, run on its own (CUDA only: without a GPU it says so and exits 0)::
 
     python -m benchmarks.bench_structured --out OUT [--mode quick|full]
 

@@ -1,6 +1,6 @@
 """Host time of a plain step: FSAM's Python per ``first_step`` + ``second_step`` (no mask update) at
 RoBERTa-large's 393 tensors, with the kernel launches replaced by recorders, beside the same measure
-for a foreach dense SAM (issue 22, item 2).
+for a foreach dense SAM.
 
 What is timed is the host code between the launches: checks, caches, tables, allocations. The kernels
 do not run: Triton's launches are recorded instead (the interpreter's entry point, so this runs on any
