@@ -127,6 +127,7 @@ class FSAM(TwoStepOptimizer):
         self._pending: Optional[Perturbation] = None
         self._phase = Phase.IDLE
         self._closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
+        self._norm_ahead: Optional[tuple] = None  # (layout, gradient signature, norm) of _gradient_is_zero
         self._norm_check = NormCheck()  # the norm's finiteness, read when the step needs the decision
         # FSDP2 (DTensor) parameters: the layout holds their local shards; norm and mask are global.
         self._shards = ShardedParams.detect(p for g in self.param_groups for p in g["params"])
@@ -239,16 +240,27 @@ class FSAM(TwoStepOptimizer):
 
     def _gradient_is_zero(self) -> bool:
         # Read through a pinned copy, as the step's own decision: waits for the norm, not a blocking op.
+        layout = self._current_layout()
+        grads = self._grads(layout)
+        norm = self._norm_of(layout, grads)
         check = self.__dict__.setdefault("_zero_check", NormCheck())
-        check.record(self.grad_norm())
-        return check.value() == 0
+        check.record(norm)
+        zero = check.value() == 0
+        # The first_step this step(closure) calls next perturbs with these same gradients: it takes this
+        # norm instead of computing it again (step() drops it however it ends).
+        signature = getattr(grads, "signature", None)
+        self._norm_ahead = None if zero or signature is None else (layout, signature, norm)
+        return zero
 
     @outside_inference_mode
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """The norm of the current gradients that :meth:`first_step` would perturb with (0-dim tensor)."""
         layout = self._current_layout()
-        norm = self._mask.backend_for(layout).grad_norm(layout, self._grads(layout))
+        return self._norm_of(layout, self._grads(layout))
+
+    def _norm_of(self, layout: ParamLayout, grads: list[Optional[torch.Tensor]]) -> torch.Tensor:
+        norm = self._mask.backend_for(layout).grad_norm(layout, grads)
         return norm if self._shards is None else self._shards.global_norm(norm)
 
     # ------------------------------------------------------------------ mask
@@ -350,9 +362,14 @@ class FSAM(TwoStepOptimizer):
                 "passes on Fisher samples, or update_mask(fisher=...), before the first step"
             )
         backend = self._mask.backend_for(layout)
-        norm = backend.grad_norm(layout, grads)
-        if self._shards is not None:
-            norm = self._shards.global_norm(norm)
+        # step(closure)'s norm of these gradients (see _gradient_is_zero); not after a scaler's unscale_,
+        # which changed them in place
+        ahead, self._norm_ahead = self._norm_ahead, None
+        if (scaler is None and ahead is not None and ahead[0] is layout
+                and ahead[1] == getattr(grads, "signature", None)):
+            norm = ahead[2]
+        else:
+            norm = self._norm_of(layout, grads)
         settings.check_perturb_eps(self.perturb_eps, norm.dtype)  # before anything changes
         perturbation.check_unclaimed(self, layout.params, lambda i: param_groups.perturbed_label(self.param_groups, i))
         # The skip decision (see fsam_kernels.norm_check): a mask update takes it now; a plain step leaves

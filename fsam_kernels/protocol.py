@@ -116,6 +116,7 @@ class TwoStepOptimizer(torch.optim.Optimizer):
     base_optimizer: torch.optim.Optimizer
     _phase: Phase = Phase.IDLE
     _closure_first = False  # step(closure) computes the first gradient too (torch.optim convention)
+    _norm_ahead = None  # a subclass's first-pass norm computed early in step(closure), for its first_step
     _in_hooked_step = False  # inside step(closure): its first_step/second_step fire no step hooks
 
     param_groups = _forwarded("param_groups")
@@ -283,6 +284,12 @@ class TwoStepOptimizer(torch.optim.Optimizer):
             self._closure_first = True  # sticky, see above
         # Gradients zeroed in place (zero_grad(set_to_none=False), torch.optim's closure loop) are no first
         # pass either: decided at each call, since a davda54-style caller's gradient may be zero once.
+        try:
+            return self._step_with_closure(closure, scaler)
+        finally:
+            self._norm_ahead = None  # a norm _gradient_is_zero left for first_step lives for this call only
+
+    def _step_with_closure(self, closure: Callable[[], Any], scaler: Optional[torch.amp.GradScaler]) -> Any:
         closure_first = self._closure_first or self._gradient_is_zero()
         first_loss = None
         if closure_first:

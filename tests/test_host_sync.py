@@ -12,6 +12,7 @@ FSAM's host code and are not counted. On a GPU the same steps run under
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import pytest
@@ -190,6 +191,27 @@ def test_a_non_finite_plain_step_is_skipped_without_a_read(backend, monkeypatch)
     assert opt.step_count == 1 and opt.phase is Phase.IDLE
     two_call_step(opt, model, data[3])  # and training goes on
     assert opt.step_count == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_closure_step_computes_the_first_norm_once(backend, monkeypatch):
+    """step(closure) with the caller's first gradient reads whether it is zero from its norm; first_step
+    then perturbs with that norm instead of computing it again, and the step equals the two-call form."""
+    model, data = model_and_data()
+    twin = copy.deepcopy(model)
+    opt, twin_opt = make_opt(model, backend), make_opt(twin, backend)
+    for batch in data[:3]:
+        two_call_step(twin_opt, twin, batch)
+    norms = []
+    backend_cls = type(opt._mask.backend_for(opt._current_layout()))
+    real = backend_cls.grad_norm
+    monkeypatch.setattr(backend_cls, "grad_norm", lambda self, *a: norms.append(1) or real(self, *a))
+    for batch in data[:3]:
+        closure_step(opt, model, batch)
+    assert len(norms) == 3, f"{len(norms)} gradient norms for 3 closure steps"
+    assert opt._norm_ahead is None
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
