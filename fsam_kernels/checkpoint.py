@@ -117,7 +117,7 @@ def mask_options(opt: Any) -> dict[str, Any]:
             "preserve_zeros": bool(opt.preserve_zeros)}
 
 
-def check_mask_options(opt: Any, fsam: Mapping[str, Any]) -> None:
+def check_mask_options(opt: Any, fsam: Mapping[str, Any], what: str = "load_state_dict") -> None:
     """Refuse a checkpoint written with another ``structure`` or ``preserve_zeros`` (naming both), and a
     mask that this optimizer's options could not have built: with a structure, more than N set of some M
     consecutive elements of an N:M tensor (exactly N without ``preserve_zeros``); and, in a checkpoint
@@ -129,7 +129,7 @@ def check_mask_options(opt: Any, fsam: Mapping[str, Any]) -> None:
     if recorded:
         theirs = {k: fsam.get(k) for k in ours}
         if theirs != ours:
-            raise ValueError("load_state_dict: the checkpoint was written with " + _options_text(theirs) +
+            raise ValueError(f"{what}: the checkpoint was written with " + _options_text(theirs) +
                              "; this optimizer has " + _options_text(ours) + " (they choose how the mask is built; "
                              "create the optimizer with the checkpoint's options)")
     bits = fsam["mask"]
@@ -142,7 +142,7 @@ def check_mask_options(opt: Any, fsam: Mapping[str, Any]) -> None:
     for (gi, i), p, keep in zip(masked_at, layout.masked_params, ref.unpack_mask(layout, bits.to(layout.device))):
         where = f"param_groups[{gi}]['params'][{i}]"
         if opt.preserve_zeros and not recorded and bool((keep & (p.detach() == 0)).any()):
-            raise ValueError(f"load_state_dict: the checkpoint's mask perturbs weights of {where} that are zero, "
+            raise ValueError(f"{what}: the checkpoint's mask perturbs weights of {where} that are zero, "
                              f"which preserve_zeros=True never does (written without it?)")
         if opt.structure is None or not ref.nm_eligible(p.shape, opt.structure[1]):
             continue
@@ -150,7 +150,7 @@ def check_mask_options(opt: Any, fsam: Mapping[str, Any]) -> None:
         per_group = keep.reshape(-1, m).sum(dim=1)
         wrong = (per_group > n) if opt.preserve_zeros else (per_group != n)
         if bool(wrong.any()):
-            raise ValueError(f"load_state_dict: the checkpoint's mask of {where} is not {n}:{m}: {int(wrong.sum())} "
+            raise ValueError(f"{what}: the checkpoint's mask of {where} is not {n}:{m}: {int(wrong.sum())} "
                              f"groups of {m} have {'more than' if opt.preserve_zeros else 'other than'} {n} elements "
                              "set (written without this structure?)")
 
@@ -282,17 +282,17 @@ def check_loadable(opt: Any, state_dict: dict[str, Any], fsam: dict[str, Any]) -
                                  f"is {got}; expected floating point of shape {tuple(p.shape)}")
 
 
-def check_support(opt: Any, fsam: Mapping[str, Any]) -> None:
+def check_support(opt: Any, fsam: Mapping[str, Any], what: str = "load_state_dict") -> None:
     """``keep_pruned``: the checkpoint and the optimizer must agree on it, and the weights must be zero
     wherever the checkpoint's support says pruned (load the model's weights first)."""
     support = fsam.get("support")
     keep = opt._mask.keep_pruned
     if keep and support is None:
-        raise ValueError("load_state_dict: the checkpoint holds no support of pruned weights (it was saved without "
+        raise ValueError(f"{what}: the checkpoint holds no support of pruned weights (it was saved without "
                          "keep_pruned=True, or before any parameter was known); load it into an optimizer with "
                          "keep_pruned=False, or start this one from the pruned model without it")
     if not keep and "support" in fsam:
-        raise ValueError("load_state_dict: the checkpoint keeps pruned weights at zero (keep_pruned=True); construct "
+        raise ValueError(f"{what}: the checkpoint keeps pruned weights at zero (keep_pruned=True); construct "
                          "the optimizer with keep_pruned=True to resume it")
     if not keep:
         return
@@ -300,11 +300,11 @@ def check_support(opt: Any, fsam: Mapping[str, Any]) -> None:
     valid = layout.full_mask()
     if not isinstance(support, torch.Tensor) or support.dtype != torch.uint8 or support.shape != valid.shape:
         got = f"{support.dtype} of shape {tuple(support.shape)}" if isinstance(support, torch.Tensor) else type(support).__name__
-        raise ValueError(f"load_state_dict: the checkpoint's support is {got}; expected the packed uint8 support of "
+        raise ValueError(f"{what}: the checkpoint's support is {got}; expected the packed uint8 support of "
                          f"{valid.numel()} bytes")
     support = support.to(valid.device)
     if bool((support & ~valid).any()):
-        raise ValueError("load_state_dict: the checkpoint's support sets padding bits; it is corrupt")
+        raise ValueError(f"{what}: the checkpoint's support sets padding bits; it is corrupt")
     from . import reference as ref
     from .sparsity import covered
 
@@ -314,6 +314,6 @@ def check_support(opt: Any, fsam: Mapping[str, Any]) -> None:
         alive = ref.mask_of(layout, support, j).view(p.shape)
         stray = int(((p.detach() != 0) & ~alive).sum())
         if stray:
-            raise ValueError(f"load_state_dict: the checkpoint's support prunes {stray} weights of masked parameter {j} "
+            raise ValueError(f"{what}: the checkpoint's support prunes {stray} weights of masked parameter {j} "
                              f"(shape {tuple(p.shape)}) that are non-zero here; load the pruned model's weights "
                              "before the optimizer's state")

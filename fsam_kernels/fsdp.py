@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from . import reference as ref
+from .checkpoint import check_mask_options, check_support
 from .distributed_select import select_mask_by_histogram
 from .layout import ParamLayout
 
@@ -162,10 +163,6 @@ class ShardedParams:
     def global_masked_numel(self, layout: ParamLayout) -> int:
         return sum(self.param_of(layout.params[i]).numel() for i in layout.masked_index)
 
-    def k_for(self, layout: ParamLayout, sparsity: float) -> int:
-        """``round((1 - sparsity) * N)`` with ``N`` the global number of masked elements."""
-        return int(round((1.0 - sparsity) * self.global_masked_numel(layout)))
-
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         """The norm over every rank's shard from each rank's local norm (non-finite anywhere ->
         non-finite everywhere, so every rank skips the same steps)."""
@@ -177,16 +174,19 @@ class ShardedParams:
 
     def select_mask(
         self, backend: Any, layout: ParamLayout, scores: Sequence[torch.Tensor], sparsity: float,
-        scores_are_grads: bool,
+        scores_are_grads: bool, n_global: Optional[int] = None,
     ) -> torch.Tensor:
-        """This rank's packed mask of the global top-k."""
+        """This rank's packed mask of the global top-k, ``k = round((1 - sparsity) * n_global)``;
+        ``n_global``: how many elements compete over all ranks, by default the masked parameters' full
+        sizes (a layout of other tensors, e.g. the non-zero weights' scores, must give it)."""
+        n = self.global_masked_numel(layout) if n_global is None else n_global
         return select_mask_by_histogram(
             backend,
             layout,
             scores,
-            self.k_for(layout, sparsity),
+            int(round((1.0 - sparsity) * n)),
             scores_are_grads,
-            n_global=self.global_masked_numel(layout),
+            n_global=n,
             all_reduce_sum=self.all_reduce_sum,
             all_gather=self.all_gather,
             rank=self.rank,
@@ -213,9 +213,11 @@ _SCALARS = ("step_count", "fisher_count", "has_mask", "has_fisher")
 def fsam_state_dict(optimizer: Any) -> dict[str, torch.Tensor]:
     """FSAM's own state (not the base optimizer's) for ``torch.distributed.checkpoint``.
 
-    Masks (one uint8 per element) and Fisher accumulators (fp32) are DTensors placed like their
-    parameters; counters are replicated 0-dim tensors. Absent masks/accumulators are saved as zeros
-    with a flag, so the same call on a fresh optimizer gives the template ``dcp.load`` fills in.
+    Masks (one uint8 per element), Fisher accumulators (fp32) and, with ``keep_pruned``, the support
+    (one uint8 per element: 1 where the weight is kept) are DTensors placed like their parameters;
+    counters and the mask options (``structure`` as ``[N, M]``, ``[0, 0]`` for none; ``preserve_zeros``;
+    ``keep_pruned``) are replicated int64 tensors. Absent masks/accumulators are saved as zeros with a
+    flag, so the same call on a fresh optimizer gives the template ``dcp.load`` fills in.
     """
     optimizer._require_idle("fsam_state_dict")
     layout = optimizer._current_layout()
@@ -223,12 +225,16 @@ def fsam_state_dict(optimizer: Any) -> dict[str, torch.Tensor]:
     dev = layout.device
     mask = optimizer._mask
     masks = ref.unpack_mask(layout, mask.bits) if mask.bits is not None else None
+    support = ref.unpack_mask(layout, mask.support) if mask.keep_pruned and mask.support is not None else None
     accum = mask.fisher
     sd: dict[str, torch.Tensor] = {
         "step_count": torch.tensor(optimizer.step_count, dtype=torch.int64),
         "fisher_count": torch.tensor(mask.fisher_count, dtype=torch.int64),
         "has_mask": torch.tensor(int(masks is not None), dtype=torch.int64),
         "has_fisher": torch.tensor(int(accum is not None), dtype=torch.int64),
+        "structure": torch.tensor(list(mask.structure or (0, 0)), dtype=torch.int64),
+        "preserve_zeros": torch.tensor(int(mask.preserve_zeros), dtype=torch.int64),
+        "keep_pruned": torch.tensor(int(mask.keep_pruned), dtype=torch.int64),
     }
     for j, i in enumerate(layout.masked_index):
         local = layout.params[i]
@@ -236,24 +242,38 @@ def fsam_state_dict(optimizer: Any) -> dict[str, torch.Tensor]:
         f = accum[j].clone() if accum is not None else torch.zeros(local.shape, dtype=torch.float32, device=dev)
         sd[f"mask.{j}"] = _like_param(shards, local, m)
         sd[f"fisher_accum.{j}"] = _like_param(shards, local, f)
+        if mask.keep_pruned:
+            kept = support[j].to(torch.uint8) if support is not None else torch.ones(local.shape, dtype=torch.uint8, device=dev)
+            sd[f"support.{j}"] = _like_param(shards, local, kept)
     return sd
 
 
 def load_fsam_state_dict(optimizer: Any, state: Mapping[str, torch.Tensor]) -> None:
-    """Inverse of :func:`fsam_state_dict` (after ``dcp.load`` filled it in)."""
-    optimizer._require_idle("load_fsam_state_dict")
+    """Inverse of :func:`fsam_state_dict` (after ``dcp.load`` filled it in).
+
+    Checked before anything changes: the entries' shapes; the mask options (``structure``,
+    ``preserve_zeros``, ``keep_pruned``) equal this optimizer's; a mask this optimizer's structure could
+    have built; with ``keep_pruned``, the weights zero wherever the support says pruned (load the
+    model's weights first).
+    """
+    what = "load_fsam_state_dict"
+    optimizer._require_idle(what)
     layout = optimizer._current_layout()
+    mask = optimizer._mask
+    theirs = _recorded_options(state)
     missing = [k for k in _SCALARS if k not in state]
     missing += [f"{n}.{j}" for j in range(len(layout.masked_index)) for n in ("mask", "fisher_accum") if f"{n}.{j}" not in state]
+    if theirs["keep_pruned"] and mask.keep_pruned:
+        missing += [f"support.{j}" for j in range(len(layout.masked_index)) if f"support.{j}" not in state]
     if missing:
-        raise ValueError(f"load_fsam_state_dict: state has no entries {missing}; expected fsam_state_dict()'s keys")
+        raise ValueError(f"{what}: state has no entries {missing}; expected fsam_state_dict()'s keys")
     dtensor = _dtensor_type()
 
     def local(v: torch.Tensor, i: int, name: str) -> torch.Tensor:
         v = v.to_local() if dtensor is not None and isinstance(v, dtensor) else v
         if v.shape != layout.params[i].shape:
             raise ValueError(
-                f"load_fsam_state_dict: {name} has local shape {tuple(v.shape)}, its parameter's shard "
+                f"{what}: {name} has local shape {tuple(v.shape)}, its parameter's shard "
                 f"{tuple(layout.params[i].shape)}"
             )
         return v.to(layout.device)
@@ -268,8 +288,31 @@ def load_fsam_state_dict(optimizer: Any, state: Mapping[str, torch.Tensor]) -> N
             local(state[f"fisher_accum.{j}"], i, f"fisher_accum.{j}").to(torch.float32).clone()
             for j, i in enumerate(layout.masked_index)
         ]
-    optimizer._mask.load(layout, bits, accum, int(state["fisher_count"]))
+    # The checks of optimizer.load_state_dict, on the same (packed) data.
+    entry: dict[str, Any] = {"mask": bits, "structure": theirs["structure"], "preserve_zeros": theirs["preserve_zeros"]}
+    if theirs["keep_pruned"]:
+        entry["support"] = None
+        if mask.keep_pruned:
+            entry["support"] = ref.pack_mask(layout, [
+                local(state[f"support.{j}"], i, f"support.{j}").ne(0) for j, i in enumerate(layout.masked_index)])
+    check_mask_options(optimizer, entry, what)
+    check_support(optimizer, entry, what)
+    mask.load(layout, bits, accum, int(state["fisher_count"]))
+    if mask.keep_pruned:
+        mask.load_support(layout, entry["support"])
     optimizer._loaded(int(state["step_count"]))
+
+
+def _recorded_options(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The mask options a state records, as ``checkpoint.mask_options`` writes them (plus ``keep_pruned``).
+    They are recorded since structure/preserve_zeros/keep_pruned work under FSDP2: a state without them
+    was written when they could only be off."""
+    structure = [int(x) for x in state["structure"].tolist()] if "structure" in state else [0, 0]
+    return {
+        "structure": None if structure == [0, 0] else "%d:%d" % tuple(structure),
+        "preserve_zeros": bool(int(state["preserve_zeros"])) if "preserve_zeros" in state else False,
+        "keep_pruned": bool(int(state["keep_pruned"])) if "keep_pruned" in state else False,
+    }
 
 
 def _like_param(shards: Optional[ShardedParams], local: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@ the mask is built.
 
 :class:`MaskPolicy` chooses its route once, at construction, from what never changes afterwards:
 
+* ``structure="N:M"`` or ``preserve_zeros``: :func:`fsam_kernels.structured.build_mask` (its top-k
+  global over the ranks for FSDP2-sharded parameters);
 * FSDP2-sharded parameters: the global radix-histogram top-k (:class:`fsam_kernels.fsdp.ShardedParams`);
-* ``structure="N:M"`` or ``preserve_zeros``: :func:`fsam_kernels.structured.build_mask`;
 * otherwise the backend's global top-k; for ESAM and GSAM at ``sparsity=0`` (``full_at_zero_sparsity``)
   the mask that keeps every element, without a selection.
 
@@ -49,8 +50,6 @@ class MaskPolicy:
         full_at_zero_sparsity: bool,
         keep_pruned: bool = False,
     ) -> None:
-        if shards is not None and (structure is not None or preserve_zeros):
-            raise ValueError("FSAM: structure, preserve_zeros and keep_pruned are not supported with FSDP2-sharded parameters")
         self.requested = requested
         self.shards = shards
         self.structure = structure
@@ -60,10 +59,10 @@ class MaskPolicy:
         self.keep_pruned = keep_pruned
         self.support: Optional[torch.Tensor] = None
         self.support_positions: tuple[int, ...] = ()
-        if shards is not None:
+        if structure is not None or preserve_zeros:
+            self.route = "structured"  # sharded or not (see structured.build_mask)
+        elif shards is not None:
             self.route = "sharded"
-        elif structure is not None or preserve_zeros:
-            self.route = "structured"
         else:
             self.route = "top-k or all" if full_at_zero_sparsity else "top-k"
         self.backend: Optional[Backend] = None
@@ -270,7 +269,8 @@ class MaskPolicy:
         return self._select_top_k(backend, layout, scores, sparsity, square)
 
     def _select_structured(self, backend: Backend, layout: ParamLayout, scores, sparsity: float, square: bool):
-        return structured.build_mask(backend, layout, scores, square, sparsity, self.structure, self.preserve_zeros)
+        return structured.build_mask(backend, layout, scores, square, sparsity, self.structure, self.preserve_zeros,
+                                     self.shards)
 
     def _select_sharded(self, backend: Backend, layout: ParamLayout, scores, sparsity: float, square: bool):
         return self.shards.select_mask(backend, layout, scores, sparsity, square)

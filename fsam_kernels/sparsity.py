@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from . import reference as ref
 from .backends import get_backend
+from .fsdp import _dtensor_type
 from .layout import ParamLayout
 from .reference import nm_eligible
 from .structured import parse_structure, semi_structured_unsupported_reason
@@ -190,8 +191,12 @@ def prune_nm(
         raise ValueError("prune_nm: expected a structure 'N:M' such as '2:4', got None")
     n, m = nm
     all_named, skipped = _candidates(params_or_model)
+    dtensor = _dtensor_type()
     named = []
     for name, t in all_named:
+        if dtensor is not None and isinstance(t, dtensor):
+            raise ValueError(f"prune_nm: {name} is a DTensor (sharded, e.g. by fully_shard); prune the model "
+                             "before sharding it")
         if not t.is_floating_point():
             skipped[name] = f"{t.dtype} is not a floating-point dtype"
         elif not nm_eligible(t.shape, m):

@@ -96,19 +96,34 @@ def _byte_map(layout: ParamLayout, sub: ParamLayout, positions: Sequence[int]) -
     return dst.to(layout.device)
 
 
+def _top_k(backend: "Backend", layout: ParamLayout, scores: Sequence[torch.Tensor], sparsity: float,
+           scores_are_grads: bool, shards: Any = None, n_global: Optional[int] = None) -> torch.Tensor:
+    """The global top-k of ``layout``'s tensors, ``k = round((1 - sparsity) * N)``: on this process, or
+    over every rank's shards (``shards``, FSDP2; ``N`` = ``n_global``, by default the full sizes)."""
+    if shards is None:
+        return backend.select_mask(layout, scores, layout.k_for(sparsity), scores_are_grads)
+    return shards.select_mask(backend, layout, scores, sparsity, scores_are_grads, n_global=n_global)
+
+
 def _select_on_support(backend: "Backend", layout: ParamLayout, scores: Sequence[torch.Tensor], sparsity: float,
-                       scores_are_grads: bool) -> torch.Tensor:
+                       scores_are_grads: bool, shards: Any = None) -> torch.Tensor:
     """The global top-k among the non-zero weights only: ``k = round((1 - sparsity) * their count)``, a
     zero weight neither selected nor counted (ties: lowest index, as the order of the non-zero weights
-    is kept). The backend's top-k runs on the scores of the non-zero weights, packed densely."""
+    is kept). The backend's top-k runs on the scores of the non-zero weights, packed densely; sharded,
+    the count is summed over the ranks, and every tensor takes part (empty where a rank's shard has no
+    non-zero weight), so every rank runs the same collectives."""
     alive = [p.detach().reshape(-1) != 0 for p in layout.masked_params]
-    counts = [int(a.sum()) for a in alive]
-    live = [j for j, c in enumerate(counts) if c]
     masks = [torch.zeros_like(a) for a in alive]
+    if shards is None:
+        counts = [int(a.sum()) for a in alive]
+        live, n_global = [j for j, c in enumerate(counts) if c], None
+    else:
+        live = list(range(len(alive)))
+        n_global = int(shards.all_reduce_sum(torch.stack([a.sum() for a in alive]).sum().reshape(1)).item())
     if live:
         packed = [scores[j].reshape(-1)[alive[j]] for j in live]
         dense = ParamLayout(packed, [True] * len(live), [0.0] * len(live), [False] * len(live))
-        bits = backend.select_mask(dense, packed, dense.k_for(sparsity), scores_are_grads)
+        bits = _top_k(backend, dense, packed, sparsity, scores_are_grads, shards, n_global)
         for j, chosen in zip(live, ref.unpack_mask(dense, bits)):
             masks[j][alive[j]] = chosen
     return ref.pack_mask(layout, masks)
@@ -122,8 +137,14 @@ def build_mask(
     sparsity: float,
     structure: Optional[tuple[int, int]],
     preserve_zeros: bool,
+    shards: Any = None,
 ) -> torch.Tensor:
-    """The packed mask FSAM uses with ``structure`` and/or ``preserve_zeros`` (see the module doc)."""
+    """The packed mask FSAM uses with ``structure`` and/or ``preserve_zeros`` (see the module doc).
+
+    ``shards`` (:class:`fsam_kernels.fsdp.ShardedParams`): ``layout`` holds FSDP2 shards. ``Shard(0)``
+    splits rows and an N:M group lies along the last dimension, so the structured part is local, and
+    which tensors take it is the same on every rank; the fallback's top-k is global over the ranks.
+    """
     masked = layout.masked_params
     if structure is None:
         structured, fallback = [], list(range(len(masked)))
@@ -141,9 +162,9 @@ def build_mask(
     sub = _sub_layout(layout, fallback)
     sub_scores = [scores[j] for j in fallback]
     if preserve_zeros:
-        sub_bits = _select_on_support(backend, sub, sub_scores, sparsity, scores_are_grads)
+        sub_bits = _select_on_support(backend, sub, sub_scores, sparsity, scores_are_grads, shards)
     else:
-        sub_bits = backend.select_mask(sub, sub_scores, sub.k_for(sparsity), scores_are_grads)
+        sub_bits = _top_k(backend, sub, sub_scores, sparsity, scores_are_grads, shards)
     bits.index_copy_(0, _byte_map(layout, sub, fallback), sub_bits)
     return bits
 

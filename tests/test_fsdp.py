@@ -12,7 +12,11 @@ and 3, so group ranks differ from global ranks); starting processes is the expen
 * plain per-rank ``state_dict`` / ``load_state_dict`` round trip;
 * the global gradient norm and the global k of the mask;
 * a non-finite gradient on one rank makes every rank skip the step;
-* bad input: a mix of sharded and ordinary parameters, and HSDP's 2-D mesh, are refused.
+* N:M structure and preserve_zeros: the gathered mask equals the unsharded one (the fallback's top-k over
+  the ranks, counting the non-zero weights of every rank); keep_pruned keeps a pruned model's zeros +0.0
+  through AdamW and equals a single-process run with SGD; its support and the mask options go through
+  torch.distributed.checkpoint, and a mismatch is refused;
+* bad input: a mix of sharded and ordinary parameters, HSDP's 2-D mesh, and prune_nm on DTensors are refused.
 """
 import copy
 import math
@@ -347,7 +351,11 @@ def scenario_nonfinite_on_one_rank(rank, world, mesh):
 
 
 def scenario_bad_input(rank, world, mesh):
+    from fsam_kernels.sparsity import prune_nm
+
     model = shard(make_model(), mesh)
+    with pytest.raises(ValueError, match="blocks.0.qkv.weight is a DTensor.*before sharding"):
+        prune_nm(model, "2:5")
     with pytest.raises(ValueError, match="ordinary tensor"):
         FSAM(list(model.parameters()) + [torch.nn.Parameter(torch.zeros(3))], torch.optim.SGD, lr=0.1)
     if world == 4:  # HSDP: replicate over one mesh dim, shard over the other
@@ -356,6 +364,167 @@ def scenario_bad_input(rank, world, mesh):
         hsdp = shard(make_model(), DeviceMesh("cpu", torch.arange(4).view(2, 2), mesh_dim_names=("replicate", "shard")))
         with pytest.raises(ValueError, match="1-D mesh"):
             FSAM(hsdp.parameters(), torch.optim.SGD, lr=0.1)
+
+
+# --------------------------------------------------------------------------- N:M, preserve_zeros, keep_pruned
+# "2:5": DIM = 10 makes the matrices reading DIM (emb, pos, qkv, proj, fc1, head) N:M-eligible and fc2
+# (HIDDEN = 18 columns) a fallback tensor, so both parts of the mask are sharded. 2:4 is the same code.
+NM = "2:5"
+
+
+def make_pruned_model():
+    """``make_model`` with its Linear weights 2:5-pruned (fc2 is not eligible), and rows 3-5 of
+    blocks[0].fc2.weight zeroed: on 4 ranks rank 1 holds no non-zero weight of that tensor."""
+    from fsam_kernels.sparsity import prune_nm
+
+    model = make_model()
+    result = prune_nm(model, NM)
+    assert set(result.skipped) == {"blocks.0.fc2.weight", "blocks.1.fc2.weight"}, result.skipped
+    with torch.no_grad():
+        model.blocks[0].fc2.weight[3:6] = 0
+    return model
+
+
+def reference_structured_masks(masked, scores, sparsity, square, structure, preserve_zeros):
+    """The unsharded mask: ``build_mask`` of the torch backend on the full weights and scores."""
+    from fsam_kernels import structured
+    from fsam_kernels.backends import get_backend
+
+    weights = [full(p.detach()) for p in masked]
+    lay = ParamLayout(weights, [True] * len(weights), [0.1] * len(weights), [False] * len(weights))
+    nm = structured.parse_structure(structure)
+    bits = structured.build_mask(get_backend("torch", "cpu"), lay, scores, square, sparsity, nm, preserve_zeros)
+    return ref.unpack_mask(lay, bits)
+
+
+def scenario_structured_masks(rank, world, mesh, backend):
+    """structure / preserve_zeros on shards: the gathered mask equals the unsharded one bit for bit (the
+    N:M part per row, the fallback's top-k over the ranks, among the non-zero weights only)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = shard(make_pruned_model(), mesh)
+    masked = param_groups(model)[0]["params"]
+    g = torch.Generator().manual_seed(11)
+    fisher_full = [torch.randint(0, 3, p.shape, generator=g).float() for p in masked]  # ties everywhere
+    fisher = {p: distribute_tensor(f, mesh, [Shard(0)]) for p, f in zip(masked, fisher_full)}
+    for structure, preserve_zeros in ((NM, True), (NM, False), (None, True)):
+        opt = make_fsam(model, structure=structure, preserve_zeros=preserve_zeros, backend=backend)
+        what = f"{backend}: structure={structure}, preserve_zeros={preserve_zeros}"
+        for sparsity in (0.3, 0.75):
+            opt.sparsity = sparsity
+            opt.update_mask(fisher=fisher)
+            want = reference_structured_masks(masked, fisher_full, sparsity, False, structure, preserve_zeros)
+            got = gathered_masks(opt, masked)
+            assert_masks_equal(got, want, f"{what}, given Fisher with ties, sparsity={sparsity}")
+            if structure is None:  # k counts the non-zero weights of every rank, and only them
+                nonzero = sum(int((full(p.detach()) != 0).sum()) for p in masked)
+                assert sum(int(m.sum()) for m in got) == round((1 - sparsity) * nonzero), what
+                assert not any(bool((m & (full(p.detach()) == 0)).any()) for m, p in zip(got, masked)), what
+
+    # the batch Fisher chosen inside first_step, on the sharded gradients
+    opt = make_fsam(model, structure=NM, sparsity=0.5, backend=backend)
+    x, y = batch(0, rank, world)
+
+    def check_first_step_mask():
+        grads = [full(p.grad) for p in masked]
+        check_first_step_mask.want = reference_structured_masks(masked, grads, 0.5, True, NM, True)
+
+    fsam_step(model, opt, x, y, before_first_step=check_first_step_mask)
+    assert_masks_equal(gathered_masks(opt, masked), check_first_step_mask.want, f"{backend}: {NM} batch Fisher")
+
+
+def pruned_support(model):
+    """Per masked parameter, where its full weight is non-zero."""
+    return [full(p.detach()) != 0 for p in param_groups(model)[0]["params"]]
+
+
+def assert_still_pruned(model, support, what):
+    """The weights pruned at the start are +0.0 bit for bit (and the survivors are still non-zero)."""
+    for j, (p, alive) in enumerate(zip(param_groups(model)[0]["params"], support)):
+        w = full(p.detach())
+        if not torch.equal((w != 0), alive):
+            raise AssertionError(f"{what}: masked parameter {j}: the support changed")
+        if bool(torch.signbit(w[~alive]).any()):
+            raise AssertionError(f"{what}: masked parameter {j}: a pruned weight is -0.0")
+
+
+def scenario_keep_pruned(rank, world, mesh):
+    """keep_pruned on shards: AdamW with weight decay keeps a pruned model's zeros +0.0 and its support;
+    with SGD the sharded run equals the single-process one."""
+    model = shard(make_pruned_model(), mesh)
+    support = pruned_support(model)
+    opt = make_fsam(model, structure=NM, keep_pruned=True, weight_decay=0.1, mask_update_interval=2)
+    for step in range(4):
+        fsam_step(model, opt, *batch(step, rank, world))
+    assert opt.step_count == 4
+    assert_still_pruned(model, support, "AdamW, 4 steps")
+
+    single = make_pruned_model()
+    sharded = shard(copy.deepcopy(single), mesh)
+    sgd = dict(base=torch.optim.SGD, lr=0.05, momentum=0.9, structure=NM, keep_pruned=True)
+    opt_single, opt_sharded = make_fsam(single, **sgd), make_fsam(sharded, **sgd)
+    for step in range(3):
+        fsam_step(single, opt_single, *batch(step))
+        fsam_step(sharded, opt_sharded, *batch(step, rank, world))
+    for (name, a), b in zip(sharded.named_parameters(), single.parameters()):
+        a = full(a.detach())
+        if not torch.allclose(a, b.detach(), rtol=1e-5, atol=1e-6):
+            raise AssertionError(f"keep_pruned: {name} differs from the single-process run by {(a - b).abs().max():.3g}")
+    assert_still_pruned(sharded, support, "SGD, 3 steps")
+
+
+def scenario_keep_pruned_checkpoint(rank, world, mesh, ckpt_dir):
+    """The support and the mask options go through torch.distributed.checkpoint; a state written with
+    other options, or a support the loaded weights contradict, is refused and changes nothing."""
+    import torch.distributed.checkpoint as dcp
+
+    from fsam_kernels.fsdp import fsam_state_dict, load_fsam_state_dict
+
+    model = shard(make_pruned_model(), mesh)
+    support = pruned_support(model)
+    opt = make_fsam(model, structure=NM, keep_pruned=True, mask_update_interval=3)
+    fsam_step(model, opt, *batch(0, rank, world))
+    dcp.save({"fsam": fsam_state_dict(opt)}, checkpoint_id=ckpt_dir, process_group=mesh.get_group())
+
+    opt2 = make_fsam(model, structure=NM, keep_pruned=True, mask_update_interval=3)
+    with torch.no_grad():  # opt2's support (read at construction) is lost: the checkpoint's must come back
+        opt2._mask.support.fill_(0)
+    state = {"fsam": fsam_state_dict(opt2)}
+    dcp.load(state, checkpoint_id=ckpt_dir, process_group=mesh.get_group())
+    load_fsam_state_dict(opt2, state["fsam"])
+    assert torch.equal(opt2._mask.support, opt._mask.support), "the loaded support differs from the saved one"
+    assert all(torch.equal(a, b) for a, b in zip(opt2.masks(), opt.masks())), "the loaded mask differs"
+    fsam_step(model, opt2, *batch(1, rank, world))
+    assert_still_pruned(model, support, "after resuming")
+
+    saved = fsam_state_dict(opt)
+    for options, needle in ((dict(structure=NM), "keep_pruned"), (dict(keep_pruned=True), "structure='2:5'")):
+        other = make_fsam(model, **options)
+        before = [m.clone() for m in other.masks()]
+        with pytest.raises(ValueError, match=needle):
+            load_fsam_state_dict(other, saved)
+        assert all(torch.equal(a, b) for a, b in zip(other.masks(), before)) and other.step_count == 0
+
+    # a pruned weight made non-zero: the checkpoint's support contradicts the weights
+    with torch.no_grad():
+        w = model.blocks[0].fc1.weight.to_local()
+        pruned = (w == 0).nonzero()
+        if len(pruned):
+            w[tuple(pruned[0])] = 1.0
+    contradicted = torch.tensor([int(len(pruned) > 0)])
+    torch.distributed.all_reduce(contradicted, group=mesh.get_group())
+    if len(pruned):
+        with pytest.raises(ValueError, match="non-zero here"):
+            load_fsam_state_dict(make_fsam(model, structure=NM, keep_pruned=True), saved)
+    assert contradicted.item() > 0  # some rank did test it
+
+    # a state from before the options were recorded loads into an optimizer with them all off
+    plain_model = shard(make_model(), mesh)
+    old = {k: v for k, v in fsam_state_dict(make_fsam(plain_model)).items()
+           if k not in ("structure", "preserve_zeros", "keep_pruned")}
+    load_fsam_state_dict(make_fsam(plain_model), old)
+    with pytest.raises(ValueError, match="structure=None"):
+        load_fsam_state_dict(make_fsam(plain_model, structure=NM), old)
 
 
 # --------------------------------------------------------------------------- process management
@@ -369,6 +538,10 @@ def run_scenarios(rank, world, mesh, tmp_dir):
     for backend in available_backends("cpu"):  # the histogram ops of every backend, with all-reduces between
         scenario_masks(rank, world, mesh, backend)
     scenario_trajectory(rank, world, mesh)
+    for backend in available_backends("cpu"):
+        scenario_structured_masks(rank, world, mesh, backend)
+    scenario_keep_pruned(rank, world, mesh)
+    scenario_keep_pruned_checkpoint(rank, world, mesh, os.path.join(tmp_dir, f"ckpt_pruned{world}"))
     scenario_trajectory(rank, world, mesh, steps=3, cls=GSAM, alpha=0.3)  # all-reduced surrogate-gap step
     scenario_checkpoint(rank, world, mesh, os.path.join(tmp_dir, f"ckpt{world}"))
     if world != WORLD:
