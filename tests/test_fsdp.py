@@ -410,7 +410,7 @@ def scenario_structured_masks(rank, world, mesh, backend):
     for structure, preserve_zeros in ((NM, True), (NM, False), (None, True)):
         opt = make_fsam(model, structure=structure, preserve_zeros=preserve_zeros, backend=backend)
         what = f"{backend}: structure={structure}, preserve_zeros={preserve_zeros}"
-        for sparsity in (0.3, 0.75):
+        for sparsity in (0.0, 0.3, 0.75, 1.0):
             opt.sparsity = sparsity
             opt.update_mask(fisher=fisher)
             want = reference_structured_masks(masked, fisher_full, sparsity, False, structure, preserve_zeros)
@@ -496,6 +496,13 @@ def scenario_keep_pruned_checkpoint(rank, world, mesh, ckpt_dir):
     assert all(torch.equal(a, b) for a, b in zip(opt2.masks(), opt.masks())), "the loaded mask differs"
     fsam_step(model, opt2, *batch(1, rank, world))
     assert_still_pruned(model, support, "after resuming")
+
+    # the per-rank state dict holds this rank's support
+    opt3 = make_fsam(model, structure=NM, keep_pruned=True, mask_update_interval=3)
+    with torch.no_grad():
+        opt3._mask.support.fill_(0)
+    opt3.load_state_dict(opt.state_dict())
+    assert torch.equal(opt3._mask.support, opt._mask.support), "per-rank state_dict round trip changed the support"
 
     saved = fsam_state_dict(opt)
     for options, needle in ((dict(structure=NM), "keep_pruned"), (dict(keep_pruned=True), "structure='2:5'")):
