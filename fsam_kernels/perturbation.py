@@ -4,9 +4,9 @@ All or nothing: :meth:`Perturbation.prepare` checks and allocates everything (th
 ``prepare_perturb``) without writing a weight; the optimizer records it as pending, and only then
 :meth:`Perturbation.write` moves the weights. Whatever stops the write (an interrupt, an allocation, a
 kernel launch) leaves a pending perturbation whose undo puts back exactly what was written over. A
-SIGINT (Ctrl-C) that arrives during the write is handled once it is done (:func:`interrupts_held`): a
-backend's one kernel call writes the weights and the saved originals together, and it must be known
-afterwards whether it ran.
+SIGINT (Ctrl-C), SIGTERM or other stop signal that arrives during the write is handled once it is done
+(:func:`interrupts_held`): a backend's one kernel call writes the weights and the saved originals
+together, and it must be known afterwards whether it ran.
 
 A parameter's memory is perturbed by one optimizer at a time: the live optimizers with a pending
 perturbation are registered here (weakly), and :func:`check_unclaimed` refuses memory another one has
@@ -84,31 +84,56 @@ class Perturbation:
             "values could not be undone and they still hold w + e (every other parameter was restored)")
 
 
+# The signals whose Python handlers are held back while a kernel writes the weights: Ctrl-C's, and
+# those used to stop a process (torchrun's elastic agent turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into
+# exceptions; job schedulers send SIGTERM or SIGUSR1 ahead of a kill).
+HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+                     if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Run the block with SIGINT's Python handler held back: a Ctrl-C that arrives in it is handed to
-    that handler (``KeyboardInterrupt`` by default) when the block ends. Only the main thread runs
-    Python signal handlers; elsewhere, and when SIGINT has no Python handler, the block just runs."""
+    """Run the block with the Python handlers of :data:`HELD_SIGNALS` held back: a signal that arrives
+    in it is handed to its handler (``KeyboardInterrupt`` for SIGINT by default) when the block ends,
+    in arrival order. Only the main thread runs Python signal handlers; elsewhere the block just runs,
+    and a signal without a Python handler (ignored, default, or handled outside Python) is left alone."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    handler = signal.getsignal(signal.SIGINT)
-    received: list = []
+    received: list = []  # (signum, frame), in arrival order
+    held: dict = {}  # signum -> its handler
     try:
-        held = callable(handler)  # not SIG_IGN, SIG_DFL, or a handler installed outside Python
-        if held:
-            signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
-    except ValueError:  # not the main interpreter
-        held = False
+        for signum in HELD_SIGNALS:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                signal.signal(signum, lambda num, frame: received.append((num, frame)))
+                held[signum] = handler
+    except ValueError:  # not the main interpreter: no handler can be replaced
+        pass
+    except BaseException:  # a handler not yet held raised: nothing ran, put the held ones back
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        raise
     if not held:
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, handler)
-        if received:
-            handler(signal.SIGINT, received[0])
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        delivered = set()
+        for k, (signum, frame) in enumerate(received):
+            if signum in delivered:
+                continue  # a signal pending twice runs its handler once, as CPython's does
+            delivered.add(signum)
+            try:
+                held[signum](signum, frame)
+            except BaseException:
+                # as CPython does after a raising handler: the other pending ones run at the next check
+                for later in dict.fromkeys(n for n, _ in received[k + 1:] if n not in delivered):
+                    signal.raise_signal(later)
+                raise
 
 
 # The live optimizers with a pending perturbation (added by first_step, removed by restore).
