@@ -8,6 +8,7 @@ optimizer's masks bit for bit for the same scores, and the same trajectory withi
 """
 import contextlib
 import copy
+import os
 import socket
 
 import pytest
@@ -82,7 +83,7 @@ def _free_port():
 
 
 @contextlib.contextmanager
-def one_rank_mesh(device_type):
+def one_rank_mesh(device_type, monkeypatch):
     """A one-rank process group (NCCL on CUDA, gloo on the CPU) and its 1-D device mesh."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -92,6 +93,9 @@ def one_rank_mesh(device_type):
     if device_type == "cuda":
         if not dist.is_nccl_available():
             pytest.fail("CUDA is available but torch.distributed has no NCCL")
+        # one rank on one machine: NCCL's bootstrap on the loopback interface (an offline GPU machine
+        # may have no other; NCCL skips lo unless named)
+        monkeypatch.setenv("NCCL_SOCKET_IFNAME", os.environ.get("NCCL_SOCKET_IFNAME", "lo"))
         torch.cuda.set_device(0)
     elif not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
@@ -112,13 +116,13 @@ OPTIONS = [
 
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("target", TARGETS)
-def test_one_rank_fsdp2_matches_the_unsharded_optimizer(target, options):
+def test_one_rank_fsdp2_matches_the_unsharded_optimizer(target, options, monkeypatch):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     target.backend()  # skips where the target cannot run (fails on a GPU machine)
     device = target.device
-    with one_rank_mesh(device.type) as mesh:
+    with one_rank_mesh(device.type, monkeypatch) as mesh:
         single = make_pruned_model(device)
         sharded = copy.deepcopy(single)
         fully_shard(sharded, mesh=mesh)
