@@ -84,56 +84,94 @@ class Perturbation:
             "values could not be undone and they still hold w + e (every other parameter was restored)")
 
 
-# The signals whose Python handlers are held back while a kernel writes the weights: Ctrl-C's, and
-# those used to stop a process (torchrun's elastic agent turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into
-# exceptions; job schedulers send SIGTERM or SIGUSR1 ahead of a kill).
-HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
-                     if hasattr(signal, name))
+# The signals whose Python handlers are held back while a kernel writes the weights: Ctrl-C's, those
+# used to stop a process (torchrun's elastic agent turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into
+# exceptions; job schedulers send SIGTERM or SIGUSR1 ahead of a kill) and SIGALRM (timeouts).
+HELD_SIGNALS = tuple(getattr(signal, name) for name in
+                     ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM") if hasattr(signal, name))
+_PUT_BACK_TRIES = 8  # signal.signal runs pending handlers first and, if one raises, changes nothing
+
+
+class _Hold:
+    """What replaces the held handlers: while the block runs it records the signals; after it (``open``
+    false) it forwards each to the handler it replaced, so one left installed (when a raising handler
+    stopped the putting back) loses nothing."""
+
+    def __init__(self) -> None:
+        self.handlers: dict = {}  # signum -> the handler replaced
+        self.received: list = []  # (signum, frame), in arrival order
+        self.open = True
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.open:
+            self.received.append((signum, frame))
+        else:
+            self.handlers[signum](signum, frame)
+
+    def release(self) -> Optional[BaseException]:
+        """Put the handlers back, then run each one received (once, in arrival order) with the handler
+        now installed; returns the first exception anything raised (the rest are dropped, as when
+        CPython's own handlers run one after another and the first raises)."""
+        self.open = False
+        errors: list = []
+        for signum, handler in self.handlers.items():
+            for _ in range(_PUT_BACK_TRIES):
+                try:
+                    signal.signal(signum, handler)
+                    break
+                except BaseException as exc:  # a pending handler raised: the handler was not changed yet
+                    errors.append(exc)
+        delivered: set = set()
+        for signum, frame in self.received:
+            if signum in delivered:
+                continue  # a signal pending twice runs its handler once, as in CPython
+            delivered.add(signum)
+            handler = signal.getsignal(signum)
+            if handler is self:
+                handler = self.handlers[signum]
+            if callable(handler):  # not SIG_DFL/SIG_IGN (set by a handler that ran meanwhile): dropped, as in CPython
+                try:
+                    handler(signum, frame)
+                except BaseException as exc:
+                    errors.append(exc)
+        return errors[0] if errors else None
 
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
     """Run the block with the Python handlers of :data:`HELD_SIGNALS` held back: a signal that arrives
     in it is handed to its handler (``KeyboardInterrupt`` for SIGINT by default) when the block ends,
-    in arrival order. Only the main thread runs Python signal handlers; elsewhere the block just runs,
-    and a signal without a Python handler (ignored, default, or handled outside Python) is left alone."""
+    in arrival order; the first exception a handler raises is raised then. Only the main thread runs
+    Python signal handlers; elsewhere the block just runs, and a signal without a Python handler
+    (ignored, default, or handled outside Python) is left alone. A handler that raises while the
+    handlers are swapped in stops the hold before the block runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list = []  # (signum, frame), in arrival order
-    held: dict = {}  # signum -> its handler
+    hold = _Hold()
     try:
         for signum in HELD_SIGNALS:
             handler = signal.getsignal(signum)
             if callable(handler):
-                signal.signal(signum, lambda num, frame: received.append((num, frame)))
-                held[signum] = handler
-    except ValueError:  # not the main interpreter: no handler can be replaced
-        pass
-    except BaseException:  # a handler not yet held raised: nothing ran, put the held ones back
-        for signum, handler in held.items():
-            signal.signal(signum, handler)
+                hold.handlers[signum] = handler  # first: if the swap raises, putting it back is harmless
+                signal.signal(signum, hold)
+    except ValueError as exc:
+        if "main thread of the main interpreter" not in str(exc) or len(hold.handlers) > 1:
+            hold.release()
+            raise
+        hold.handlers.clear()  # not the main interpreter: no handler can be replaced
+    except BaseException:  # a handler not held (yet) raised: the block never ran; that exception goes on
+        hold.release()
         raise
-    if not held:
+    if not hold.handlers:
         yield
         return
     try:
         yield
     finally:
-        for signum, handler in held.items():
-            signal.signal(signum, handler)
-        delivered = set()
-        for k, (signum, frame) in enumerate(received):
-            if signum in delivered:
-                continue  # a signal pending twice runs its handler once, as CPython's does
-            delivered.add(signum)
-            try:
-                held[signum](signum, frame)
-            except BaseException:
-                # as CPython does after a raising handler: the other pending ones run at the next check
-                for later in dict.fromkeys(n for n, _ in received[k + 1:] if n not in delivered):
-                    signal.raise_signal(later)
-                raise
+        error = hold.release()
+        if error is not None:
+            raise error
 
 
 # The live optimizers with a pending perturbation (added by first_step, removed by restore).

@@ -181,8 +181,8 @@ def test_a_signal_at_random_moments_leaves_originals_or_a_pending_step(backend, 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="POSIX signals")
 def test_interrupts_held_defers_every_stop_signal_to_the_end_in_arrival_order():
-    """Each held signal's handler runs once, after the block, in arrival order; a raising one raises
-    there, and the others still run (at the next check, as CPython does); the handlers are back."""
+    """Each held signal's handler runs once, after the block, in arrival order; when one raises, the
+    others still run and the first exception is raised; the handlers are back."""
     import signal
 
     from fsam_kernels.perturbation import interrupts_held
@@ -214,13 +214,67 @@ def test_interrupts_held_defers_every_stop_signal_to_the_end_in_arrival_order():
                 signal.raise_signal(signal.SIGTERM)
                 signal.raise_signal(signal.SIGUSR1)
                 assert log == []
-        for _ in range(3):  # a few bytecodes: pending handlers run at the next check
-            pass
         assert log == [signal.SIGTERM, signal.SIGUSR1]
         assert signal.getsignal(signal.SIGTERM) is stopping
     finally:
         for num, handler in before.items():
             signal.signal(num, handler)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="POSIX signals")
+@pytest.mark.parametrize("when", ["swapping in", "putting back"])
+def test_a_signal_raising_while_handlers_are_swapped_loses_no_handler(monkeypatch, when):
+    """A raising handler that runs between two swaps (a second Ctrl-C, a timeout) must not leave a
+    handler replaced by the hold, nor lose a signal the hold recorded: signal.signal runs pending
+    handlers before it changes one, and changes nothing when one raises."""
+    import signal
+
+    from fsam_kernels import perturbation
+
+    log = []
+
+    def on_term(num, frame):
+        log.append("term")
+
+    def on_usr1(num, frame):
+        log.append("usr1")
+        raise Stopped
+
+    before = {s: signal.getsignal(s) for s in (*perturbation.HELD_SIGNALS, signal.SIGUSR1)}
+    real_signal = signal.signal
+    fired = []
+    try:
+        real_signal(signal.SIGTERM, on_term)
+        expected = {s: signal.getsignal(s) for s in perturbation.HELD_SIGNALS}
+
+        def swap_then_signal(num, handler):
+            old = real_signal(num, handler)
+            # SIGUSR1 arrives right after the first swap (in) or the first swap back (out): its handler
+            # runs at the next swap, while other handlers are still to be swapped
+            putting_back = handler is expected[num]
+            if not fired and num == signal.SIGINT and putting_back == (when == "putting back"):
+                fired.append(num)
+                real_signal(signal.SIGUSR1, on_usr1)  # a raising handler, not held in this window
+                signal.raise_signal(signal.SIGUSR1)
+            return old
+
+        monkeypatch.setattr(perturbation.signal, "signal", swap_then_signal)
+        with pytest.raises(Stopped):
+            with perturbation.interrupts_held():
+                signal.raise_signal(signal.SIGTERM)
+        monkeypatch.undo()
+        assert fired, "the test did not inject the signal"
+        if when == "putting back":
+            assert log == ["usr1", "term"], log  # the recorded SIGTERM was still delivered
+        expected[signal.SIGUSR1] = on_usr1  # the test's own change
+        for num in perturbation.HELD_SIGNALS:
+            assert signal.getsignal(num) is expected[num], f"{signal.Signals(num).name}'s handler was not put back"
+        signal.raise_signal(signal.SIGTERM)  # and later signals reach their handler
+        assert log[-1] == "term"
+    finally:
+        monkeypatch.undo()
+        for num, handler in before.items():
+            real_signal(num, handler)
 
 
 # ---------------------------------------------------------------------------------------------- failures
