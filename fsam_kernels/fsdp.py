@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -192,6 +192,22 @@ class ShardedParams:
             rank=self.rank,
         )
 
+    def on_every_rank(self, check: Callable[[], Any], what: str, device: torch.device) -> Any:
+        """``check()``'s result when it returned on every rank; when it raised on some rank, an error on
+        every rank (that rank's own, elsewhere one saying so), so no rank acts alone or waits in a
+        collective the others skipped. One all-reduce of one int64."""
+        try:
+            result, refused = check(), None
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on this rank and (as a count) on the others
+            result, refused = None, exc
+        n = int(self.all_reduce_sum(torch.tensor([int(refused is not None)], device=device)).item())
+        if refused is not None:
+            raise refused
+        if n:
+            raise ValueError(f"{what}: refused on {n} other rank(s) of {self.world_size} (their error says why); "
+                             "nothing changed on any rank")
+        return result
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the ranks of the mesh (a new tensor when ``t`` is not contiguous)."""
         t = t.contiguous()
@@ -215,9 +231,12 @@ def fsam_state_dict(optimizer: Any) -> dict[str, torch.Tensor]:
 
     Masks (one uint8 per element), Fisher accumulators (fp32) and, with ``keep_pruned``, the support
     (one uint8 per element: 1 where the weight is kept) are DTensors placed like their parameters;
-    counters and the mask options (``structure`` as ``[N, M]``, ``[0, 0]`` for none; ``preserve_zeros``;
-    ``keep_pruned``) are replicated int64 tensors. Absent masks/accumulators are saved as zeros with a
-    flag, so the same call on a fresh optimizer gives the template ``dcp.load`` fills in.
+    counters and, when any is on, the mask options (``structure`` as ``[N, M]``, ``[0, 0]`` for none;
+    ``preserve_zeros``; ``keep_pruned``) are replicated int64 tensors. Absent masks/accumulators are
+    saved as zeros with a flag, so the same call on a fresh optimizer gives the template ``dcp.load``
+    fills in: the template of an optimizer with options asks for them (a checkpoint without them is
+    refused by ``dcp.load``); one without options does not (the mask of a checkpoint written with
+    them loads as a plain mask).
     """
     optimizer._require_idle("fsam_state_dict")
     layout = optimizer._current_layout()
@@ -232,10 +251,13 @@ def fsam_state_dict(optimizer: Any) -> dict[str, torch.Tensor]:
         "fisher_count": torch.tensor(mask.fisher_count, dtype=torch.int64),
         "has_mask": torch.tensor(int(masks is not None), dtype=torch.int64),
         "has_fisher": torch.tensor(int(accum is not None), dtype=torch.int64),
-        "structure": torch.tensor(list(mask.structure or (0, 0)), dtype=torch.int64),
-        "preserve_zeros": torch.tensor(int(mask.preserve_zeros), dtype=torch.int64),
-        "keep_pruned": torch.tensor(int(mask.keep_pruned), dtype=torch.int64),
     }
+    if mask.structure is not None or mask.preserve_zeros or mask.keep_pruned:
+        # Only then: the template of an optimizer without them stays what it was before they were
+        # recorded, so dcp.load still reads those older checkpoints.
+        sd["structure"] = torch.tensor(list(mask.structure or (0, 0)), dtype=torch.int64)
+        sd["preserve_zeros"] = torch.tensor(int(mask.preserve_zeros), dtype=torch.int64)
+        sd["keep_pruned"] = torch.tensor(int(mask.keep_pruned), dtype=torch.int64)
     for j, i in enumerate(layout.masked_index):
         local = layout.params[i]
         m = masks[j].to(torch.uint8) if masks is not None else torch.zeros(local.shape, dtype=torch.uint8, device=dev)
@@ -254,11 +276,26 @@ def load_fsam_state_dict(optimizer: Any, state: Mapping[str, torch.Tensor]) -> N
     Checked before anything changes: the entries' shapes; the mask options (``structure``,
     ``preserve_zeros``, ``keep_pruned``) equal this optimizer's; a mask this optimizer's structure could
     have built; with ``keep_pruned``, the weights zero wherever the support says pruned (load the
-    model's weights first).
+    model's weights first). Sharded, every rank loads or none does (each checks its own shards).
     """
     what = "load_fsam_state_dict"
     optimizer._require_idle(what)
     layout = optimizer._current_layout()
+    shards: Optional[ShardedParams] = getattr(optimizer, "_shards", None)
+    if shards is None:
+        bits, accum, support = _checked_state(optimizer, layout, state, what)
+    else:  # every rank loads, or none: the checks read each rank's own shards
+        bits, accum, support = shards.on_every_rank(lambda: _checked_state(optimizer, layout, state, what), what,
+                                                    layout.device)
+    mask = optimizer._mask
+    mask.load(layout, bits, accum, int(state["fisher_count"]))
+    if mask.keep_pruned:
+        mask.load_support(layout, support)
+    optimizer._loaded(int(state["step_count"]))
+
+
+def _checked_state(optimizer: Any, layout: ParamLayout, state: Mapping[str, torch.Tensor], what: str) -> tuple:
+    """The packed mask, accumulator and support of ``state`` for this rank, checked; raises ValueError."""
     mask = optimizer._mask
     theirs = _recorded_options(state)
     missing = [k for k in _SCALARS if k not in state]
@@ -297,10 +334,7 @@ def load_fsam_state_dict(optimizer: Any, state: Mapping[str, torch.Tensor]) -> N
                 local(state[f"support.{j}"], i, f"support.{j}").ne(0) for j, i in enumerate(layout.masked_index)])
     check_mask_options(optimizer, entry, what)
     check_support(optimizer, entry, what)
-    mask.load(layout, bits, accum, int(state["fisher_count"]))
-    if mask.keep_pruned:
-        mask.load_support(layout, entry["support"])
-    optimizer._loaded(int(state["step_count"]))
+    return bits, accum, entry.get("support")
 
 
 def _recorded_options(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -218,10 +218,16 @@ class MaskPolicy:
             )
 
     def _given_scores(self, given: Scores, layout: ParamLayout) -> list[torch.Tensor]:
-        """Check Fisher scores given by the caller; fp32, contiguous, one per masked parameter."""
+        """Check Fisher scores given by the caller; fp32, contiguous, one per masked parameter. Sharded,
+        every rank raises when one rank's shards are refused (the others would wait in the selection's
+        collectives)."""
+        if self.shards is None:
+            return self._checked_given(given, layout)
+        return self.shards.on_every_rank(lambda: self._checked_given(self.shards.local_fisher(given), layout),
+                                         "update_mask", layout.device)
+
+    def _checked_given(self, given: Scores, layout: ParamLayout) -> list[torch.Tensor]:
         masked = layout.masked_params
-        if self.shards is not None:
-            given = self.shards.local_fisher(given)
         if isinstance(given, Mapping):
             missing = [tuple(p.shape) for p in masked if p not in given]
             if missing:

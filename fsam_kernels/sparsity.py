@@ -71,8 +71,21 @@ def _linear_weights(model: torch.nn.Module) -> tuple[list[tuple[str, torch.Tenso
     return out, skipped
 
 
+def _fully_sharded(model: torch.nn.Module) -> Optional[str]:
+    """The name of a module of ``model`` that FSDP2's ``fully_shard`` wrapped, if any: between a forward
+    and its reshard its parameters are plain unsharded tensors, and what is written into them is lost."""
+    for name, module in model.named_modules():
+        if any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__):
+            return name or "the model"
+    return None
+
+
 def _candidates(params_or_model: Any) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     if isinstance(params_or_model, torch.nn.Module):
+        sharded = _fully_sharded(params_or_model)
+        if sharded is not None:
+            raise ValueError(f"prune_nm: {sharded} is sharded by FSDP2 (fully_shard); prune the model before "
+                             "sharding it")
         return _linear_weights(params_or_model)
     if isinstance(params_or_model, torch.Tensor):
         raise TypeError("prune_nm: expected a model or an iterable of tensors, got one tensor; pass [tensor]")

@@ -16,7 +16,9 @@ and 3, so group ranks differ from global ranks); starting processes is the expen
   the ranks, counting the non-zero weights of every rank); keep_pruned keeps a pruned model's zeros +0.0
   through AdamW and equals a single-process run with SGD; its support and the mask options go through
   torch.distributed.checkpoint, and a mismatch is refused;
-* bad input: a mix of sharded and ordinary parameters, HSDP's 2-D mesh, and prune_nm on DTensors are refused.
+* a check that refuses on one rank (a checkpoint's support, a given Fisher's shard) refuses on every rank;
+* bad input: a mix of sharded and ordinary parameters, HSDP's 2-D mesh, and prune_nm on a sharded model
+  (or its DTensors) are refused.
 """
 import copy
 import math
@@ -354,8 +356,15 @@ def scenario_bad_input(rank, world, mesh):
     from fsam_kernels.sparsity import prune_nm
 
     model = shard(make_model(), mesh)
-    with pytest.raises(ValueError, match="blocks.0.qkv.weight is a DTensor.*before sharding"):
+    with pytest.raises(ValueError, match="the model is sharded by FSDP2.*before sharding"):
         prune_nm(model, "2:5")
+    x, y = batch(0, rank, world)
+    model(x)  # after a forward the root's parameters are unsharded plain tensors until resharded
+    with pytest.raises(ValueError, match="sharded by FSDP2"):
+        prune_nm(model, "2:5")
+    model.reshard()
+    with pytest.raises(ValueError, match="blocks.0.norm1.weight is a DTensor.*before sharding"):
+        prune_nm(dict(model.blocks[0].named_parameters(prefix="blocks.0")), "2:5")
     with pytest.raises(ValueError, match="ordinary tensor"):
         FSAM(list(model.parameters()) + [torch.nn.Parameter(torch.zeros(3))], torch.optim.SGD, lr=0.1)
     if world == 4:  # HSDP: replicate over one mesh dim, shard over the other
@@ -512,26 +521,44 @@ def scenario_keep_pruned_checkpoint(rank, world, mesh, ckpt_dir):
             load_fsam_state_dict(other, saved)
         assert all(torch.equal(a, b) for a, b in zip(other.masks(), before)) and other.step_count == 0
 
-    # a pruned weight made non-zero: the checkpoint's support contradicts the weights
-    with torch.no_grad():
-        w = model.blocks[0].fc1.weight.to_local()
-        pruned = (w == 0).nonzero()
-        if len(pruned):
-            w[tuple(pruned[0])] = 1.0
-    contradicted = torch.tensor([int(len(pruned) > 0)])
-    torch.distributed.all_reduce(contradicted, group=mesh.get_group())
-    if len(pruned):
-        with pytest.raises(ValueError, match="non-zero here"):
-            load_fsam_state_dict(make_fsam(model, structure=NM, keep_pruned=True), saved)
-    assert contradicted.item() > 0  # some rank did test it
+    # a pruned weight made non-zero on rank 0 only: every rank refuses, and none loads
+    target = make_fsam(model, structure=NM, keep_pruned=True)
+    target_masks = [m.clone() for m in target.masks()]
+    if rank == 0:
+        with torch.no_grad():
+            w = model.blocks[0].fc1.weight.to_local()
+            w[tuple((w == 0).nonzero()[0])] = 1.0
+    with pytest.raises(ValueError, match="non-zero here" if rank == 0 else "refused on 1 other rank"):
+        load_fsam_state_dict(target, saved)
+    assert target.step_count == 0 and all(torch.equal(a, b) for a, b in zip(target.masks(), target_masks))
 
-    # a state from before the options were recorded loads into an optimizer with them all off
+    # an optimizer without options writes no option entries, as before they were recorded: dcp.load
+    # reads those older checkpoints with its template; one with options refuses them
     plain_model = shard(make_model(), mesh)
-    old = {k: v for k, v in fsam_state_dict(make_fsam(plain_model)).items()
-           if k not in ("structure", "preserve_zeros", "keep_pruned")}
+    old = fsam_state_dict(make_fsam(plain_model))
+    assert not {"structure", "preserve_zeros", "keep_pruned"} & set(old)
     load_fsam_state_dict(make_fsam(plain_model), old)
     with pytest.raises(ValueError, match="structure=None"):
         load_fsam_state_dict(make_fsam(plain_model, structure=NM), old)
+
+
+def scenario_bad_given_fisher_on_one_rank(rank, world, mesh):
+    """A NaN in one rank's shard of the given Fisher: every rank raises (none waits in the selection's
+    collectives) and every mask stays as it was."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = shard(make_pruned_model(), mesh)
+    masked = param_groups(model)[0]["params"]
+    for options in ({}, dict(structure=NM)):
+        opt = make_fsam(model, **options)
+        fisher = {p: distribute_tensor(torch.ones(p.shape), mesh, [Shard(0)]) for p in masked}
+        opt.update_mask(fisher=fisher)
+        before = [m.clone() for m in opt.masks()]
+        if rank == world - 1:  # in its first non-empty shard
+            next(f for f in fisher.values() if f.to_local().numel()).to_local().view(-1)[0] = float("nan")
+        with pytest.raises(ValueError, match="finite" if rank == world - 1 else "refused on 1 other rank"):
+            opt.update_mask(fisher=fisher)
+        assert all(torch.equal(a, b) for a, b in zip(opt.masks(), before))
 
 
 # --------------------------------------------------------------------------- process management
@@ -549,6 +576,7 @@ def run_scenarios(rank, world, mesh, tmp_dir):
         scenario_structured_masks(rank, world, mesh, backend)
     scenario_keep_pruned(rank, world, mesh)
     scenario_keep_pruned_checkpoint(rank, world, mesh, os.path.join(tmp_dir, f"ckpt_pruned{world}"))
+    scenario_bad_given_fisher_on_one_rank(rank, world, mesh)
     scenario_trajectory(rank, world, mesh, steps=3, cls=GSAM, alpha=0.3)  # all-reduced surrogate-gap step
     scenario_checkpoint(rank, world, mesh, os.path.join(tmp_dir, f"ckpt{world}"))
     if world != WORLD:
