@@ -222,3 +222,16 @@ def child_env(drop=(), **extra):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, TESTS_DIR, env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
+
+
+def cpu_backend_or_skip(name: str) -> str:
+    """``name`` when that backend runs on the CPU here; otherwise the test skips, saying why."""
+    import pytest
+
+    from fsam_kernels.backends import BackendUnavailable, get_backend
+
+    try:
+        get_backend(name, "cpu")
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    return name

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsam_kernels import FSAM, empirical_fisher
 from fsam_kernels.protocol import Phase
+from helpers import cpu_backend_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = [
@@ -34,16 +35,6 @@ BACKENDS = [
 # step takes ~100x longer), so it gets fewer to keep the test a few seconds.
 TRIALS = {"torch": 200, "native": 200, "triton": 12}
 FORMS = ("two-call", "closure")
-
-
-def _backend_or_skip(name: str) -> str:
-    from fsam_kernels.backends import BackendUnavailable, get_backend
-
-    try:
-        get_backend(name, "cpu")
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    return name
 
 
 def _model(backend: str, **kwargs):
@@ -165,7 +156,7 @@ def test_a_signal_at_random_moments_leaves_originals_or_a_pending_step(backend, 
     gives them back bit for bit: never w + e with the optimizer idle (before the fix, 13-135 of 200
     interrupted steps per configuration; with SIGINT alone held, SIGTERM's handler could still raise
     right after a kernel wrote)."""
-    _backend_or_skip(backend)
+    cpu_backend_or_skip(backend)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "TRITON_INTERPRET": "1"}
     trials = TRIALS[backend] if signame == "SIGINT" else TRIALS[backend] // 2
@@ -309,7 +300,7 @@ class _FailAt(TorchDispatchMode):
 def test_an_allocation_failing_anywhere_in_first_step_leaves_the_originals(backend):
     """An allocation that fails at any point of first_step (each in turn), the mask rebuild included, raises with the original weights and nothing pending: the torch backend used to leave the
     tensors before the failing one perturbed, with the optimizer idle."""
-    params, opt = _model(_backend_or_skip(backend), mask_update_interval=1)
+    params, opt = _model(cpu_backend_or_skip(backend), mask_update_interval=1)
     _loss(params).backward()
     grads = [p.grad.clone() for p in params]
     opt.first_step()
@@ -421,7 +412,7 @@ def test_closure_loop_with_gradients_zeroed_in_place_is_a_sam_step(backend):
     """torch.optim's closure loop, zero_grad(set_to_none=False) then step(closure): the zeros are no first
     pass, the closure computes it. Same steps and masks as with zero_grad() (before the fix: plain
     AdamW, perturbed along the zero gradient, mask from all-zero scores, silently)."""
-    _backend_or_skip(backend)
+    cpu_backend_or_skip(backend)
     zeroed, zeroed_masks = _closure_run(backend, set_to_none=False)
     cleared, cleared_masks = _closure_run(backend, set_to_none=True)
     for a, b in zip(zeroed, cleared):
@@ -513,7 +504,7 @@ def test_failed_step_after_accumulate_fisher_rewinds_the_accumulator(backend):
     snapshot holds is copied before being added to, not written in place)."""
     g = torch.Generator().manual_seed(5)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(4, 6), (10,)]]
-    opt = FSAM(params, torch.optim.SGD, lr=0.1, fisher="empirical", backend=_backend_or_skip(backend))
+    opt = FSAM(params, torch.optim.SGD, lr=0.1, fisher="empirical", backend=cpu_backend_or_skip(backend))
     _loss(params).backward()
     opt.accumulate_fisher()
     before = opt.state_dict()["fsam"]

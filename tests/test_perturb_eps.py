@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fsam_kernels import ESAM, FSAM, GSAM, SAM
+from helpers import cpu_backend_or_skip
 
 
 def _trainer_fsam():
@@ -100,16 +101,6 @@ FP32_TINY = torch.finfo(torch.float32).tiny
 FP64_TINY = torch.finfo(torch.float64).tiny
 
 
-def _backend_or_skip(name):
-    from fsam_kernels.backends import BackendUnavailable, get_backend
-
-    try:
-        get_backend(name, "cpu")
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    return name
-
-
 @pytest.mark.parametrize("value", [1e-40, 1e-46, FP32_TINY / 2])
 def test_an_epsilon_fp32_cannot_use_is_refused_at_construction(value):
     with pytest.raises(ValueError, match=r"Invalid perturb_eps: .*float32.*expected a number >= 1\.17549435\d*e-38"):
@@ -127,7 +118,7 @@ def test_fp64_parameters_use_fp64s_smallest_epsilon():
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
 def test_an_epsilon_set_mid_run_is_refused_before_anything_changes(backend):
     model = _model()
-    opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, backend=_backend_or_skip(backend))
+    opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, backend=cpu_backend_or_skip(backend))
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -148,7 +139,7 @@ def test_a_zero_norm_perturbs_by_exactly_zero(backend, adaptive, dtype):
     tiny = torch.finfo(dtype).tiny
     groups = [{"params": model[0].parameters()}, {"params": model[1].parameters(), "fisher_mask": False}]
     opt = FSAM(groups, torch.optim.SGD, 100.0, adaptive, lr=0.1, sparsity=0.5, perturb_eps=tiny,
-               backend=_backend_or_skip(backend))
+               backend=cpu_backend_or_skip(backend))
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -10,21 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from fsam_kernels import ESAM, FSAM, GSAM, SAM
-from fsam_kernels.backends import BackendUnavailable, get_backend
 from fsam_kernels.layout import ParamLayout
 from fsam_kernels import reference as ref
 from fsam_kernels.reference import select_nm_mask_reference
 from fsam_kernels.sparsity import prune_nm, to_semi_structured
+from helpers import cpu_backend_or_skip
 
 BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.native), pytest.param("triton", marks=pytest.mark.triton)]
-
-
-def backend_or_skip(name: str) -> str:
-    try:
-        get_backend(name, "cpu")
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    return name
 
 
 class Tiny(torch.nn.Module):
@@ -62,7 +54,7 @@ def assert_still_pruned(model, support):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_2_4_model_stays_exactly_2_4_through_50_adamw_steps(backend, dtype, scaled):
-    backend_or_skip(backend)
+    cpu_backend_or_skip(backend)
     torch.manual_seed(0)
     model = Tiny(dtype)
     result = prune_nm(model, "2:4", backend=backend)
@@ -158,7 +150,7 @@ def tied_model(seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scores", ["magnitude", "given"])
 def test_prune_nm_matches_the_reference_bit_for_bit_with_ties(backend, scores):
-    backend_or_skip(backend)
+    cpu_backend_or_skip(backend)
     params = tied_model()
     g = torch.Generator().manual_seed(5)
     given = [torch.randint(0, 3, p.shape, generator=g).float() for p in params]
@@ -242,7 +234,7 @@ def pruned_unstructured(model, fraction=0.5, seed=0):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_k_counts_only_unpruned_weights_and_the_perturbation_never_touches_a_pruned_one(backend):
-    backend_or_skip(backend)
+    cpu_backend_or_skip(backend)
     torch.manual_seed(0)
     model = Tiny()
     pruned_unstructured(model)
